@@ -1,0 +1,95 @@
+"""The one interface the trainer and evaluator read activations through.
+
+An :class:`ActivationSource` is anything that yields ``[batch, d_model]`` float32 batches:
+an in-memory tensor (:class:`TensorSource`, also used for ``.safetensors``/``.npy`` files) or
+an on-disk activation cache (:class:`switchsae.sources.cache.ActivationCache`).
+
+Contract of ``train_batches(batch_size, seed, start_step)``: an endless, shuffled stream
+that is a pure function of ``(seed, step)``; batch ``i`` is the same whether the stream was
+started at step 0 or at step ``i``. That is what makes a resumed run identical to an
+uninterrupted one. ``eval_batches(batch_size)`` makes one ordered pass over the held-out rows,
+which never appear in the training stream.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class ActivationSource(Protocol):
+    d_model: int
+
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]: ...
+
+    def eval_batches(self, batch_size: int) -> Iterator[Tensor]: ...
+
+
+class TensorSource:
+    """Activations held in memory as one ``[n, d]`` tensor; the last ``eval_rows`` are held out."""
+
+    def __init__(self, acts: Tensor, eval_fraction: float = 0.1, max_eval_rows: int = 65_536):
+        if acts.ndim != 2:
+            raise ValueError(f"activations must be a 2-D [tokens, d_model] tensor, got shape {tuple(acts.shape)}")
+        if acts.shape[0] < 2:
+            raise ValueError(f"activations hold {acts.shape[0]} rows; at least 2 are needed (train and held-out)")
+        if not acts.dtype.is_floating_point:
+            raise ValueError(f"activations must be floating point, got {acts.dtype}")
+        if not torch.isfinite(acts).all():
+            bad = (~torch.isfinite(acts)).any(dim=1).nonzero()[0].item()
+            raise ValueError(f"activations contain NaN or inf values (first at row {bad})")
+        n_eval = max(1, min(int(acts.shape[0] * eval_fraction), max_eval_rows))
+        self.train = acts[:-n_eval]
+        self.held_out = acts[-n_eval:]
+        self.d_model = acts.shape[1]
+
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
+        n = self.train.shape[0]
+        per_epoch = max(1, n // batch_size)
+        step = start_step
+        while True:
+            epoch, offset = divmod(step, per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            for i in range(offset, per_epoch):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                yield self.train[idx].float()
+            step = (epoch + 1) * per_epoch
+
+    def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
+        for start in range(0, self.held_out.shape[0], batch_size):
+            yield self.held_out[start:start + batch_size].float()
+
+
+def load_tensor_file(path: Path) -> Tensor:
+    """Read a ``[tokens, d_model]`` matrix from ``.safetensors`` (key ``activations``) or ``.npy``."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        if "activations" not in tensors:
+            raise ValueError(f"{path} has no tensor named 'activations' (found: {sorted(tensors)})")
+        return tensors["activations"]
+    if path.suffix == ".npy":
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False, mmap_mode="r").copy())
+        except ValueError as err:
+            raise ValueError(f"{path} is not a readable .npy array: {err}") from None
+    raise ValueError(f"{path}: expected a .safetensors or .npy file, or an activation cache folder")
+
+
+def open_activations(path: str | Path) -> ActivationSource:
+    """Open a ``.safetensors``/``.npy`` file or an activation-cache folder as a source."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"activations not found: {path}")
+    if path.is_dir():
+        from switchsae.sources.cache import ActivationCache
+        return ActivationCache(path)
+    return TensorSource(load_tensor_file(path))
