@@ -1,0 +1,104 @@
+"""Training throughput of our SAEs on this machine, ratios measured in one run.
+
+Prints, per configuration: tokens/s of a full training step (forward, sparse backward, Adam,
+decoder projection), the time split between those phases, encoder GFLOP/s against the
+machine's measured dense matmul peak (the roofline), and pre-activation memory per token.
+
+    python benchmarks/train_speed.py                    # the issue-4 table (d=576, k=32, T=4096)
+    python benchmarks/train_speed.py --quick            # smaller, for a smoke run
+    python benchmarks/train_speed.py --configs switch:524288:64 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from switchsae.config import SAEConfig, TrainConfig
+from switchsae.saes import build_sae
+from switchsae.train import optimizer_for
+
+DEFAULT_CONFIGS = ["topk:16384:1", "switch:16384:16", "switch:131072:64", "switch:524288:64"]
+
+
+def matmul_peak(d: int, m: int, t: int, dtype: torch.dtype) -> float:
+    """Measured GFLOP/s of one ``[t, d] × [d, m]`` matmul (best of 3)."""
+    a, b = torch.randn(t, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.mm(a, b.t())
+        best = min(best, time.perf_counter() - start)
+    return 2 * t * d * m / best / 1e9
+
+
+def time_steps(arch: str, width: int, experts: int, args) -> dict:
+    cfg = SAEConfig(arch=arch, d_model=args.d_model, width=width, k=args.k, n_experts=experts)
+    sae = build_sae(cfg)
+    sae.matmul_dtype = getattr(torch, args.dtype)
+    sae.sparse_grads = args.sparse_updates
+    opt = optimizer_for(sae, TrainConfig(sparse_updates=args.sparse_updates))
+    x = torch.randn(args.batch, args.d_model) * 4
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        out = sae(x)
+        loss = sae.loss(x, out)["loss"]
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grads()
+        t2 = time.perf_counter()
+        opt.step()
+        sae.normalize_decoder()
+        t3 = time.perf_counter()
+        if step >= args.warmup:
+            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+                phases[name] += dt / args.steps
+    total = sum(phases.values())
+    encoder_flops = 2 * args.batch * args.d_model * width // experts
+    return {
+        "config": f"{arch} M={width} N={experts}",
+        "tok/s": args.batch / total,
+        **{f"{k} ms": v * 1e3 for k, v in phases.items()},
+        "enc GFLOP/s": encoder_flops / phases["forward"] / 1e9,
+        "preact KB/tok": 4 * width / experts / 1024,
+        "RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="arch:width:experts")
+    parser.add_argument("--d-model", type=int, default=576)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sparse-updates", action="store_true", help="row-sparse gradients + lazy Adam")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.configs, args.batch, args.steps, args.warmup = ["topk:4096:1", "switch:4096:16"], 1024, 2, 1
+    peak = matmul_peak(args.d_model, 16384, args.batch, getattr(torch, args.dtype))
+    print(f"threads={torch.get_num_threads()}  dense {args.dtype} matmul peak: {peak:.0f} GFLOP/s "
+          f"(d={args.d_model}, M=16384, T={args.batch})")
+    rows = []
+    for spec in args.configs:
+        arch, width, experts = spec.split(":")
+        rows.append(time_steps(arch, int(width), int(experts), args))
+        print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else str(v) for k, v in rows[-1].items()), flush=True)
+    header = list(rows[0])
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{row[h]:.1f}" if isinstance(row[h], float) else row[h] for h in header) + " |")
+    base = rows[0]["tok/s"]
+    for row in rows[1:]:
+        print(f"{row['config']}: {row['tok/s'] / base:.1f}x the tokens/s of {rows[0]['config']}")
+
+
+if __name__ == "__main__":
+    main()

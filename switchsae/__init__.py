@@ -1,0 +1,1 @@
+"""switchsae: Switch Sparse Autoencoders and baselines on language-model activations."""

@@ -1,0 +1,87 @@
+"""Training checkpoints: one safetensors file, written atomically, holding everything a resume needs.
+
+Tensors: ``sae/<param>``, ``adam/<param>/<exp_avg|exp_avg_sq|step>`` and
+``train/tokens_since_fired``. Metadata (strings):
+``step``, ``elapsed_s``, the SAE and training configs, and the log so far. The file is written
+to a temporary name, fsynced and renamed over the old one, so a run killed at any moment leaves
+either the previous checkpoint or the new one, never a torn file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from switchsae.saes import SparseAutoencoder
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the step about to run, seconds trained so far, its log, and for each
+    latent the tokens seen since it last fired (the dead-latent counter)."""
+
+    step: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict] | None = None
+    tokens_since_fired: torch.Tensor | None = None
+
+
+def save_checkpoint(
+    path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, state: TrainState, train_cfg: dict
+) -> None:
+    names = {id(p): n for n, p in sae.named_parameters()}
+    tensors = {f"sae/{n}": t.detach().contiguous() for n, t in sae.state_dict().items()}
+    for p, slots in opt.state.items():
+        for slot, value in slots.items():
+            tensors[f"adam/{names[id(p)]}/{slot}"] = value.detach().contiguous()
+    if state.tokens_since_fired is not None:
+        tensors["train/tokens_since_fired"] = state.tokens_since_fired
+    meta = {
+        "step": str(state.step),
+        "elapsed_s": repr(state.elapsed_s),
+        "sae_cfg": json.dumps(sae.cfg.to_dict()),
+        "train_cfg": json.dumps(train_cfg),
+        "history": json.dumps(state.history or []),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, str]:
+    """The metadata strings of a checkpoint, with a clear error for a missing or corrupt file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; nothing to resume")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable: {err}") from None
+    missing = {"step", "sae_cfg", "train_cfg"} - set(meta)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks fields {sorted(missing)}; it was not written by switchsae")
+    return meta
+
+
+def load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> TrainState:
+    """Restore weights and optimizer moments in place; return the saved :class:`TrainState`."""
+    meta = read_checkpoint_meta(path)
+    with safe_open(str(path), framework="pt") as fh:
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    sae.load_state_dict({k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")})
+    params = dict(sae.named_parameters())
+    for key, value in tensors.items():
+        if key.startswith("adam/"):
+            name, slot = key.removeprefix("adam/").rsplit("/", 1)
+            opt.state[params[name]][slot] = value
+    return TrainState(int(meta["step"]), float(meta.get("elapsed_s", 0.0)), json.loads(meta.get("history", "[]")),
+                      tensors.get("train/tokens_since_fired"))

@@ -1,0 +1,119 @@
+"""Run settings as small frozen dataclasses: one per stage, one place for defaults.
+
+Each field carries a one-line help text (``opt(default, help)``) that is also its ``--help`` in the CLI.
+Validation happens in ``__post_init__`` and fails with a full sentence naming the problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+ARCHS = ("switch", "topk", "batchtopk", "relu", "gated", "jumprelu")
+TOPK_FAMILY = ("switch", "topk", "batchtopk")
+L1_FAMILY = ("relu", "gated", "jumprelu")
+
+
+def opt(default: Any = MISSING, help: str = "") -> Any:
+    """A dataclass field with a help text (read by the CLI)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What an SAE is: everything needed to rebuild it from ``cfg.json``."""
+
+    arch: str = opt(help="architecture: one of switch, topk, batchtopk, relu, gated, jumprelu")
+    d_model: int = opt(help="width d of the activations (the model's hidden size)")
+    width: int = opt(help="total number of latents M (for Switch: summed over all experts)")
+    k: int = opt(32, "active latents per token (TopK family)")
+    n_experts: int = opt(1, "number of experts N (Switch only)")
+    l1_coeff: float = opt(5.0, "sparsity coefficient lambda (ReLU, Gated: L1; JumpReLU: L0)")
+    aux_coeff: float = opt(3.0, "load-balancing weight alpha (Switch only)")
+    jump_threshold: float = opt(0.001, "JumpReLU: initial threshold theta of every latent")
+    jump_bandwidth: float = opt(0.001, "JumpReLU: bandwidth epsilon of the straight-through estimator")
+    act_scale: float = opt(1.0, "constant the raw activations are multiplied by before encoding (undone on decode)")
+    hook_name: str = opt("", "hook point the activations come from, e.g. blocks.10.hook_resid_post")
+    model_name: str = opt("", "language model the activations come from")
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"Unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}.")
+        for name in ("d_model", "width", "k", "n_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.arch == "switch":
+            if self.width % self.n_experts:
+                raise ValueError(f"width {self.width} is not divisible by n_experts {self.n_experts}.")
+            if self.k > self.expert_width:
+                raise ValueError(f"k={self.k} exceeds the width of one expert ({self.expert_width} latents).")
+        elif self.n_experts != 1:
+            raise ValueError(f"n_experts applies only to the switch architecture, not {self.arch}.")
+        if self.arch in TOPK_FAMILY and self.k > self.width:
+            raise ValueError(f"k={self.k} exceeds the width {self.width}.")
+        if not (self.act_scale > 0 and math.isfinite(self.act_scale)):
+            raise ValueError(f"act_scale must be a positive finite number, got {self.act_scale}.")
+        if self.l1_coeff < 0 or self.aux_coeff < 0:
+            raise ValueError("l1_coeff and aux_coeff must be non-negative.")
+        if not (self.jump_threshold > 0 and self.jump_bandwidth > 0):
+            raise ValueError("jump_threshold and jump_bandwidth must be positive.")
+
+    @property
+    def expert_width(self) -> int:
+        """Latents per expert, M/N."""
+        return self.width // self.n_experts
+
+    def replace(self, **changes: Any) -> "SAEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
+        """Rebuild from ``cfg.json``; unknown or missing required keys are an error, never ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"cfg.json has unknown fields {unknown}; it was written by another version or tool.")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: schedule, batches, checkpoints."""
+
+    steps: int = opt(1000, "number of optimizer steps")
+    batch_size: int = opt(4096, "activations per step (the paper uses 8192)")
+    lr: float | None = opt(None, "learning rate; default (None) is Gao et al.'s law 2e-4 / sqrt(M / 2^14)")
+    lr_decay_frac: float = opt(0.2, "fraction of steps at the end over which the learning rate decays linearly to zero")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.999, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    seed: int = opt(0, "seed for initialisation and batch order")
+    checkpoint_every: int = opt(500, "write a checkpoint every this many steps (0: only at the end)")
+    log_every: int = opt(50, "log losses every this many steps")
+    normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in cfg.json)")
+    sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
+    matmul_dtype: str = opt("float32", "dtype of the encoder's selection matmul: float32 or bfloat16 (values and gradients stay fp32)")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive integers.")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.lr_decay_frac <= 1:
+            raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}.")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ValueError("checkpoint_every must be >= 0 and log_every >= 1.")
+        if self.matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {self.matmul_dtype!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_lr(width: int) -> float:
+    """Gao et al.'s scaling law, lr = 2e-4 / sqrt(M / 2^14), applied to the total width M."""
+    return 2e-4 / math.sqrt(width / 2**14)

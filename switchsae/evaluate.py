@@ -1,0 +1,95 @@
+"""Reconstruction metrics on held-out activations, as sums over tokens and one final division.
+
+Sums (not means) are accumulated batch by batch so that the same numbers reduce across ranks.
+
+    FVU  = Σ‖x − x̂‖² / Σ‖x − x̄‖²      (x̄: mean over the evaluated tokens),  FVE = 1 − FVU
+    MSE  = (1/T) Σ‖x − x̂‖²             (raw activation units)
+    L0   = mean number of non-zero latents per token
+    dead = fraction of latents that never fire over all evaluated tokens
+
+For Switch SAEs also the expert load: fraction of tokens per expert, its coefficient of
+variation (std / mean of the counts) and its entropy in nats (log N when perfectly balanced).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from switchsae.saes import SparseAutoencoder
+
+
+@dataclass
+class MetricSums:
+    """Running sums over evaluated tokens."""
+
+    width: int
+    n_experts: int
+    tokens: int = 0
+    sq_err: float = 0.0
+    sum_x: Tensor | None = None
+    sum_sq_norm: float = 0.0
+    l0: float = 0.0
+    fired: Tensor = field(init=False)
+    expert_tokens: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fired = torch.zeros(self.width, dtype=torch.long)
+        self.expert_tokens = torch.zeros(self.n_experts, dtype=torch.long)
+
+    def add(self, x: Tensor, sae_out) -> None:
+        x = x.double()
+        self.tokens += x.shape[0]
+        self.sq_err += (x - sae_out.x_hat.double()).pow(2).sum().item()
+        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.sum_sq_norm += x.pow(2).sum().item()
+        self.l0 += sae_out.latents.l0().sum().item()
+        self.fired += sae_out.latents.fired(self.width)
+        if "expert" in sae_out.extras:
+            self.expert_tokens += torch.bincount(sae_out.extras["expert"], minlength=self.n_experts)
+
+    def result(self) -> dict[str, float]:
+        if self.tokens == 0:
+            raise ValueError("no held-out activations to evaluate")
+        total_var = self.sum_sq_norm - self.sum_x.pow(2).sum().item() / self.tokens
+        fvu = self.sq_err / max(total_var, 1e-30)
+        metrics = {
+            "tokens": self.tokens,
+            "mse": self.sq_err / self.tokens,
+            "fvu": fvu,
+            "fve": 1.0 - fvu,
+            "l0": self.l0 / self.tokens,
+            "dead_frac": (self.fired == 0).float().mean().item(),
+        }
+        if self.n_experts > 1:
+            metrics.update(expert_load_stats(self.expert_tokens))
+        return metrics
+
+
+def expert_load_stats(counts: Tensor) -> dict:
+    """Fraction per expert, coefficient of variation of the counts, entropy of the fractions."""
+    frac = counts.double() / counts.sum().clamp_min(1)
+    nonzero = frac[frac > 0]
+    return {
+        "expert_load": frac.tolist(),
+        "expert_load_cv": (frac.std(unbiased=False) / frac.mean()).item(),
+        "expert_load_entropy": -(nonzero * nonzero.log()).sum().item(),
+        "expert_load_max_entropy": math.log(len(counts)),
+    }
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, batches: Iterable[Tensor], progress: bool = True) -> dict:
+    """Metrics of ``sae`` over every batch in ``batches``, plus FLOPs per token (SPEC §2)."""
+    was_training = sae.training
+    sae.eval()
+    sums = MetricSums(sae.cfg.width, sae.cfg.n_experts)
+    for x in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+        sums.add(x, sae(x))
+    sae.train(was_training)
+    flops = sae.flops()
+    return {**sums.result(), "flops_per_token": flops["forward"], "train_flops_per_token": flops["train"]}

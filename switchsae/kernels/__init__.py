@@ -1,0 +1,1 @@
+"""Fast paths, each beside the plain-torch reference it is tested against."""

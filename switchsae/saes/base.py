@@ -1,0 +1,172 @@
+"""The one interface every SAE implements, and what they share.
+
+Notation (SPEC §1): ``x ∈ R^d`` an activation, ``M`` latents, ``k`` active latents, ``T`` tokens.
+Decoder vectors are stored one latent per row, ``W_dec: [M, d]`` (the paper's columns), and so
+are encoder vectors, ``W_enc: [M, d]``.
+
+Units: ``encode`` takes raw activations and multiplies them by ``cfg.act_scale`` (the dataset
+normalisation constant, 1 by default); ``decode`` divides it back out, so users and metrics see
+original units while the loss, learning rate and weights live in the normalised space.
+
+A code is a :class:`Latents`: ``values`` with ``indices`` (``[T, K]`` each, the k selected
+latents per token; padding entries have value 0) or, for the dense ReLU-style SAEs,
+``values: [T, M]`` with ``indices = None``. Subclasses implement ``_encode`` on normalised
+input; the trainer, evaluator and apps only ever call the methods defined here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from switchsae.config import SAEConfig
+from switchsae.kernels.sparse import dense_codes, sparse_decode
+from switchsae.saes.geometric_median import geometric_median
+
+
+@dataclass
+class Latents:
+    """A batch of codes, sparse (``values``, ``indices``) or dense (``indices is None``)."""
+
+    values: Tensor
+    indices: Tensor | None = None
+
+    def l0(self) -> Tensor:
+        """Number of non-zero latents per token, ``[T]``."""
+        return (self.values != 0).sum(-1)
+
+    def fired(self, width: int) -> Tensor:
+        """How often each latent is non-zero in this batch, ``[M]`` (int64)."""
+        active = self.values != 0
+        if self.indices is None:
+            return active.sum(0)
+        return torch.bincount(self.indices[active], minlength=width)
+
+    def to_dense(self, width: int) -> Tensor:
+        """The ``[T, M]`` code (a reference path; never used in training)."""
+        return self.values if self.indices is None else dense_codes(self.values, self.indices, width)
+
+
+@dataclass
+class SAEOutput:
+    """What ``forward`` returns: the reconstruction (raw units), the code and any routing info."""
+
+    x_hat: Tensor
+    latents: Latents
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: ``x̂ = W_decᵀ z + b_pre`` with ``z = encode(x)``; subclasses define the encoder.
+
+    Subclasses set ``unit_norm_decoder`` (decoder rows kept at norm 1 after every step, with the
+    gradient's component along each row removed before it) and implement ``_encode``,
+    ``flops`` and optionally ``extra_losses``.
+    """
+
+    unit_norm_decoder: ClassVar[bool] = True
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_dec = nn.Parameter(torch.empty(cfg.width, cfg.d_model))
+        self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))
+        #: dtype of the dense selection matmul (bfloat16 is ~3x faster on CPUs with AMX/AVX-512 bf16)
+        self.matmul_dtype = torch.float32
+        #: row-sparse weight gradients for the sparse-code (TopK-family) paths, see kernels/sparse.py
+        self.sparse_grads = False
+
+    # -- initialisation -------------------------------------------------------------------
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows; subclasses tie their encoders to them."""
+        with torch.no_grad():
+            self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator))
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+            self.b_pre.zero_()
+
+    def init_from_data(self, x: Tensor) -> None:
+        """Set the input-centring biases to the geometric median of a sample (raw units)."""
+        with torch.no_grad():
+            self.b_pre.copy_(geometric_median(x.float() * self.cfg.act_scale))
+
+    # -- the model ------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Latents:
+        """The code of raw activations ``x: [T, d]``."""
+        return self._encode(self._check_input(x))[0]
+
+    def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
+        """Code of normalised ``x``, plus extras the loss needs (e.g. router probabilities)."""
+        raise NotImplementedError
+
+    def decode(self, latents: Latents) -> Tensor:
+        """``x̂ = (Σ_j z_j W_dec[j] + b_pre) / act_scale``."""
+        if latents.indices is None:
+            out = latents.values @ self.W_dec
+        else:
+            out = sparse_decode(latents.values, latents.indices, self.W_dec, self.sparse_grads)
+        return (out + self.b_pre) / self.cfg.act_scale
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        latents, extras = self._encode(self._check_input(x))
+        return SAEOutput(self.decode(latents), latents, extras)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """``x̂`` for activations of any leading shape ``[..., d]`` (for patching into a model)."""
+        flat = x.reshape(-1, x.shape[-1]).float()
+        return self(flat).x_hat.reshape(x.shape).to(x.dtype)
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_model:
+            raise ValueError(f"expected activations of shape [tokens, {self.cfg.d_model}], got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"expected floating-point activations, got {x.dtype}")
+        return x.float() * self.cfg.act_scale
+
+    # -- training -------------------------------------------------------------------------
+    def loss(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        """Named loss terms (weights applied) and their sum under ``"loss"``.
+
+        ``mse = (1/T) Σ_t ‖x_t − x̂_t‖²`` in normalised units.
+        """
+        scale = self.cfg.act_scale
+        terms = {"mse": ((x.float() - out.x_hat) * scale).pow(2).sum(-1).mean()}
+        terms.update(self.extra_losses(x.float() * scale, out))
+        terms["loss"] = sum(terms.values())
+        return terms
+
+    def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        """Architecture-specific terms (sparsity penalties, load balancing); none by default."""
+        return {}
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Project decoder rows back to unit norm (after each optimizer step).
+
+        With a row-sparse gradient only the rows it names can have moved, so only they are touched.
+        """
+        grad = self.W_dec.grad
+        if grad is not None and grad.is_sparse:
+            rows = grad._indices()[0]
+            w = self.W_dec.index_select(0, rows)
+            self.W_dec.index_copy_(0, rows, w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        else:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """``g_j ← g_j − (g_j · w_j) w_j`` for each unit-norm decoder row ``w_j`` (before each step)."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            g, w = grad._values(), self.W_dec.index_select(0, grad._indices()[0])
+        else:
+            g, w = grad, self.W_dec
+        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    # -- cost -----------------------------------------------------------------------------
+    def flops(self) -> dict[str, int]:
+        """FLOPs per token: ``forward`` and ``train`` (forward + backward), SPEC §2."""
+        raise NotImplementedError

@@ -1,0 +1,42 @@
+"""TopK SAE (Gao et al., 2024)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from switchsae.config import SAEConfig
+from switchsae.kernels.sparse import select_topk, topk_encode
+from switchsae.saes.base import Latents, SparseAutoencoder
+
+
+class TopKSAE(SparseAutoencoder):
+    """``z = TopK(ReLU(W_enc (x − b_pre)))``, ``x̂ = W_dec z + b_pre``; loss ``‖x − x̂‖²``.
+
+    ``W_enc: M×d`` is initialised to ``W_decᵀ``. Parameters ``2Md + d``. Only the k selected
+    latents per token enter the graph (sparse backward, see :mod:`switchsae.kernels.sparse`).
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.W_enc = nn.Parameter(torch.empty(cfg.width, cfg.d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        super().reset_parameters(generator)
+        with torch.no_grad():
+            self.W_enc.copy_(self.W_dec)
+
+    def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
+        centred = x - self.b_pre
+        values, indices = select_topk(centred, self.W_enc, self.cfg.k, self.matmul_dtype)
+        return Latents(topk_encode(centred, self.W_enc, indices, values, self.sparse_grads), indices), {}
+
+    def flops(self) -> dict[str, int]:
+        """Forward ``2dM`` (encoder) ``+ 2kd`` (sparse decoder).
+
+        Training adds the backward of the sparse parts only: the k gathered encoder rows and
+        the k decoder rows each cost ``2kd`` forward and ``4kd`` backward, so
+        ``train = 2dM + 12kd``.
+        """
+        d, M, k = self.cfg.d_model, self.cfg.width, self.cfg.k
+        return {"forward": 2 * d * M + 2 * k * d, "train": 2 * d * M + 12 * k * d}

@@ -1,0 +1,102 @@
+"""Every architecture in the registry honours the one SAE interface (a new one is covered automatically)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from switchsae.saes import REGISTRY
+from switchsae.saes.io import load_sae, save_sae
+
+ARCHS = sorted(REGISTRY)
+UNIT_NORM_ARCHS = [a for a in ARCHS if REGISTRY[a].unit_norm_decoder]
+PER_TOKEN_TOPK = ["switch", "topk"]
+
+# FLOPs per token, (forward, train), written out from SPEC §2 independently of the code: a dense
+# matmul's backward costs twice its forward; the sparse encoder gather and decoder of the TopK
+# family cost 2kd forward and 4kd backward each; the selection matmul has no backward.
+EXPECTED_FLOPS = {
+    "topk": lambda d, M, k, N: (2 * d * M + 2 * k * d, 2 * d * M + 12 * k * d),
+    "batchtopk": lambda d, M, k, N: (2 * d * M + 2 * k * d, 2 * d * M + 12 * k * d),
+    "switch": lambda d, M, k, N: (2 * d * N + 2 * d * M // N + 2 * k * d, 6 * d * N + 2 * d * M // N + 12 * k * d),
+    "relu": lambda d, M, k, N: (4 * d * M, 12 * d * M),
+    "jumprelu": lambda d, M, k, N: (4 * d * M, 12 * d * M),
+    "gated": lambda d, M, k, N: (4 * d * M, 16 * d * M),  # + aux recon: 2dM forward, 2dM backward
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapes_and_encode_decode_agree_with_forward(arch, make_sae, batch):
+    sae = make_sae(arch)
+    out = sae(batch)
+    T, M = batch.shape[0], sae.cfg.width
+    assert out.x_hat.shape == batch.shape and out.x_hat.dtype == torch.float32
+    latents = out.latents
+    if latents.indices is None:
+        assert latents.values.shape == (T, M)
+    else:
+        assert latents.values.shape == latents.indices.shape and latents.values.shape[0] == T
+        assert 0 <= int(latents.indices.min()) and int(latents.indices.max()) < M
+    assert latents.to_dense(M).shape == (T, M)
+    sae.eval()  # BatchTopK: encode and forward must see the same (inference) rule
+    torch.testing.assert_close(sae.decode(sae.encode(batch)), sae(batch).x_hat)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_is_finite_and_gradients_reach_every_parameter(arch, make_sae, batch):
+    sae = make_sae(arch)
+    sae.init_from_data(batch)
+    losses = sae.loss(batch, sae(batch))
+    assert all(torch.isfinite(v) for v in losses.values())
+    torch.testing.assert_close(losses["loss"], sum(v for name, v in losses.items() if name != "loss"))
+    losses["loss"].backward()
+    for name, param in sae.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"{arch}: no gradient reaches {name}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flops_match_the_spec_formulas(arch, make_sae):
+    assert arch in EXPECTED_FLOPS, f"add the FLOP formula of {arch} to this test"
+    cfg = make_sae(arch).cfg
+    for changes in ({}, {"d_model": 24, "width": 128, "k": 8}):
+        cfg_ = cfg.replace(**changes)
+        forward, train = EXPECTED_FLOPS[arch](cfg_.d_model, cfg_.width, cfg_.k, cfg_.n_experts)
+        assert REGISTRY[arch](cfg_).flops() == {"forward": forward, "train": train}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_is_bitwise(arch, make_sae, batch, tmp_path):
+    sae = make_sae(arch)
+    sae.init_from_data(batch)
+    sae(batch)  # a training-mode forward fills running state (BatchTopK's threshold)
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    loaded = load_sae(save_sae(sae, tmp_path / "sae"))
+    assert loaded.cfg == sae.cfg
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    for training in (False, True):
+        sae.train(training)
+        loaded.train(training)
+        assert torch.equal(loaded(batch).x_hat, sae(batch).x_hat)
+
+
+@pytest.mark.parametrize("arch", UNIT_NORM_ARCHS)
+def test_unit_norm_decoder_projection_and_gradient_removal(arch, make_sae):
+    sae = make_sae(arch)
+    ones = torch.ones(sae.cfg.width)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), ones)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(sae.cfg.width, 1) * 3 + 0.1)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), ones)
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_grads()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(sae.cfg.width), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", PER_TOKEN_TOPK)
+def test_per_token_topk_l0_at_most_k(arch, make_sae, batch):
+    sae = make_sae(arch)
+    l0 = sae(batch).latents.l0()
+    assert l0.shape == (batch.shape[0],) and int(l0.max()) <= sae.cfg.k

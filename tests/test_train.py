@@ -1,0 +1,171 @@
+"""The trainer: recipe invariants, schedule, checkpoints, resume and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from switchsae.checkpoint import CHECKPOINT_FILE
+from switchsae.config import SAEConfig, TrainConfig, default_lr
+from switchsae.saes.io import load_sae
+from switchsae.sources.activations import TensorSource
+from switchsae.train import TrainingDiverged, activation_scale, lr_at, train
+
+SWITCH = SAEConfig(arch="switch", d_model=16, width=64, k=4, n_experts=4)
+FAST = TrainConfig(steps=12, batch_size=64, checkpoint_every=4, log_every=2)
+
+
+def test_default_lr_follows_gao_law():
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**16) == pytest.approx(1e-4)
+
+
+def test_lr_schedule_is_flat_then_decays_linearly_to_zero():
+    cfg = TrainConfig(steps=100, lr_decay_frac=0.2)
+    assert lr_at(0, cfg, 1.0) == lr_at(79, cfg, 1.0) == 1.0
+    assert lr_at(80, cfg, 1.0) == pytest.approx(1.0)
+    assert lr_at(90, cfg, 1.0) == pytest.approx(0.5)
+    assert lr_at(99, cfg, 1.0) == pytest.approx(0.05)
+
+
+def test_training_lowers_fvu_and_keeps_decoder_unit_norm(acts):
+    cfg = TrainConfig(steps=200, batch_size=128, lr=1e-2, log_every=10)
+    sae = train(SWITCH, acts, cfg, progress=False)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    from switchsae.evaluate import evaluate
+
+    before = evaluate(train(SWITCH, acts, TrainConfig(steps=1, batch_size=128, lr=1e-9), progress=False),
+                      TensorSource(acts).eval_batches(500), progress=False)
+    after = evaluate(sae, TensorSource(acts).eval_batches(500), progress=False)
+    assert after["fvu"] < 0.6 * before["fvu"]
+
+
+def test_init_puts_biases_at_geometric_median_and_encoder_at_decoder(acts):
+    sae = train(SWITCH, acts, TrainConfig(steps=1, batch_size=256, lr=1e-12), progress=False)
+    assert torch.allclose(sae.W_enc, sae.W_dec, atol=1e-6)
+    assert torch.allclose(sae.b_pre, sae.b_router, atol=1e-6)
+    assert not torch.allclose(sae.b_pre, torch.zeros(16))
+
+
+def test_normalize_scales_mean_norm_to_sqrt_d(acts):
+    sae = train(SWITCH, acts, TrainConfig(steps=2, batch_size=256, normalize=True), progress=False)
+    assert sae.cfg.act_scale == activation_scale(sae_first_batch(acts, 256))
+    assert (acts * sae.cfg.act_scale).norm(dim=1).mean().item() == pytest.approx(4.0, rel=0.1)
+
+
+def sae_first_batch(acts, batch_size):
+    return next(TensorSource(acts).train_batches(batch_size, seed=0))
+
+
+def test_normalized_training_is_invariant_to_activation_scale(acts):
+    cfg = TrainConfig(steps=5, batch_size=256, normalize=True)
+    small = train(SWITCH, acts, cfg, progress=False)
+    large = train(SWITCH, acts * 100, cfg, progress=False)
+    assert torch.allclose(small.W_dec, large.W_dec, atol=1e-4)
+    assert torch.allclose(large(acts[:50] * 100).x_hat, 100 * small(acts[:50]).x_hat, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["switch", "topk", "relu"])
+def test_resume_equals_uninterrupted(tmp_path, acts, arch):
+    cfg = SWITCH if arch == "switch" else SWITCH.replace(arch=arch, n_experts=1)
+    full = train(cfg, acts, FAST, run_dir=tmp_path / "full", progress=False)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):  # killed while fetching step 9's batch
+        train(cfg, _InterruptedSource(acts, kill_at=9), FAST, run_dir=killed, progress=False)
+    assert _meta(killed)["step"] == "8"
+    resumed = train(cfg, acts, FAST, run_dir=killed, resume=True, progress=False)
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert _log_without_times(killed) == _log_without_times(tmp_path / "full")
+
+
+def _log_without_times(run_dir):
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in e.items() if k != "elapsed_s"} for e in entries]
+
+
+def _meta(run_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / CHECKPOINT_FILE), framework="pt") as fh:
+        return fh.metadata()
+
+
+class _InterruptedSource(TensorSource):
+    """A source whose stream raises KeyboardInterrupt when batch ``kill_at`` is requested."""
+
+    def __init__(self, acts, kill_at):
+        super().__init__(acts)
+        self.kill_at = kill_at
+
+    def train_batches(self, batch_size, seed, start_step=0):
+        for step, batch in enumerate(super().train_batches(batch_size, seed, start_step), start=start_step):
+            if step == self.kill_at:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_existing_run_is_not_overwritten_without_force(tmp_path, acts):
+    train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    train(SWITCH, acts, FAST, run_dir=tmp_path, force=True, progress=False)
+    assert load_sae(tmp_path).cfg == SWITCH
+
+
+def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, resume=True, progress=False)
+    train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(SWITCH, acts, TrainConfig(steps=12, batch_size=32), run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, acts):
+    train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, acts):
+    exploding = TrainConfig(steps=50, batch_size=64, lr=1e30, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match="not finite at step"):
+        train(SWITCH, acts, exploding, run_dir=tmp_path, progress=False)
+    assert int(_meta(tmp_path)["step"]) < 50
+    assert all(torch.isfinite(t).all() for t in _tensors(tmp_path).values())
+
+
+def _tensors(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / CHECKPOINT_FILE))
+
+
+def test_iterator_of_batches_is_accepted(acts):
+    batches = [acts[i:i + 100] for i in range(0, 1000, 100)]
+    sae = train(SWITCH, batches, TrainConfig(steps=10, batch_size=100), progress=False)
+    assert sae.W_dec.shape == (64, 16)
+
+
+@pytest.mark.parametrize("bad", [torch.full((100, 16), float("nan")), torch.zeros(100, 3, 16), torch.zeros(1, 16)])
+def test_bad_activation_tensors_are_rejected(bad):
+    with pytest.raises(ValueError):
+        TensorSource(bad)
+
+
+def test_sparse_updates_resume_exactly_and_train(tmp_path, acts):
+    cfg = TrainConfig(steps=12, batch_size=64, checkpoint_every=4, log_every=2, sparse_updates=True)
+    full = train(SWITCH, acts, cfg, run_dir=tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(SWITCH, _InterruptedSource(acts, kill_at=5), cfg, run_dir=tmp_path / "killed", progress=False)
+    resumed = train(SWITCH, acts, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert torch.allclose(full.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+
+
+def test_sparse_updates_are_refused_for_dense_codes(acts):
+    with pytest.raises(ValueError, match="sparse code"):
+        train(SWITCH.replace(arch="relu", n_experts=1), acts, TrainConfig(steps=1, sparse_updates=True), progress=False)
