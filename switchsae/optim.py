@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
 
 
 class LazyAdam(torch.optim.Optimizer):
+    """Adam that updates only the rows named by a row-sparse gradient (dense gradients: all rows)."""
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
@@ -33,19 +36,18 @@ class LazyAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state["step"] += 1
-                t = state["step"].item()
-                scale = group["lr"] / (1 - beta1**t)
-                correction2 = (1 - beta2**t) ** 0.5
+                full = (p, state["exp_avg"], state["exp_avg_sq"])
                 if p.grad.is_sparse:
-                    rows, g = _row_sparse(p.grad)
-                    touched = [t.index_select(0, rows) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
-                    _adam_update(*touched, g, beta1, beta2, scale, correction2, group["eps"])
-                    for full, part in zip((p, state["exp_avg"], state["exp_avg_sq"]), touched):
-                        full.index_copy_(0, rows, part)
+                    rows, grad = _row_sparse(p.grad)
+                    param, exp_avg, exp_avg_sq = (t.index_select(0, rows) for t in full)
                 else:
-                    _adam_update(p, state["exp_avg"], state["exp_avg_sq"], p.grad, beta1, beta2, scale, correction2,
-                                 group["eps"])
+                    grad, (param, exp_avg, exp_avg_sq) = p.grad, full
+                # torch's fused single-pass Adam kernel, on the touched rows only; it advances "step".
+                adam([param], [grad], [exp_avg], [exp_avg_sq], [], [state["step"]], fused=True, amsgrad=False,
+                     beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
+                if p.grad.is_sparse:
+                    for target, part in zip(full, (param, exp_avg, exp_avg_sq)):
+                        target.index_copy_(0, rows, part)
 
 
 def _row_sparse(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,11 +63,3 @@ def _row_sparse(grad: Tensor) -> tuple[Tensor, Tensor]:
         grad = grad.coalesce()
         rows = grad._indices()[0]
     return rows, grad._values()
-
-
-def _adam_update(p: Tensor, m: Tensor, v: Tensor, g: Tensor, beta1: float, beta2: float, scale: float,
-                 correction2: float, eps: float) -> None:
-    """One Adam update of ``p``, ``m``, ``v`` in place, with bias corrections folded into ``scale``."""
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    p.addcdiv_(m, v.sqrt().div_(correction2).add_(eps), value=-scale)
