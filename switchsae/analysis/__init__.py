@@ -1,0 +1,1 @@
+"""Looking at results: run summaries, tables, dictionary geometry and plots."""

@@ -1,0 +1,132 @@
+"""The whole path as library calls: evaluate a run (optionally inside the LM), and the demo.
+
+``switchsae eval`` and ``switchsae demo`` are thin wrappers around :func:`evaluate_run` and
+:func:`run_demo`; a notebook can call the same functions.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from switchsae.evaluate import evaluate
+from switchsae.saes import SparseAutoencoder
+from switchsae.saes.io import load_sae, write_json_atomic
+from switchsae.sources.activations import ActivationSource, open_activations
+
+
+def held_out_windows(cache, tokenizer, n_windows: int) -> torch.Tensor:
+    """Token windows of the cache's corpus whose activations are all in its held-out split.
+
+    The cache stores whole windows in corpus order and holds out its last rows, so the windows
+    from ``ceil(n_train / rows_per_window)`` on were never trained on.
+    """
+    from switchsae.sources.text import token_windows
+
+    manifest = cache.manifest
+    rows_per_window = manifest["context_length"] - manifest["drop_first"]
+    first = -(-cache.n_train // rows_per_window)
+    stream = token_windows(tokenizer, manifest["corpus"], manifest["context_length"], manifest["text_field"])
+    windows = list(islice(stream, first, first + n_windows))
+    if not windows:
+        raise ValueError(f"the corpus {manifest['corpus']} has no windows beyond those the SAE was trained on")
+    return torch.stack(windows)
+
+
+def lm_metrics(sae: SparseAutoencoder, cache, eval_tokens: int, model: str | None = None, batch_size: int = 8) -> dict:
+    """Loss recovered and KL of the SAE spliced into the cache's model at the cache's hook.
+
+    ``model`` defaults to the one the SAE was trained on; a cache built from another model or
+    hook is refused, naming what differs.
+    """
+    from switchsae.lm_eval import loss_recovered
+    from switchsae.sources.cache import check_compatible
+    from switchsae.sources.models import load_model
+    from switchsae.sources.shards import DTYPES
+
+    manifest = cache.manifest
+    model_name = model or sae.cfg.model_name or manifest["model"]
+    hook_name = sae.cfg.hook_name or manifest["hook"]
+    check_compatible(manifest, model_name, hook_name)
+    lm, tokenizer = load_model(model_name, DTYPES[manifest["model_dtype"]][0])
+    rows_per_window = manifest["context_length"] - manifest["drop_first"]
+    windows = held_out_windows(cache, tokenizer, max(1, eval_tokens // rows_per_window))
+    return loss_recovered(lm, hook_name, sae.reconstruct, windows, batch_size, manifest["drop_first"])
+
+
+def evaluate_run(
+    run_dir: str | Path, acts: str | Path | ActivationSource, *, loss_recovered: bool = False,
+    eval_tokens: int = 32_768, model: str | None = None, batch_size: int = 4096, progress: bool = True,
+) -> dict:
+    """Metrics of the SAE in ``run_dir`` on held-out activations (and inside the LM), saved to metrics.json."""
+    sae = load_sae(run_dir)
+    source = open_activations(acts) if isinstance(acts, (str, Path)) else acts
+    if source.d_model != sae.cfg.d_model:
+        raise ValueError(f"activations have d_model={source.d_model} but the SAE expects {sae.cfg.d_model}")
+    metrics = evaluate(sae, source.eval_batches(batch_size), progress=progress)
+    if loss_recovered:
+        if not hasattr(source, "manifest"):
+            raise ValueError("loss recovered needs an activation cache folder (it names the model, hook and corpus)")
+        metrics.update(lm_metrics(sae, source, eval_tokens, model))
+    write_json_atomic(Path(run_dir) / "metrics.json", metrics)
+    return metrics
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo: cache SmolLM2 activations, train a Switch SAE and a FLOP-matched TopK, compare."""
+
+    out: Path = Path("runs/demo")
+    model: str = "smollm2-135m"
+    hook: str = "blocks.10.hook_resid_post"
+    corpus: str = "wiki-vital"
+    tokens: int = 1_000_000
+    width: int = 4096          # M0: the TopK's width and each Switch expert's width
+    experts: int = 4           # Switch has experts x width latents, at the TopK's FLOPs
+    k: int = 32
+    steps: int = 400
+    batch_size: int = 4096
+    eval_tokens: int = 16_384
+
+
+DEMO_COLUMNS = ["run", "arch", "width", "experts", "fvu", "mse", "l0", "dead_frac", "loss_recovered", "kl_sae",
+                "flops_per_token", "train_s", "train_tok_per_s"]
+
+
+def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict]:
+    """Run the whole pipeline; every stage resumes from what is already in ``cfg.out``."""
+    from switchsae.analysis.tables import markdown_table
+    from switchsae.config import SAEConfig, TrainConfig
+    from switchsae.sources.cache import ActivationCache, build_cache
+    from switchsae.train import train
+
+    cache_dir = build_cache(cfg.model, cfg.hook, cfg.corpus, cfg.tokens, cfg.out / "cache", progress=progress)
+    cache = ActivationCache(cache_dir)
+    runs = {
+        "topk": SAEConfig(arch="topk", d_model=cache.d_model, width=cfg.width, k=cfg.k),
+        "switch": SAEConfig(arch="switch", d_model=cache.d_model, width=cfg.width * cfg.experts, k=cfg.k,
+                            n_experts=cfg.experts),
+    }
+    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, normalize=True, checkpoint_every=100)
+    rows = []
+    for name, sae_cfg in runs.items():
+        run_dir = cfg.out / name
+        sae_cfg = sae_cfg.replace(model_name=cfg.model, hook_name=cfg.hook)
+        resume = (run_dir / "checkpoint.safetensors").exists()
+        train(sae_cfg, cache, train_cfg, run_dir=run_dir, resume=resume, progress=progress)
+        metrics = evaluate_run(run_dir, cache, loss_recovered=True, eval_tokens=cfg.eval_tokens, progress=progress)
+        elapsed = _train_seconds(run_dir)
+        rows.append({"run": name, "arch": sae_cfg.arch, "width": sae_cfg.width, "experts": sae_cfg.n_experts,
+                     **metrics, "train_s": elapsed, "train_tok_per_s": cfg.steps * cfg.batch_size / elapsed})
+    table = markdown_table(rows, DEMO_COLUMNS)
+    (cfg.out / "report.md").write_text(f"# switchsae demo\n\n{cfg}\n\n{table}\n")
+    print(table)
+    return rows
+
+
+def _train_seconds(run_dir: Path) -> float:
+    log = (run_dir / "log.jsonl").read_text().splitlines()
+    return json.loads(log[-1])["elapsed_s"]

@@ -1,0 +1,108 @@
+"""The on-disk format of an activation cache: raw shard files and the manifest that lists them.
+
+A cache is a folder holding ``manifest.json`` and ``shard_00000.bin``, ``shard_00001.bin``, ...
+Each shard is a headerless row-major ``[rows, d_model]`` array, readable with
+``numpy.memmap``; bfloat16 rows are stored as their raw 16-bit patterns (``int16``), since
+numpy has no bfloat16. Every file is written to a ``.tmp`` name and moved into place with
+``os.replace``, so a crash never leaves a half-written shard or manifest under its real name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Storage dtype name -> (torch dtype of the rows, numpy dtype of the raw file).
+DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp16": (torch.float16, np.float16),
+          "fp32": (torch.float32, np.float32)}
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def check_dtype(dtype: str) -> None:
+    """Reject a storage dtype name that is not one of :data:`DTYPES`."""
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown cache dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index``."""
+    return f"shard_{index:05d}.bin"
+
+
+def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(folder: Path, index: int, rows: Tensor) -> dict:
+    """Write ``rows`` (already in the storage dtype) as shard ``index``; return its manifest entry."""
+    array = rows.contiguous().view(torch.int16).numpy() if rows.dtype == torch.bfloat16 else rows.contiguous().numpy()
+    data = memoryview(array).cast("B")
+    _atomic_write(folder / shard_name(index), data)
+    return {"file": shard_name(index), "rows": rows.shape[0], "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Replace the manifest in ``folder`` atomically."""
+    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of the cache in ``folder``."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not an activation cache: it has no {MANIFEST}.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the cache is damaged.") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} has cache format {manifest.get('format')}; this version reads format "
+                         f"{FORMAT_VERSION}.")
+    return manifest
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(folder: Path, manifest: dict, checksums: bool = False) -> None:
+    """Check that every listed shard exists with the right size (and, optionally, sha256)."""
+    row_bytes = manifest["d_model"] * np.dtype(DTYPES[manifest["dtype"]][1]).itemsize
+    for entry in manifest["shards"]:
+        path = Path(folder) / entry["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"Shard {entry['file']} of the cache in {folder} is missing.")
+        size, expected = path.stat().st_size, entry["rows"] * row_bytes
+        if size != expected:
+            raise ValueError(f"Shard {entry['file']} of the cache in {folder} has {size} bytes, "
+                             f"expected {expected}; it is truncated or corrupt.")
+        if checksums and _file_sha256(path) != entry["sha256"]:
+            raise ValueError(f"Shard {entry['file']} of the cache in {folder} fails its sha256 check; it is corrupt.")
+
+
+def open_shard(folder: Path, entry: dict, manifest: dict) -> np.memmap:
+    """A read-only ``[rows, d_model]`` memory map of one shard, in its raw file dtype."""
+    return np.memmap(Path(folder) / entry["file"], dtype=DTYPES[manifest["dtype"]][1], mode="r",
+                     shape=(entry["rows"], manifest["d_model"]))
+
+
+def to_tensor(array: np.ndarray, dtype: str) -> Tensor:
+    """Rows read from a shard (raw file dtype) as a tensor in the storage dtype."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bf16" else tensor

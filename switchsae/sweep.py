@@ -1,0 +1,283 @@
+"""Sweeps as data: a TOML grid of SAE settings, validated whole, then trained run by run.
+
+Format (paths relative to the working directory)::
+
+    acts = "runs/cache"            # activation cache folder or .safetensors/.npy file
+    out = "runs/sweep"             # runs go to out/<setting>/<run name>/
+    loss_recovered = false         # also splice each SAE into the LM (needs a cache)
+    eval_tokens = 32768            # tokens for loss recovered
+
+    [train]                        # TrainConfig fields, shared by every run
+    steps = 2000
+
+    [[grid]]                       # one table per grid; list values are crossed
+    name = "flop_matched"          # the setting: groups runs in tables and plots
+    arch = ["topk", "switch"]
+    expert_width = 4096            # width = n_experts * expert_width (FLOP-matched, SPEC §2)
+    n_experts = [1, 2, 4, 8]
+    k = [16, 32, 64, 128]
+
+A grid gives either ``width`` (every SAE has M latents: fixed width) or ``expert_width``
+(``M = N · M0``: FLOP-matched). Keys that do not apply to an architecture (``n_experts`` and
+``aux_coeff`` outside Switch, ``k`` outside the TopK family, ``l1_coeff`` outside the L1 family)
+are dropped for it, and runs that end up identical are kept once. Several grids may share a
+name; their runs form one setting.
+
+Every configuration is built before the first run starts, so an unknown key, a value of the
+wrong type or an impossible combination (e.g. ``k`` above the expert width) fails at once,
+naming its line. A run folder holding finished weights is skipped, one holding a checkpoint
+is resumed; runs are evaluated once (``metrics.json``) and gathered into ``results.csv/.md``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from switchsae.analysis.runs import run_summary, write_results
+from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
+from switchsae.config import ARCHS, L1_FAMILY, TOPK_FAMILY, SAEConfig, TrainConfig
+from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
+from switchsae.toml_lines import key_line
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ROOT_KEYS = {"acts": "str", "out": "str", "loss_recovered": "bool", "eval_tokens": "int", "train": "table",
+             "grid": "array of tables"}
+# SAEConfig fields a grid may set (the rest come from the activations), plus the grid's own keys.
+GRID_FIELDS = {f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "hook_name",
+                                                                              "model_name")}
+GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS}
+# The architectures a key means something for; keys not listed apply to all.
+APPLIES = {"n_experts": ("switch",), "aux_coeff": ("switch",), "k": TOPK_FAMILY, "l1_coeff": L1_FAMILY,
+           "jump_threshold": ("jumprelu",), "jump_bandwidth": ("jumprelu",)}
+# How run names spell each setting; the first three always appear where they apply, the rest when not default.
+NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "aux_coeff": "alpha", "jump_threshold": "theta",
+               "jump_bandwidth": "eps"}
+ALWAYS_NAMED = ("n_experts", "k", "l1_coeff")
+SETTING_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# SAEConfig checks nothing about d_model but positivity; the real value is filled in from the activations.
+ANY_D_MODEL = 1
+
+
+class SweepConfigError(ValueError):
+    """A sweep file that cannot run; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its setting, its canonical name and its SAE settings (without ``d_model``)."""
+
+    setting: str
+    name: str
+    params: dict[str, Any]
+
+    def sae_config(self, d_model: int, model_name: str = "", hook_name: str = "") -> SAEConfig:
+        return SAEConfig(d_model=d_model, model_name=model_name, hook_name=hook_name, **self.params)
+
+    def run_dir(self, out: Path) -> Path:
+        return out / self.setting / self.name
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file."""
+
+    path: Path
+    acts: Path
+    out: Path
+    train: TrainConfig
+    runs: tuple[RunSpec, ...]
+    loss_recovered: bool = False
+    eval_tokens: int = 32_768
+
+
+def _type_ok(value: Any, type_name: str) -> bool:
+    """Whether a TOML value fits a dataclass field type (``int`` excludes booleans; ``float`` takes ints)."""
+    if isinstance(value, bool):
+        return type_name == "bool"
+    if type_name == "array of tables":
+        return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+    accepted = {"int": int, "float": (int, float), "float | None": (int, float), "str": str, "bool": bool,
+                "table": dict}
+    return isinstance(value, accepted[type_name])
+
+
+class _Locator:
+    """Turns a problem into a :class:`SweepConfigError` naming the file and the line."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text = path, text
+
+    def error(self, message: str, table: str = "", index: int = 0, key: str | None = None) -> SweepConfigError:
+        line = key_line(self.text, table, index, key)
+        return SweepConfigError(f"{self.path}, line {line}: {message}")
+
+    def check_keys(self, data: dict, known: dict[str, str], where: str, table: str = "", index: int = 0,
+                   lists: bool = False) -> None:
+        """Every key known, every value of its field's type (with ``lists``, a value may be a list of them)."""
+        for key, value in data.items():
+            if key not in known:
+                raise self.error(f"unknown key {key!r} in {where}; expected one of {', '.join(sorted(known))}.",
+                                 table, index, key)
+            values = value if isinstance(value, list) and lists else [value]
+            if not values:
+                raise self.error(f"{key} in {where} is an empty list; give at least one value.", table, index, key)
+            bad = [v for v in values if not _type_ok(v, known[key])]
+            if bad:
+                raise self.error(f"{key} in {where} must be of type {known[key]}, got {bad[0]!r}.", table, index, key)
+
+
+def run_name(params: dict[str, Any]) -> str:
+    """Canonical folder name, e.g. ``switch-M16384-N16-k32``: equal names mean equal settings."""
+    arch, parts = params["arch"], [params["arch"], f"M{params['width']}"]
+    for key, label in NAME_LABELS.items():
+        if arch not in APPLIES[key]:
+            continue
+        default = SAEConfig.__dataclass_fields__[key].default
+        value = params.get(key, default)
+        if key in ALWAYS_NAMED or value != default:
+            parts.append(f"{label}{value:g}")
+    return "-".join(parts)
+
+
+def effective_params(combo: dict[str, Any]) -> dict[str, Any]:
+    """Drop keys that do not apply to the combination's architecture; resolve ``expert_width``."""
+    arch = combo["arch"]
+    params = {key: value for key, value in combo.items() if key != "name" and arch in APPLIES.get(key, ARCHS)}
+    if "expert_width" in params:
+        params["width"] = params.pop("expert_width") * params.get("n_experts", 1)
+    return params
+
+
+def _check_grid(grid: dict, where: str, index: int, loc: _Locator) -> None:
+    """The grid-level rules: a usable name, a known arch, one width rule, no key that applies to no arch."""
+    name = grid.get("name")
+    if not isinstance(name, str) or not SETTING_NAME.match(name):
+        raise loc.error(f"{where} needs a name made of letters, digits, '.', '_' or '-' (it becomes a folder).",
+                        "grid", index, "name")
+    if "arch" not in grid:
+        raise loc.error(f"{where} has no arch; give one of {', '.join(ARCHS)} or a list of them.", "grid", index)
+    archs = grid["arch"] if isinstance(grid["arch"], list) else [grid["arch"]]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise loc.error(f"{where} names unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHS)}.",
+                        "grid", index, "arch")
+    if ("width" in grid) == ("expert_width" in grid):
+        raise loc.error(f"{where} must give exactly one of width (fixed width) and expert_width "
+                        "(width = n_experts * expert_width, FLOP-matched).", "grid", index)
+    for key in grid:
+        if key in APPLIES and not set(archs) & set(APPLIES[key]):
+            raise loc.error(f"{key} in {where} applies to none of its architectures ({', '.join(archs)}); "
+                            f"it only means something for {', '.join(APPLIES[key])}.", "grid", index, key)
+
+
+def _expand_grid(grid: dict, index: int, loc: _Locator) -> list[RunSpec]:
+    """The grid's cartesian product, each combination checked by building its SAEConfig."""
+    where = f"[[grid]] #{index + 1}" + (f" ({grid['name']!r})" if isinstance(grid.get("name"), str) else "")
+    loc.check_keys(grid, GRID_KEYS, where, "grid", index, lists=True)
+    _check_grid(grid, where, index, loc)
+    axes = {key: value if isinstance(value, list) else [value] for key, value in grid.items()}
+    runs = []
+    for values in itertools.product(*axes.values()):
+        params = effective_params(dict(zip(axes, values)))
+        try:
+            SAEConfig(d_model=ANY_D_MODEL, **params)
+        except ValueError as err:
+            combination = ", ".join(f"{key}={value}" for key, value in params.items())
+            raise loc.error(f"{where} contains an impossible combination ({combination}): {err}",
+                            "grid", index) from None
+        runs.append(RunSpec(grid["name"], run_name(params), params))
+    return runs
+
+
+def load_sweep(config_path: str | Path) -> Sweep:
+    """Parse and validate a sweep file without training anything (``switchsae sweep --check``)."""
+    path = Path(config_path)
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SweepConfigError(f"{path} is not valid TOML: {err}.") from None
+    loc = _Locator(path, text)
+    loc.check_keys(data, ROOT_KEYS, "the top level")
+    for key in ("acts", "out"):
+        if key not in data:
+            raise loc.error(f"the top level needs {key!r} (a path).")
+    loc.check_keys(data.get("train", {}), {f.name: f.type for f in fields(TrainConfig)}, "[train]", "train")
+    try:
+        train_cfg = TrainConfig(**data.get("train", {}))
+    except ValueError as err:
+        raise loc.error(f"[train] is invalid: {err}", "train") from None
+    if not data.get("grid"):
+        raise loc.error("the sweep has no [[grid]] table, so nothing to run.")
+    runs = {}
+    for index, grid in enumerate(data["grid"]):
+        for spec in _expand_grid(grid, index, loc):
+            runs.setdefault((spec.setting, spec.name), spec)
+    eval_tokens = data.get("eval_tokens", Sweep.eval_tokens)
+    if eval_tokens < 1:
+        raise loc.error(f"eval_tokens must be a positive integer, got {eval_tokens}.", key="eval_tokens")
+    return Sweep(path, Path(data["acts"]), Path(data["out"]), train_cfg, tuple(runs.values()),
+                 data.get("loss_recovered", Sweep.loss_recovered), eval_tokens)
+
+
+def _settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, train_cfg: TrainConfig) -> list[str]:
+    differs = [key for key, value in sae_cfg.to_dict().items() if key != "act_scale" and saved_sae.get(key) != value]
+    return differs + [key for key, value in train_cfg.to_dict().items() if saved_train.get(key) != value]
+
+
+def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
+    """``"new"``, ``"resume"`` or ``"done"``; a run folder trained with other settings is an error."""
+    if (run_dir / WEIGHTS_FILE).exists():
+        saved_sae = json.loads((run_dir / CFG_FILE).read_text())
+        saved_train = json.loads((run_dir / "train_config.json").read_text())
+        state = "done"
+    elif (run_dir / CHECKPOINT_FILE).exists():
+        meta = read_checkpoint_meta(run_dir / CHECKPOINT_FILE)
+        saved_sae, saved_train = json.loads(meta["sae_cfg"]), json.loads(meta["train_cfg"])
+        state = "resume"
+    else:
+        return "new"
+    differs = _settings_differ(saved_sae, saved_train, sae_cfg, train_cfg)
+    if differs:
+        raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(differs)}); "
+                         "remove it or point the sweep's out at another folder.")
+    return state
+
+
+def run_sweep(config_path: str | Path, progress: bool = True) -> list[dict]:
+    """Train and evaluate every run of the sweep (resuming), then write ``results.csv`` and ``results.md``.
+
+    Returns one summary row per run (see :func:`switchsae.analysis.runs.run_summary`).
+    """
+    from switchsae.pipeline import evaluate_run
+    from switchsae.sources.activations import open_activations
+    from switchsae.train import train
+
+    sweep = load_sweep(config_path)
+    source = open_activations(sweep.acts)
+    if sweep.loss_recovered and not hasattr(source, "manifest"):
+        raise ValueError(f"{sweep.path} asks for loss_recovered, which needs an activation cache folder "
+                         f"(naming the model, hook and corpus), but acts is the file {sweep.acts}.")
+    origin = getattr(source, "manifest", {})
+    configs = [spec.sae_config(source.d_model, origin.get("model", ""), origin.get("hook", "")) for spec in sweep.runs]
+    states = [check_existing_run(spec.run_dir(sweep.out), cfg, sweep.train) for spec, cfg in zip(sweep.runs, configs)]
+    rows = []
+    for spec, sae_cfg, state in zip(sweep.runs, configs, states):
+        run_dir = spec.run_dir(sweep.out)
+        if state != "done":
+            train(sae_cfg, source, sweep.train, run_dir=run_dir, resume=state == "resume", progress=progress)
+        if not (run_dir / "metrics.json").exists():
+            evaluate_run(run_dir, source, loss_recovered=sweep.loss_recovered, eval_tokens=sweep.eval_tokens,
+                         progress=progress)
+        rows.append(run_summary(run_dir, spec.setting))
+    write_results(rows, sweep.out)
+    return rows
