@@ -37,12 +37,12 @@ def save_checkpoint(
     path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, state: TrainState, train_cfg: dict
 ) -> None:
     names = {id(p): n for n, p in sae.named_parameters()}
-    tensors = {f"sae/{n}": t.detach().contiguous() for n, t in sae.state_dict().items()}
+    tensors = {f"sae/{n}": t.detach().cpu().contiguous() for n, t in sae.state_dict().items()}
     for p, slots in opt.state.items():
         for slot, value in slots.items():
-            tensors[f"adam/{names[id(p)]}/{slot}"] = value.detach().contiguous()
+            tensors[f"adam/{names[id(p)]}/{slot}"] = value.detach().cpu().contiguous()
     if state.tokens_since_fired is not None:
-        tensors["train/tokens_since_fired"] = state.tokens_since_fired
+        tensors["train/tokens_since_fired"] = state.tokens_since_fired.cpu()
     meta = {
         "step": str(state.step),
         "elapsed_s": repr(state.elapsed_s),
@@ -82,6 +82,6 @@ def load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
     for key, value in tensors.items():
         if key.startswith("adam/"):
             name, slot = key.removeprefix("adam/").rsplit("/", 1)
-            opt.state[params[name]][slot] = value
+            opt.state[params[name]][slot] = value.to(params[name].device) if slot != "step" else value
     return TrainState(int(meta["step"]), float(meta.get("elapsed_s", 0.0)), json.loads(meta.get("history", "[]")),
                       tensors.get("train/tokens_since_fired"))

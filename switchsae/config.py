@@ -96,6 +96,7 @@ class TrainConfig:
     log_every: int = opt(50, "log losses every this many steps")
     normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in cfg.json)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
+    device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
     matmul_dtype: str = opt("float32", "dtype of the encoder's selection matmul: float32 or bfloat16 (values and gradients stay fp32)")
 
     def __post_init__(self) -> None:
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}.")
         if self.checkpoint_every < 0 or self.log_every < 1:
             raise ValueError("checkpoint_every must be >= 0 and log_every >= 1.")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}.")
         if self.matmul_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {self.matmul_dtype!r}.")
 

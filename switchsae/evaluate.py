@@ -45,12 +45,12 @@ class MetricSums:
         x = x.double()
         self.tokens += x.shape[0]
         self.sq_err += (x - sae_out.x_hat.double()).pow(2).sum().item()
-        self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
+        self.sum_x = x.sum(0).cpu() if self.sum_x is None else self.sum_x + x.sum(0).cpu()
         self.sum_sq_norm += x.pow(2).sum().item()
         self.l0 += sae_out.latents.l0().sum().item()
-        self.fired += sae_out.latents.fired(self.width)
+        self.fired += sae_out.latents.fired(self.width).cpu()
         if "expert" in sae_out.extras:
-            self.expert_tokens += torch.bincount(sae_out.extras["expert"], minlength=self.n_experts)
+            self.expert_tokens += torch.bincount(sae_out.extras["expert"], minlength=self.n_experts).cpu()
 
     def result(self) -> dict[str, float]:
         if self.tokens == 0:
@@ -88,7 +88,9 @@ def evaluate(sae: SparseAutoencoder, batches: Iterable[Tensor], progress: bool =
     was_training = sae.training
     sae.eval()
     sums = MetricSums(sae.cfg.width, sae.cfg.n_experts)
+    device = sae.W_dec.device
     for x in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+        x = x.to(device)
         sums.add(x, sae(x))
     sae.train(was_training)
     flops = sae.flops()

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from switchsae.sources.hooks import HookPoint, patched
 
@@ -44,7 +45,8 @@ def _ce_sum(log_probs: Tensor, targets: Tensor) -> float:
 
 
 def loss_recovered(model: nn.Module, hook: HookPoint | str, reconstruct: Callable[[Tensor], Tensor],
-                   windows: Tensor, batch_size: int = 4, drop_first: int = 1) -> dict[str, float]:
+                   windows: Tensor, batch_size: int = 4, drop_first: int = 1,
+                   progress: bool = False) -> dict[str, float]:
     """Clean, SAE-patched and zero-ablated next-token loss of ``model`` on ``[n, seq]`` token ``windows``.
 
     ``reconstruct`` maps float32 ``[rows, d_model]`` activations to their reconstruction.
@@ -59,7 +61,8 @@ def loss_recovered(model: nn.Module, hook: HookPoint | str, reconstruct: Callabl
     count = 0
     device = next(model.parameters()).device
     with torch.inference_mode():
-        for ids in windows.to(device).split(batch_size):
+        batches = windows.to(device).split(batch_size)
+        for ids in tqdm(batches, desc="loss recovered", unit="batch", disable=not progress):
             targets = ids[:, drop_first + 1:]
             clean = _log_probs(model, ids, drop_first)
             totals["ce_clean"] += _ce_sum(clean, targets)

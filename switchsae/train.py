@@ -85,13 +85,15 @@ def train_loop(
     if run_dir is not None and state.step > 0:
         state = load_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt)
     history = state.history or []
+    device = sae.W_dec.device
     tokens_since_fired = state.tokens_since_fired
     if tokens_since_fired is None:
         tokens_since_fired = torch.zeros(sae.cfg.width, dtype=torch.long)
+    tokens_since_fired = tokens_since_fired.to(device)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"train {sae.cfg.arch}", unit="step")
     started = time.perf_counter() - state.elapsed_s
     for step in range(state.step, cfg.steps):
-        x = next(batches)
+        x = next(batches).to(device, non_blocking=True)
         out = sae(x)
         losses = sae.loss(x, out)
         if not torch.isfinite(losses["loss"]):
@@ -157,6 +159,7 @@ def train(
         sae = build_sae(SAEConfig.from_dict(json.loads(read_checkpoint_meta(run_dir / CHECKPOINT_FILE)["sae_cfg"])))
     else:
         sae = _initialise(sae_cfg, cfg, batch_stream(source, cfg, 0))
+    sae.to(cfg.device)
     sae.matmul_dtype = getattr(torch, cfg.matmul_dtype)
     sae.sparse_grads = cfg.sparse_updates
     state = train_loop(sae, batch_stream(source, cfg, state.step), cfg, state, run_dir, progress)

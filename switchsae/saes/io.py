@@ -27,7 +27,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({name: p.detach().contiguous() for name, p in sae.state_dict().items()}, str(tmp))
+    save_file({name: p.detach().cpu().contiguous() for name, p in sae.state_dict().items()}, str(tmp))
     os.replace(tmp, folder / WEIGHTS_FILE)
     write_json_atomic(folder / CFG_FILE, sae.cfg.to_dict())
     return folder
