@@ -26,9 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_GATHER_CHUNK = 512  # tokens per chunk when recomputing values: bounds a [chunk, k, d] buffer
-
-
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, sparse_grad: bool = False) -> Tensor:
     """``x̂_t = Σ_j values_tj · W_dec[indices_tj]`` → ``[T, d]`` (no bias).
 
@@ -91,12 +88,13 @@ class SparseDecode(torch.autograd.Function):
 
 
 def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
-    """``out_tj = W[indices_tj] · x_t`` in the dtype of ``W``, chunked over tokens (no autograd)."""
-    out = torch.empty(indices.shape, dtype=W.dtype, device=W.device)
-    for start in range(0, x.shape[0], _GATHER_CHUNK):
-        rows = W[indices[start:start + _GATHER_CHUNK]]
-        out[start:start + _GATHER_CHUNK] = torch.einsum("tkd,td->tk", rows, x[start:start + _GATHER_CHUNK])
-    return out
+    """``out_tj = W[indices_tj] · x_t`` (no autograd), as the per-sample-weight gradient of an
+    embedding bag: no ``[T, k, d]`` gather is materialised."""
+    with torch.enable_grad():
+        weights = torch.ones(indices.shape, dtype=W.dtype, device=W.device, requires_grad=True)
+        bag = F.embedding_bag(indices, W.detach(), per_sample_weights=weights, mode="sum")
+        (dots,) = torch.autograd.grad(bag, weights, grad_outputs=x.to(W.dtype))
+    return dots
 
 
 class GatheredLinear(torch.autograd.Function):

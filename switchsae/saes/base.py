@@ -164,7 +164,7 @@ class SparseAutoencoder(nn.Module):
             g, w = grad._values(), self.W_dec.index_select(0, grad._indices()[0])
         else:
             g, w = grad, self.W_dec
-        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+        g.addcmul_(torch.einsum("md,md->m", g, w)[:, None], w, value=-1)
 
     # -- cost -----------------------------------------------------------------------------
     def flops(self) -> dict[str, int]:
