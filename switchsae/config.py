@@ -87,6 +87,7 @@ class TrainConfig:
     steps: int = opt(1000, "number of optimizer steps")
     batch_size: int = opt(4096, "activations per step (the paper uses 8192)")
     lr: float | None = opt(None, "learning rate; default (None) is Gao et al.'s law 2e-4 / sqrt(M / 2^14)")
+    lr_width: str = opt("total", "width M the default lr law uses for a Switch SAE: total (the paper) or expert (M/N)")
     lr_decay_frac: float = opt(0.2, "fraction of steps at the end over which the learning rate decays linearly to zero")
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float = opt(0.999, "Adam beta2")
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be positive integers.")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}.")
+        if self.lr_width not in ("total", "expert"):
+            raise ValueError(f"lr_width must be total or expert, got {self.lr_width!r}.")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}.")
         if self.checkpoint_every < 0 or self.log_every < 1:

@@ -80,7 +80,7 @@ def train_loop(
     progress: bool = True,
 ) -> TrainState:
     """Run steps ``state.step .. cfg.steps - 1``; checkpoint to ``run_dir`` every ``checkpoint_every``."""
-    base_lr = cfg.lr or default_lr(sae.cfg.width)
+    base_lr = cfg.lr or default_lr(sae.cfg.width if cfg.lr_width == "total" else sae.cfg.expert_width)
     opt = optimizer_for(sae, cfg)
     if run_dir is not None and state.step > 0:
         state = load_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt)

@@ -169,3 +169,10 @@ def test_sparse_updates_resume_exactly_and_train(tmp_path, acts):
 def test_sparse_updates_are_refused_for_dense_codes(acts):
     with pytest.raises(ValueError, match="sparse code"):
         train(SWITCH.replace(arch="relu", n_experts=1), acts, TrainConfig(steps=1, sparse_updates=True), progress=False)
+
+
+@pytest.mark.parametrize("lr_width, width", [("total", 64), ("expert", 16)])
+def test_default_lr_uses_the_total_or_the_expert_width(tmp_path, acts, lr_width, width):
+    train(SWITCH, acts, TrainConfig(steps=1, batch_size=64, log_every=1, lr_width=lr_width), run_dir=tmp_path,
+          progress=False)
+    assert json.loads((tmp_path / "log.jsonl").read_text())["lr"] == pytest.approx(default_lr(width))
