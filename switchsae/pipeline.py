@@ -101,6 +101,7 @@ DEMO_COLUMNS = ["run", "arch", "width", "experts", "fvu", "mse", "l0", "dead_fra
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict]:
     """Run the whole pipeline; every stage resumes from what is already in ``cfg.out``."""
     from switchsae.analysis.tables import markdown_table
+    from switchsae.checkpoint import CHECKPOINT_FILE
     from switchsae.config import SAEConfig, TrainConfig
     from switchsae.sources.cache import ActivationCache, build_cache
     from switchsae.train import train
@@ -118,7 +119,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict
     for name, sae_cfg in runs.items():
         run_dir = cfg.out / name
         sae_cfg = sae_cfg.replace(model_name=cfg.model, hook_name=cfg.hook)
-        resume = (run_dir / "checkpoint.safetensors").exists()
+        resume = (run_dir / CHECKPOINT_FILE).exists()
         train(sae_cfg, cache, train_cfg, run_dir=run_dir, resume=resume, progress=progress)
         metrics = evaluate_run(run_dir, cache, loss_recovered=True, eval_tokens=cfg.eval_tokens, progress=progress)
         elapsed = _train_seconds(run_dir)
