@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny_lm import WIKI, wiki_texts
-from switchsae.sources.text import take_windows, token_windows
+from switchsae.sources.text import documents, take_windows, token_windows
 
 DOCS = wiki_texts(40)
 
@@ -99,3 +99,17 @@ def test_missing_jsonl_field(tokenizer, tmp_path):
     corpus = write_jsonl(tmp_path / "docs.jsonl", DOCS[:3], field="body")
     with pytest.raises(ValueError, match="no field 'text'; set text_field to one of body"):
         next(token_windows(tokenizer, corpus, 32))
+
+
+def test_hugging_face_dataset_by_name_streams_its_text(tmp_path, monkeypatch):
+    """``hf:NAME`` goes through datasets.load_dataset(..., streaming=True); a local dataset
+    folder stands in for a hub name, so the real code path runs offline."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCS[:5]))
+    streamed = ["".join(pieces) for pieces in documents(f"hf:{folder}")]
+    assert streamed == DOCS[:5]
+    with pytest.raises(ValueError, match="no field 'body'"):
+        list(next(documents(f"hf:{folder}", text_field="body")))
