@@ -18,8 +18,9 @@ from switchsae.saes.io import load_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, open_activations
 
 
-def held_out_windows(cache, tokenizer, n_windows: int) -> torch.Tensor:
-    """Token windows of the cache's corpus whose activations are all in its held-out split.
+def held_out_windows(cache, tokenizer, eval_tokens: int) -> torch.Tensor:
+    """About ``eval_tokens`` tokens of windows of the cache's corpus whose activations are all in
+    its held-out split (at least one window).
 
     The cache stores whole windows in corpus order and holds out its last rows, so the windows
     from ``ceil(n_train / rows_per_window)`` on were never trained on.
@@ -29,6 +30,7 @@ def held_out_windows(cache, tokenizer, n_windows: int) -> torch.Tensor:
     manifest = cache.manifest
     rows_per_window = manifest["context_length"] - manifest["drop_first"]
     first = -(-cache.n_train // rows_per_window)
+    n_windows = max(1, eval_tokens // rows_per_window)
     stream = token_windows(tokenizer, manifest["corpus"], manifest["context_length"], manifest["text_field"])
     windows = list(islice(stream, first, first + n_windows))
     if not windows:
@@ -53,8 +55,7 @@ def lm_metrics(sae: SparseAutoencoder, cache, eval_tokens: int, model: str | Non
     hook_name = sae.cfg.hook_name or manifest["hook"]
     check_compatible(manifest, model_name, hook_name)
     lm, tokenizer = load_model(model_name, DTYPES[manifest["model_dtype"]][0])
-    rows_per_window = manifest["context_length"] - manifest["drop_first"]
-    windows = held_out_windows(cache, tokenizer, max(1, eval_tokens // rows_per_window))
+    windows = held_out_windows(cache, tokenizer, eval_tokens)
     return loss_recovered(lm, hook_name, sae.reconstruct, windows, batch_size, manifest["drop_first"], progress)
 
 

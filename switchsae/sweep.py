@@ -43,6 +43,7 @@ from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
 from switchsae.config import ARCHS, L1_FAMILY, TOPK_FAMILY, SAEConfig, TrainConfig
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
 from switchsae.toml_lines import key_line
+from switchsae.train import settings_differ
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -229,11 +230,6 @@ def load_sweep(config_path: str | Path) -> Sweep:
                  data.get("loss_recovered", Sweep.loss_recovered), eval_tokens)
 
 
-def _settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, train_cfg: TrainConfig) -> list[str]:
-    differs = [key for key, value in sae_cfg.to_dict().items() if key != "act_scale" and saved_sae.get(key) != value]
-    return differs + [key for key, value in train_cfg.to_dict().items() if saved_train.get(key) != value]
-
-
 def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
     """``"new"``, ``"resume"`` or ``"done"``; a run folder trained with other settings is an error."""
     if (run_dir / WEIGHTS_FILE).exists():
@@ -246,7 +242,7 @@ def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig
         state = "resume"
     else:
         return "new"
-    differs = _settings_differ(saved_sae, saved_train, sae_cfg, train_cfg)
+    differs = settings_differ(saved_sae, saved_train, sae_cfg, train_cfg)
     if differs:
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(differs)}); "
                          "remove it or point the sweep's out at another folder.")

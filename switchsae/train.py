@@ -62,7 +62,7 @@ def activation_scale(x: Tensor) -> float:
     return math.sqrt(x.shape[1]) / x.float().norm(dim=1).mean().item()
 
 
-def _batch_stats(x: Tensor, sae: SparseAutoencoder, out, losses: dict[str, Tensor]) -> dict[str, float]:
+def _batch_stats(x: Tensor, out, losses: dict[str, Tensor]) -> dict[str, float]:
     x = x.float()
     err = (x - out.x_hat).pow(2).sum()
     var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -113,7 +113,7 @@ def train_loop(
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            stats = _batch_stats(x, sae, out, losses)
+            stats = _batch_stats(x, out, losses)
             dead_window = min(done * cfg.batch_size, 1_000_000)
             stats.update(step=done, tokens=done * cfg.batch_size, lr=lr_at(step, cfg, base_lr),
                          dead_frac=(tokens_since_fired >= dead_window).float().mean().item(),
@@ -152,17 +152,16 @@ def train(
     if cfg.sparse_updates and sae_cfg.arch not in TOPK_FAMILY:
         raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense (use one of {', '.join(TOPK_FAMILY)})")
     run_dir = Path(run_dir) if run_dir is not None else None
-    state = TrainState()
-    if run_dir is not None:
-        state = _prepare_run_dir(run_dir, sae_cfg, cfg, resume, force)
-    if state.step > 0:
-        sae = build_sae(SAEConfig.from_dict(json.loads(read_checkpoint_meta(run_dir / CHECKPOINT_FILE)["sae_cfg"])))
-    else:
-        sae = _initialise(sae_cfg, cfg, batch_stream(source, cfg, 0))
+    start, resumed_cfg = 0, None
+    if run_dir is not None and resume:
+        start, resumed_cfg = _resume_point(run_dir, sae_cfg, cfg)
+    elif run_dir is not None:
+        _claim_run_dir(run_dir, force)
+    sae = build_sae(resumed_cfg) if resumed_cfg is not None else _initialise(sae_cfg, cfg, batch_stream(source, cfg, 0))
     sae.to(cfg.device)
     sae.matmul_dtype = getattr(torch, cfg.matmul_dtype)
     sae.sparse_grads = cfg.sparse_updates
-    state = train_loop(sae, batch_stream(source, cfg, state.step), cfg, state, run_dir, progress)
+    state = train_loop(sae, batch_stream(source, cfg, start), cfg, TrainState(start), run_dir, progress)
     if run_dir is not None:
         save_sae(sae, run_dir)
         write_json_atomic(run_dir / "train_config.json", cfg.to_dict())
@@ -181,18 +180,27 @@ def _initialise(sae_cfg: SAEConfig, cfg: TrainConfig, batches: Iterator[Tensor])
     return sae
 
 
-def _prepare_run_dir(run_dir: Path, sae_cfg: SAEConfig, cfg: TrainConfig, resume: bool, force: bool) -> TrainState:
-    """Apply the never-overwrite rule and, on resume, check the run being continued is this one."""
-    checkpoint = run_dir / CHECKPOINT_FILE
-    if resume:
-        meta = read_checkpoint_meta(checkpoint)
-        saved = json.loads(meta["train_cfg"])
-        differs = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v)
-        saved_sae = json.loads(meta["sae_cfg"])
-        differs += sorted(k for k, v in sae_cfg.to_dict().items() if k != "act_scale" and saved_sae.get(k) != v)
-        if differs:
-            raise ValueError(f"cannot resume {run_dir}: settings differ from the checkpoint in {differs}")
-        return TrainState(int(meta["step"]))
+def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg: TrainConfig) -> list[str]:
+    """Names of the settings in which a saved run differs from ``sae_cfg``/``cfg``.
+
+    ``act_scale`` is left out: a run computes it itself from its first batch.
+    """
+    differs = [key for key, value in sae_cfg.to_dict().items() if key != "act_scale" and saved_sae.get(key) != value]
+    return sorted(differs + [key for key, value in cfg.to_dict().items() if saved_train.get(key) != value])
+
+
+def _resume_point(run_dir: Path, sae_cfg: SAEConfig, cfg: TrainConfig) -> tuple[int, SAEConfig]:
+    """The checkpointed step and SAE config, after checking the run being continued is this one."""
+    meta = read_checkpoint_meta(run_dir / CHECKPOINT_FILE)
+    saved_sae = json.loads(meta["sae_cfg"])
+    differs = settings_differ(saved_sae, json.loads(meta["train_cfg"]), sae_cfg, cfg)
+    if differs:
+        raise ValueError(f"cannot resume {run_dir}: settings differ from the checkpoint in {differs}")
+    return int(meta["step"]), SAEConfig.from_dict(saved_sae)
+
+
+def _claim_run_dir(run_dir: Path, force: bool) -> None:
+    """Apply the never-overwrite rule: a folder holding a run is only cleared with ``force``."""
     outputs = [run_dir / name for name in RUN_OUTPUTS]
     if any(path.exists() for path in outputs):
         if not force:
@@ -200,4 +208,3 @@ def _prepare_run_dir(run_dir: Path, sae_cfg: SAEConfig, cfg: TrainConfig, resume
         for path in outputs:
             path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return TrainState()
