@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import time
+from importlib.metadata import version
 from typing import Callable, Iterator
 
 import numpy as np
@@ -183,6 +184,13 @@ def report(name: str, version: str, batches: TrainBatches, scores: dict[str, flo
         **extra,
     }
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def score_and_report(name: str, package: str, reconstruct: Reconstruct, args: argparse.Namespace,
+                     batches: TrainBatches, notes: str) -> None:
+    """Score a peer on the held-out rows and print its result line (the end of every peer worker)."""
+    scores = metrics(reconstruct, load_eval(args.eval), args.width, args.batch_size)
+    report(name, version(package), batches, scores, notes)
 
 
 def run_loop(step: Callable[[int, Tensor], None], batches: TrainBatches) -> None:

@@ -8,8 +8,6 @@ inference threshold starts at step 1000, so neither is active in a short benchma
 """
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import common
 from dictionary_learning.trainers.top_k import TopKTrainer
 
@@ -29,10 +27,9 @@ def main() -> None:
         code = ae.encode(x)  # the training-time TopK path (the threshold is not yet set)
         return ae.decode(code), code
 
-    scores = common.metrics(reconstruct, common.load_eval(args.eval), args.width, args.batch_size)
     notes = ("grad-norm clip 1.0 (forced); AuxK (alpha 1/32) inactive: needs 10M tokens dead; "
              "b_enc; geometric-median b_dec at step 0")
-    common.report("dictlearn", version("dictionary-learning"), batches, scores, notes)
+    common.score_and_report("dictlearn", "dictionary-learning", reconstruct, args, batches, notes)
 
 
 if __name__ == "__main__":

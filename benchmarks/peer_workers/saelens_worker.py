@@ -10,8 +10,6 @@ pre-activations by the decoder row norms instead), decoder rows initialised to n
 from __future__ import annotations
 
 import os
-from importlib.metadata import version
-
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import common  # noqa: E402
@@ -43,10 +41,9 @@ def main() -> None:
         code = sae.encode(x)
         return sae.decode(code), code
 
-    scores = common.metrics(reconstruct, common.load_eval(args.eval), args.width, args.batch_size)
     notes = ("grad-norm clip 1.0 (forced); AuxK (coef 1) inactive: needs 1000 dead steps; "
              "no decoder renorm (TopK on pre-acts x decoder norms); W_dec init norm 0.1; zero b_dec; b_enc")
-    common.report("saelens", version("sae-lens"), batches, scores, notes)
+    common.score_and_report("saelens", "sae-lens", reconstruct, args, batches, notes)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ AuxK is off by default (``auxk_alpha=0``), as here.
 """
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import torch
 
 import common
@@ -60,10 +58,9 @@ def main() -> None:
         acts, indices, _ = sae.encode(x)
         return sae.decode(acts, indices), (acts, indices)
 
-    scores = common.metrics(reconstruct, common.load_eval(args.eval), args.width, args.batch_size)
     notes = ("loss = batch FVU; Trainer's lr warm-up/decay left out; default optimizer is signum, Adam chosen; "
              "AuxK off (its default); mean-init b_dec; b_enc")
-    common.report("sparsify", version("eai-sparsify"), batches, scores, notes)
+    common.score_and_report("sparsify", "eai-sparsify", reconstruct, args, batches, notes)
 
 
 if __name__ == "__main__":
