@@ -31,8 +31,12 @@ def _group(rows: list[dict], key) -> dict:
 
 
 def _series_label(row: dict) -> str:
-    """The line a run belongs to: its architecture, and for Switch its expert count."""
-    return f"switch N={row['n_experts']}" if row["arch"] == "switch" else row["arch"]
+    """The line a run belongs to: its architecture, for Switch its expert count (and ``lr(M/N)``
+    when its learning rate follows the expert width), and its seed when not 0."""
+    label = f"switch N={row['n_experts']}" if row["arch"] == "switch" else row["arch"]
+    if row["arch"] == "switch" and row.get("lr_width") == "expert":
+        label += " lr(M/N)"
+    return label + (f" seed {row['seed']}" if row.get("seed") else "")
 
 
 def _sparsity_label(row: dict) -> str:

@@ -17,6 +17,9 @@ Format (paths relative to the working directory)::
     n_experts = [1, 2, 4, 8]
     k = [16, 32, 64, 128]
 
+A grid may also set ``[train]`` fields (e.g. ``lr_width = ["total", "expert"]``, ``seed = [0, 1]``),
+crossed like the rest; they override ``[train]`` for its runs and appear in the run names.
+
 A grid gives either ``width`` (every SAE has M latents: fixed width) or ``expert_width``
 (``M = N · M0``: FLOP-matched). Keys that do not apply to an architecture (``n_experts`` and
 ``aux_coeff`` outside Switch, ``k`` outside the TopK family, ``l1_coeff`` outside the L1 family)
@@ -34,16 +37,16 @@ import itertools
 import json
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from switchsae.analysis.runs import run_summary, write_results
+from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
 from switchsae.config import ARCHS, L1_FAMILY, TOPK_FAMILY, SAEConfig, TrainConfig
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
 from switchsae.toml_lines import key_line
-from switchsae.train import settings_differ
+from switchsae.train import TRAIN_CFG_FILE, settings_differ
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +58,8 @@ ROOT_KEYS = {"acts": "str", "out": "str", "loss_recovered": "bool", "eval_tokens
 # SAEConfig fields a grid may set (the rest come from the activations), plus the grid's own keys.
 GRID_FIELDS = {f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "hook_name",
                                                                               "model_name")}
-GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS}
+TRAIN_FIELDS = {f.name: f.type for f in fields(TrainConfig)}
+GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS, **TRAIN_FIELDS}
 # The architectures a key means something for; keys not listed apply to all.
 APPLIES = {"n_experts": ("switch",), "aux_coeff": ("switch",), "k": TOPK_FAMILY, "l1_coeff": L1_FAMILY,
            "jump_threshold": ("jumprelu",), "jump_bandwidth": ("jumprelu",)}
@@ -74,11 +78,13 @@ class SweepConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a sweep: its setting, its canonical name and its SAE settings (without ``d_model``)."""
+    """One run of a sweep: its setting, its canonical name, its SAE settings (without ``d_model``)
+    and its training settings."""
 
     setting: str
     name: str
     params: dict[str, Any]
+    train: TrainConfig
 
     def sae_config(self, d_model: int, model_name: str = "", hook_name: str = "") -> SAEConfig:
         return SAEConfig(d_model=d_model, model_name=model_name, hook_name=hook_name, **self.params)
@@ -94,7 +100,6 @@ class Sweep:
     path: Path
     acts: Path
     out: Path
-    train: TrainConfig
     runs: tuple[RunSpec, ...]
     loss_recovered: bool = False
     eval_tokens: int = 32_768
@@ -136,8 +141,9 @@ class _Locator:
                 raise self.error(f"{key} in {where} must be of type {known[key]}, got {bad[0]!r}.", table, index, key)
 
 
-def run_name(params: dict[str, Any]) -> str:
-    """Canonical folder name, e.g. ``switch-M16384-N16-k32``: equal names mean equal settings."""
+def run_name(params: dict[str, Any], train_overrides: dict[str, Any] | None = None) -> str:
+    """Canonical folder name, e.g. ``switch-M16384-N16-k32`` or, with training settings a grid
+    varies, ``switch-M16384-N16-k32-lr_width_expert-seed_1``: equal names mean equal settings."""
     arch, parts = params["arch"], [params["arch"], f"M{params['width']}"]
     for key, label in NAME_LABELS.items():
         if arch not in APPLIES[key]:
@@ -146,13 +152,16 @@ def run_name(params: dict[str, Any]) -> str:
         value = params.get(key, default)
         if key in ALWAYS_NAMED or value != default:
             parts.append(f"{label}{value:g}")
+    parts += [f"{key}_{value}" for key, value in (train_overrides or {}).items()]
     return "-".join(parts)
 
 
 def effective_params(combo: dict[str, Any]) -> dict[str, Any]:
-    """Drop keys that do not apply to the combination's architecture; resolve ``expert_width``."""
+    """The SAE settings of a combination: drop training keys and keys that do not apply to its
+    architecture; resolve ``expert_width``."""
     arch = combo["arch"]
-    params = {key: value for key, value in combo.items() if key != "name" and arch in APPLIES.get(key, ARCHS)}
+    params = {key: value for key, value in combo.items()
+              if key != "name" and key not in TRAIN_FIELDS and arch in APPLIES.get(key, ARCHS)}
     if "expert_width" in params:
         params["width"] = params.pop("expert_width") * params.get("n_experts", 1)
     return params
@@ -180,22 +189,25 @@ def _check_grid(grid: dict, where: str, index: int, loc: _Locator) -> None:
                             f"it only means something for {', '.join(APPLIES[key])}.", "grid", index, key)
 
 
-def _expand_grid(grid: dict, index: int, loc: _Locator) -> list[RunSpec]:
-    """The grid's cartesian product, each combination checked by building its SAEConfig."""
+def _expand_grid(grid: dict, index: int, loc: _Locator, train: TrainConfig) -> list[RunSpec]:
+    """The grid's cartesian product, each combination checked by building its configs."""
     where = f"[[grid]] #{index + 1}" + (f" ({grid['name']!r})" if isinstance(grid.get("name"), str) else "")
     loc.check_keys(grid, GRID_KEYS, where, "grid", index, lists=True)
     _check_grid(grid, where, index, loc)
     axes = {key: value if isinstance(value, list) else [value] for key, value in grid.items()}
     runs = []
     for values in itertools.product(*axes.values()):
-        params = effective_params(dict(zip(axes, values)))
+        combo = dict(zip(axes, values))
+        params = effective_params(combo)
+        overrides = {key: value for key, value in combo.items() if key in TRAIN_FIELDS}
         try:
             SAEConfig(d_model=ANY_D_MODEL, **params)
+            run_train = replace(train, **overrides)
         except ValueError as err:
-            combination = ", ".join(f"{key}={value}" for key, value in params.items())
+            combination = ", ".join(f"{key}={value}" for key, value in {**params, **overrides}.items())
             raise loc.error(f"{where} contains an impossible combination ({combination}): {err}",
                             "grid", index) from None
-        runs.append(RunSpec(grid["name"], run_name(params), params))
+        runs.append(RunSpec(grid["name"], run_name(params, overrides), params, run_train))
     return runs
 
 
@@ -212,7 +224,7 @@ def load_sweep(config_path: str | Path) -> Sweep:
     for key in ("acts", "out"):
         if key not in data:
             raise loc.error(f"the top level needs {key!r} (a path).")
-    loc.check_keys(data.get("train", {}), {f.name: f.type for f in fields(TrainConfig)}, "[train]", "train")
+    loc.check_keys(data.get("train", {}), TRAIN_FIELDS, "[train]", "train")
     try:
         train_cfg = TrainConfig(**data.get("train", {}))
     except ValueError as err:
@@ -221,12 +233,12 @@ def load_sweep(config_path: str | Path) -> Sweep:
         raise loc.error("the sweep has no [[grid]] table, so nothing to run.")
     runs = {}
     for index, grid in enumerate(data["grid"]):
-        for spec in _expand_grid(grid, index, loc):
+        for spec in _expand_grid(grid, index, loc, train_cfg):
             runs.setdefault((spec.setting, spec.name), spec)
     eval_tokens = data.get("eval_tokens", Sweep.eval_tokens)
     if eval_tokens < 1:
         raise loc.error(f"eval_tokens must be a positive integer, got {eval_tokens}.", key="eval_tokens")
-    return Sweep(path, Path(data["acts"]), Path(data["out"]), train_cfg, tuple(runs.values()),
+    return Sweep(path, Path(data["acts"]), Path(data["out"]), tuple(runs.values()),
                  data.get("loss_recovered", Sweep.loss_recovered), eval_tokens)
 
 
@@ -234,7 +246,7 @@ def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig
     """``"new"``, ``"resume"`` or ``"done"``; a run folder trained with other settings is an error."""
     if (run_dir / WEIGHTS_FILE).exists():
         saved_sae = json.loads((run_dir / CFG_FILE).read_text())
-        saved_train = json.loads((run_dir / "train_config.json").read_text())
+        saved_train = json.loads((run_dir / TRAIN_CFG_FILE).read_text())
         state = "done"
     elif (run_dir / CHECKPOINT_FILE).exists():
         meta = read_checkpoint_meta(run_dir / CHECKPOINT_FILE)
@@ -252,7 +264,8 @@ def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig
 def run_sweep(config_path: str | Path, progress: bool = True) -> list[dict]:
     """Train and evaluate every run of the sweep (resuming), then write ``results.csv`` and ``results.md``.
 
-    Returns one summary row per run (see :func:`switchsae.analysis.runs.run_summary`).
+    Returns one summary row per evaluated run under ``out`` (see
+    :func:`switchsae.analysis.runs.run_summary`), so sweeps sharing ``out`` land in one table.
     """
     from switchsae.pipeline import evaluate_run
     from switchsae.sources.activations import open_activations
@@ -265,15 +278,14 @@ def run_sweep(config_path: str | Path, progress: bool = True) -> list[dict]:
                          f"(naming the model, hook and corpus), but acts is the file {sweep.acts}.")
     origin = getattr(source, "manifest", {})
     configs = [spec.sae_config(source.d_model, origin.get("model", ""), origin.get("hook", "")) for spec in sweep.runs]
-    states = [check_existing_run(spec.run_dir(sweep.out), cfg, sweep.train) for spec, cfg in zip(sweep.runs, configs)]
-    rows = []
+    states = [check_existing_run(spec.run_dir(sweep.out), cfg, spec.train) for spec, cfg in zip(sweep.runs, configs)]
     for spec, sae_cfg, state in zip(sweep.runs, configs, states):
         run_dir = spec.run_dir(sweep.out)
         if state != "done":
-            train(sae_cfg, source, sweep.train, run_dir=run_dir, resume=state == "resume", progress=progress)
+            train(sae_cfg, source, spec.train, run_dir=run_dir, resume=state == "resume", progress=progress)
         if not (run_dir / "metrics.json").exists():
             evaluate_run(run_dir, source, loss_recovered=sweep.loss_recovered, eval_tokens=sweep.eval_tokens,
                          progress=progress)
-        rows.append(run_summary(run_dir, spec.setting))
+    rows = find_runs(sweep.out)
     write_results(rows, sweep.out)
     return rows

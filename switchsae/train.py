@@ -28,7 +28,8 @@ from switchsae.sources.activations import ActivationSource, TensorSource
 Batches = ActivationSource | Tensor | Iterable[Tensor]
 
 
-RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, "train_config.json", "log.jsonl", "metrics.json")
+TRAIN_CFG_FILE = "train_config.json"
+RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, TRAIN_CFG_FILE, "log.jsonl", "metrics.json")
 
 
 class TrainingDiverged(RuntimeError):
@@ -164,7 +165,7 @@ def train(
     state = train_loop(sae, batch_stream(source, cfg, start), cfg, TrainState(start), run_dir, progress)
     if run_dir is not None:
         save_sae(sae, run_dir)
-        write_json_atomic(run_dir / "train_config.json", cfg.to_dict())
+        write_json_atomic(run_dir / TRAIN_CFG_FILE, cfg.to_dict())
         (run_dir / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history or []))
     return sae
 

@@ -103,7 +103,7 @@ def tiny_sweep(tmp_path) -> Path:
 def test_sweep_trains_evaluates_gathers_and_resumes(tiny_sweep, tmp_path):
     rows = run_sweep(tiny_sweep, progress=False)
     out = tmp_path / "out"
-    assert [r["name"] for r in rows] == ["topk-M32-k4", "switch-M64-N2-k4", "relu-M32-lam1"]
+    assert [r["name"] for r in rows] == ["relu-M32-lam1", "switch-M64-N2-k4", "topk-M32-k4"]
     with (out / "results.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert [row["name"] for row in table] == [r["name"] for r in rows]
@@ -120,6 +120,31 @@ def test_sweep_trains_evaluates_gathers_and_resumes(tiny_sweep, tmp_path):
     assert weights.stat().st_mtime_ns == stamp
     assert (killed / "metrics.json").exists()
     assert [r["fvu"] for r in again] == pytest.approx([r["fvu"] for r in rows])
+
+
+def test_grids_may_cross_training_settings_which_name_their_runs(tmp_path):
+    body = (TINY_TRAIN + '[[grid]]\nname = "lr"\narch = "switch"\nexpert_width = 32\nn_experts = 2\nk = 4\n'
+            'lr_width = ["total", "expert"]\nseed = [0, 1]\n')
+    runs = load_sweep(write_sweep(tmp_path, body, tmp_path / "acts.safetensors")).runs
+    assert [r.name for r in runs] == [f"switch-M64-N2-k4-lr_width_{w}-seed_{s}" for w in ("total", "expert") for s in (0, 1)]
+    assert [(r.train.lr_width, r.train.seed, r.train.steps) for r in runs] == [
+        ("total", 0, 5), ("total", 1, 5), ("expert", 0, 5), ("expert", 1, 5)]
+    bad = write_sweep(tmp_path, body.replace('"expert"]', '"both"]'), tmp_path / "acts.safetensors")
+    with pytest.raises(SweepConfigError, match="line 8: .*impossible combination.*lr_width must be total or expert"):
+        load_sweep(bad)
+
+
+def test_sweeps_sharing_an_out_folder_gather_into_one_table(tiny_sweep, tmp_path):
+    run_sweep(tiny_sweep, progress=False)
+    other = tmp_path / "other.toml"
+    other.write_text(tiny_sweep.read_text().split("[[grid]]")[0] + '[[grid]]\nname = "lr"\narch = "switch"\n'
+                     'expert_width = 32\nn_experts = 2\nk = 4\nlr_width = "expert"\n')
+    rows = run_sweep(other, progress=False)
+    assert [(r["setting"], r["name"], r["lr_width"]) for r in rows] == [
+        ("lr", "switch-M64-N2-k4-lr_width_expert", "expert"), ("matched", "relu-M32-lam1", "total"),
+        ("matched", "switch-M64-N2-k4", "total"), ("matched", "topk-M32-k4", "total")]
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert sum(line.startswith(("| lr |", "| matched |")) for line in table) == 4
 
 
 def test_sweep_refuses_a_run_folder_trained_with_other_settings(tiny_sweep, tmp_path):

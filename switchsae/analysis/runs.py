@@ -8,8 +8,9 @@ from pathlib import Path
 from switchsae.analysis.tables import markdown_table
 from switchsae.config import L1_FAMILY, TOPK_FAMILY
 from switchsae.saes.io import CFG_FILE
+from switchsae.train import TRAIN_CFG_FILE
 
-RESULT_COLUMNS = ["setting", "name", "arch", "width", "n_experts", "k", "l1_coeff", "mse", "fvu", "l0", "dead_frac",
+RESULT_COLUMNS = ["setting", "name", "arch", "width", "n_experts", "k", "l1_coeff", "lr_width", "seed", "mse", "fvu", "l0", "dead_frac",
                   "loss_recovered", "flops_per_token", "train_flops_per_token", "train_s", "tokens_per_s"]
 
 
@@ -23,12 +24,17 @@ def run_summary(run_dir: str | Path, setting: str) -> dict:
     """One row per run: its settings, every metric in metrics.json, and training seconds and tokens/s.
 
     ``k`` appears only for the TopK family and ``l1_coeff`` only for the L1 family, where they
-    set the sparsity; ``train_s`` is the wall-clock time of the last log step.
+    set the sparsity; ``lr_width`` and ``seed`` come from the run's training config where the run has
+    one; ``train_s`` is the wall-clock time of the last log step.
     """
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / CFG_FILE).read_text())
     row = {"setting": setting, "name": run_dir.name, "run_dir": run_dir,
            "arch": cfg["arch"], "width": cfg["width"], "n_experts": cfg["n_experts"]}
+    train_cfg_path = run_dir / TRAIN_CFG_FILE
+    if train_cfg_path.exists():
+        train_cfg = json.loads(train_cfg_path.read_text())
+        row.update(lr_width=train_cfg["lr_width"], seed=train_cfg["seed"])
     if cfg["arch"] in TOPK_FAMILY:
         row["k"] = cfg["k"]
     if cfg["arch"] in L1_FAMILY:
