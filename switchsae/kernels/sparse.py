@@ -22,6 +22,8 @@ batch used, so no ``[M, d]`` gradient is ever allocated and a row-sparse optimiz
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,9 +34,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, sparse_grad: b
     With ``sparse_grad`` the gradient of ``W_dec`` is a coalesced row-sparse tensor over the
     latents used in the batch instead of a dense ``[M, d]`` one.
     """
-    if sparse_grad:
-        return SparseDecode.apply(values, indices, W_dec)
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    return SparseDecode.apply(values, indices, W_dec, sparse_grad)
 
 
 def active_rows(indices: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
@@ -51,7 +51,10 @@ def bag_and_grads(
     indices: Tensor, W: Tensor, weights: Tensor, grad_out: Tensor, need_weights: bool, need_W: bool, sparse: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``out_t = Σ_j weights_tj W[indices_tj]`` and, for upstream gradient ``grad_out``, the
-    gradients of ``weights`` and of ``W`` (dense, or row-sparse over the touched rows only)."""
+    gradients ``∂L/∂weights_tj = W[indices_tj] · grad_out_t`` (:func:`gather_dot`) and
+    ``∂L/∂W[i] = Σ_{tj: indices_tj = i} weights_tj grad_out_t`` (dense, or row-sparse over the
+    touched rows only)."""
+    grad_weights = gather_dot(grad_out, W, indices) if need_weights else None
     if sparse:
         rows, local = active_rows(indices, W.shape[0])
         W_leaf = W.detach().index_select(0, rows)
@@ -59,42 +62,45 @@ def bag_and_grads(
         local, W_leaf = indices, W.detach()
     with torch.enable_grad():
         W_leaf.requires_grad_(need_W)
-        weights_leaf = weights.detach().requires_grad_(need_weights)
-        out = F.embedding_bag(local, W_leaf, per_sample_weights=weights_leaf, mode="sum")
-        wanted = [t for t, need in ((weights_leaf, need_weights), (W_leaf, need_W)) if need]
-        grads = list(torch.autograd.grad(out, wanted, grad_outputs=grad_out)) if wanted else []
-    grad_weights = grads.pop(0) if need_weights else None
-    grad_W = grads.pop(0) if need_W else None
+        out = F.embedding_bag(local, W_leaf, per_sample_weights=weights.detach(), mode="sum")
+        grad_W = torch.autograd.grad(out, W_leaf, grad_outputs=grad_out)[0] if need_W else None
     if sparse and grad_W is not None:
         grad_W = torch.sparse_coo_tensor(rows[None], grad_W, W.shape, is_coalesced=True, check_invariants=False)
     return out.detach(), grad_weights, grad_W
 
 
 class SparseDecode(torch.autograd.Function):
-    """:func:`sparse_decode` whose weight gradient is row-sparse."""
+    """:func:`sparse_decode`: an embedding bag forward; backward by :func:`bag_and_grads`."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor, sparse_grad: bool = False) -> Tensor:
         ctx.save_for_backward(values, indices, W)
+        ctx.sparse_grad = sparse_grad
         return F.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         values, indices, W = ctx.saved_tensors
         _, grad_values, grad_W = bag_and_grads(
-            indices, W, values, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[2], sparse=True
+            indices, W, values, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.sparse_grad
         )
-        return grad_values, None, grad_W
+        return grad_values, None, grad_W, None
 
 
 def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
-    """``out_tj = W[indices_tj] · x_t`` (no autograd), as the per-sample-weight gradient of an
-    embedding bag: no ``[T, k, d]`` gather is materialised."""
-    with torch.enable_grad():
-        weights = torch.ones(indices.shape, dtype=W.dtype, device=W.device, requires_grad=True)
-        bag = F.embedding_bag(indices, W.detach(), per_sample_weights=weights, mode="sum")
-        (dots,) = torch.autograd.grad(bag, weights, grad_outputs=x.to(W.dtype))
-    return dots
+    """``out_tj = W[indices_tj] · x_t`` (no autograd): the sampled product ``(x Wᵀ)`` at the code's
+    pattern (SDDMM on a CSR pattern with ``k`` entries per row), ``O(T·k·d)`` with no ``[T, k, d]``
+    gather; about twice as fast on CPU as the embedding bag's per-sample-weight gradient."""
+    n_tokens, k = indices.shape
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            torch.arange(0, n_tokens * k + 1, k, device=indices.device), indices.flatten(),
+            # zeros, not empty: beta = 0 still multiplies the pattern values, and 0 · NaN = NaN
+            torch.zeros(n_tokens * k, dtype=W.dtype, device=W.device), (n_tokens, W.shape[0]), check_invariants=False,
+        )
+        dots = torch.sparse.sampled_addmm(pattern, x.to(W.dtype), W.detach().t(), beta=0.0)
+    return dots.values().view(n_tokens, k)
 
 
 class GatheredLinear(torch.autograd.Function):
