@@ -6,7 +6,10 @@ machine's measured dense matmul peak (the roofline), and pre-activation memory p
 
     python benchmarks/train_speed.py                    # the issue-4 table (d=576, k=32, T=4096)
     python benchmarks/train_speed.py --quick            # smaller, for a smoke run
-    python benchmarks/train_speed.py --configs switch:524288:64 --dtype bfloat16
+    python benchmarks/train_speed.py --configs switch:524288:64:bf16+sparse
+
+A configuration is ``arch:width:experts[:options]``, options joined by ``+``: ``bf16`` (bfloat16
+selection matmul) and ``sparse`` (row-sparse gradients and lazy Adam, ``--sparse-updates``).
 """
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from switchsae.config import SAEConfig, TrainConfig
 from switchsae.saes import build_sae
 from switchsae.train import optimizer_for
 
-DEFAULT_CONFIGS = ["topk:16384:1", "switch:16384:16", "switch:131072:64", "switch:524288:64"]
+DEFAULT_CONFIGS = ["topk:16384:1", "topk:16384:1:bf16", "switch:16384:16", "switch:16384:16:sparse",
+                   "switch:16384:16:bf16+sparse", "switch:524288:64", "switch:524288:64:bf16+sparse"]
+OPTIONS = ("bf16", "sparse")
 
 
 def matmul_peak(d: int, m: int, t: int, dtype: torch.dtype) -> float:
@@ -34,12 +39,22 @@ def matmul_peak(d: int, m: int, t: int, dtype: torch.dtype) -> float:
     return 2 * t * d * m / best / 1e9
 
 
-def time_steps(arch: str, width: int, experts: int, args) -> dict:
+def parse_config(spec: str) -> tuple[str, int, int, set[str]]:
+    """``arch:width:experts[:opt+opt]`` → its parts; unknown options are an error."""
+    arch, width, experts, *rest = spec.split(":")
+    options = set(rest[0].split("+")) if rest else set()
+    if options - set(OPTIONS):
+        raise SystemExit(f"unknown option(s) {', '.join(sorted(options - set(OPTIONS)))} in {spec}; choose from {OPTIONS}")
+    return arch, int(width), int(experts), options
+
+
+def time_steps(spec: str, args) -> dict:
+    arch, width, experts, options = parse_config(spec)
     cfg = SAEConfig(arch=arch, d_model=args.d_model, width=width, k=args.k, n_experts=experts)
     sae = build_sae(cfg)
-    sae.matmul_dtype = getattr(torch, args.dtype)
-    sae.sparse_grads = args.sparse_updates
-    opt = optimizer_for(sae, TrainConfig(sparse_updates=args.sparse_updates))
+    sae.matmul_dtype = torch.bfloat16 if "bf16" in options else torch.float32
+    sae.sparse_grads = "sparse" in options
+    opt = optimizer_for(sae, TrainConfig(sparse_updates=sae.sparse_grads))
     x = torch.randn(args.batch, args.d_model) * 4
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     for step in range(args.warmup + args.steps):
@@ -60,7 +75,7 @@ def time_steps(arch: str, width: int, experts: int, args) -> dict:
     total = sum(phases.values())
     encoder_flops = 2 * args.batch * args.d_model * width // experts
     return {
-        "config": f"{arch} M={width} N={experts}",
+        "config": f"{arch} M={width} N={experts}" + "".join(f" {o}" for o in sorted(options)),
         "tok/s": args.batch / total,
         **{f"{k} ms": v * 1e3 for k, v in phases.items()},
         "enc GFLOP/s": encoder_flops / phases["forward"] / 1e9,
@@ -71,25 +86,22 @@ def time_steps(arch: str, width: int, experts: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="arch:width:experts")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="arch:width:experts[:bf16+sparse]")
     parser.add_argument("--d-model", type=int, default=576)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--sparse-updates", action="store_true", help="row-sparse gradients + lazy Adam")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.configs, args.batch, args.steps, args.warmup = ["topk:4096:1", "switch:4096:16"], 1024, 2, 1
-    peak = matmul_peak(args.d_model, 16384, args.batch, getattr(torch, args.dtype))
-    print(f"threads={torch.get_num_threads()}  dense {args.dtype} matmul peak: {peak:.0f} GFLOP/s "
-          f"(d={args.d_model}, M=16384, T={args.batch})")
+        args.configs, args.batch, args.steps, args.warmup = ["topk:4096:1", "switch:4096:16:bf16+sparse"], 1024, 2, 1
+    peaks = {dtype: matmul_peak(args.d_model, 16384, args.batch, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    print(f"threads={torch.get_num_threads()}  dense matmul peak (d={args.d_model}, M=16384, T={args.batch}): "
+          + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.0f} GFLOP/s" for dtype, peak in peaks.items()))
     rows = []
     for spec in args.configs:
-        arch, width, experts = spec.split(":")
-        rows.append(time_steps(arch, int(width), int(experts), args))
+        rows.append(time_steps(spec, args))
         print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else str(v) for k, v in rows[-1].items()), flush=True)
     header = list(rows[0])
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
