@@ -1,6 +1,7 @@
 """The sweep report: ``report.md`` with tables and PNG figures, one section per setting.
 
-Per setting (SPEC §4): MSE and ``1 − loss recovered`` against L0 with the Pareto front;
+First the results table and the paper's claims checked against them
+(:mod:`switchsae.analysis.claims`); then, per setting (SPEC §4): MSE and ``1 − loss recovered`` against L0 with the Pareto front;
 training FVU against step and against wall-clock seconds; for each Switch run the first log
 step at which its training FVU reaches the final training FVU of the TopK run with the same
 ``k`` (sample efficiency); expert load; duplication across experts
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from switchsae.analysis.claims import claims_section, duplication_lines
 from switchsae.analysis.geometry import expert_duplication, router_alignment
 from switchsae.analysis.plots import bar_panels, line_panels
 from switchsae.analysis.runs import find_runs, read_log, result_columns
@@ -121,36 +123,42 @@ def switch_geometry(row: dict) -> dict:
     n_experts = sae.cfg.n_experts
     dup = expert_duplication(sae.W_dec, n_experts, DUPLICATION_THRESHOLD)
     align = router_alignment(sae.W_router, sae.W_dec, n_experts)
-    return {"name": row["name"], "n_experts": n_experts, "k": sae.cfg.k, "l0": row["l0"],
+    return {"setting": row["setting"], "name": row["name"], "n_experts": n_experts, "k": sae.cfg.k,
+            "lr_width": row.get("lr_width", "total"), "l0": row["l0"],
             "dup_frac_above": dup["frac_above"], "dup_mean_max_cos": dup["mean_max_cos"],
             "router_cos_mean": align.mean().item(), "router_cos_min": align.min().item(),
             "router_cos_max": align.max().item()}
 
 
-def _geometry(setting: str, switch_rows: list[dict], fig_dir: Path) -> list[str]:
+def _geometry(setting: str, table: list[dict], fig_dir: Path) -> list[str]:
     """Duplication against the number of experts (one line per k) and the router-alignment table."""
-    table = [switch_geometry(row) for row in switch_rows]
-    by_k = _group(table, lambda g: f"k={g['k']}")
+    lines = {label: group for (_, label), group in duplication_lines(table).items()}
     metrics = {f"fraction with max cos > {DUPLICATION_THRESHOLD}": "dup_frac_above",
                "mean max cos to other experts": "dup_mean_max_cos"}
     panels = {title: {label: ([g["n_experts"] for g in group], [g[key] for g in group])
-                      for label, group in by_k.items()}
+                      for label, group in lines.items()}
               for title, key in metrics.items()}
     path = line_panels(panels, fig_dir / f"{setting}_duplication.png", xlabel="experts N", logx=True)
     caption = ("Duplication (max cosine of each decoder row to another expert's rows) and router alignment "
                "(cosine of each router row with its expert's mean decoder direction):")
-    return [_figure_link(path, "duplication vs experts"), caption, markdown_table(table, list(table[0]))]
+    columns = [c for c in table[0] if c != "setting"]
+    return [_figure_link(path, "duplication vs experts"), caption, markdown_table(table, columns)]
 
 
-def _setting_section(setting: str, rows: list[dict], fig_dir: Path) -> list[str]:
-    switch_rows = [row for row in rows if row["arch"] == "switch" and row["n_experts"] > 1]
+def _setting_section(setting: str, rows: list[dict], geometry: list[dict], fig_dir: Path) -> list[str]:
+    switch_rows = [row for row in rows if is_routed(row)]
     parts = [f"## Setting `{setting}`", *_against_l0(setting, rows, fig_dir), *_training_curves(setting, rows, fig_dir),
              *_sample_efficiency(rows)]
     if switch_rows:
-        parts += [*_expert_load(setting, switch_rows, fig_dir), *_geometry(setting, switch_rows, fig_dir)]
+        parts += [*_expert_load(setting, switch_rows, fig_dir), *_geometry(setting, geometry, fig_dir)]
     else:
         parts.append("_No Switch runs: no expert load or geometry._")
     return parts
+
+
+def is_routed(row: dict) -> bool:
+    """A Switch run with more than one expert (the ones with routing and duplication to report)."""
+    return row["arch"] == "switch" and row["n_experts"] > 1
 
 
 def write_report(out_dir: str | Path) -> Path:
@@ -162,10 +170,12 @@ def write_report(out_dir: str | Path) -> Path:
                                 "run `switchsae sweep` first.")
     for row in rows:
         row["log"] = read_log(row["run_dir"])
+    geometry = [switch_geometry(row) for row in rows if is_routed(row)]
     parts = ["# Sweep report", f"{len(rows)} runs in `{out_dir}`.", "## Results",
-             markdown_table(rows, result_columns(rows))]
+             markdown_table(rows, result_columns(rows)), *claims_section(rows, steps_to_match(rows), geometry)]
     for setting, group in _group(rows, lambda r: r["setting"]).items():
-        parts += _setting_section(setting, group, out_dir / FIGURES)
+        in_setting = [entry for entry in geometry if entry["setting"] == setting]
+        parts += _setting_section(setting, group, in_setting, out_dir / FIGURES)
     path = out_dir / "report.md"
     path.write_text("\n\n".join(parts) + "\n")
     return path

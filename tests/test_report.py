@@ -56,6 +56,8 @@ def test_report_writes_every_figure_and_links_it(sweep_out):
     assert "1 - loss recovered vs L0: not measured" in report
     assert "_No Switch runs: no expert load or geometry._" in report
     assert "switch-M64-N4-k4" in report and "router_cos_mean" in report
+    assert "### Claim 1 (FLOP-matched" in report and "setting `matched`" in report
+    assert "Claim 2" not in report  # the fixed-width setting has no Switch run
 
 
 def test_steps_to_match_pairs_each_switch_run_with_the_topk_of_its_k():
