@@ -95,7 +95,7 @@ def steps_to_match(rows: list[dict]) -> list[dict]:
             continue
         target, ref_steps = ref["log"][-1]["fvu"], ref["log"][-1]["step"]
         step = next((e["step"] for e in row["log"] if e["fvu"] <= target), None)
-        table.append({"run": row["name"], "k": row["k"], "topk_run": ref["name"], "topk_steps": ref_steps,
+        table.append({"setting": row["setting"], "run": row["name"], "k": row["k"], "topk_run": ref["name"], "topk_steps": ref_steps,
                       "topk_final_fvu": target, "step_reached": step if step else "not reached",
                       "speedup": ref_steps / step if step else ""})
     return table

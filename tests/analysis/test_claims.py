@@ -48,10 +48,12 @@ def test_switch_runs_are_paired_with_topk_of_the_same_k_and_seed_and_with_l1_at_
 def test_claims_section_states_a_verdict_per_series_and_setting():
     rows = [run("topk", 2048, 100.0, k, k=k) for k in (16, 32)]
     rows += [run("switch", 4096, mse, k, n_experts=2, k=k) for k, mse in ((16, 90.0), (32, 110.0))]
-    efficiency = [{"run": "a", "speedup": 2.0}, {"run": "b", "speedup": ""}]
+    efficiency = [{"setting": "s", "run": "a", "speedup": 2.0}, {"setting": "s", "run": "b", "speedup": ""},
+                  {"setting": "other", "run": "c", "speedup": 9.0}]
     duplication = [{"setting": "s", "k": 16, "n_experts": 2, "dup_mean_max_cos": 0.25, "dup_frac_above": 0.0}]
     text = "\n\n".join(claims_section(rows, efficiency, duplication))
     assert "### Claim 1 (FLOP-matched" in text and "setting `s`" in text
     assert "| switch N=2 | 1/2 |" in text  # MSE below TopK at one of the two k
-    assert "1/2 Switch runs reach their TopK's final training FVU" in text and "2.00x" in text
+    assert "1/2 FLOP-matched Switch runs reach their TopK's final training FVU" in text and "a 2.00x" in text
+    assert "9.00x" not in text  # only FLOP-matched settings count for claim 3
     assert "`s` k=16: N=2: 0.250 (0.000)" in text
