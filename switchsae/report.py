@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from switchsae.analysis.claims import claims_section, duplication_lines
+from switchsae.analysis.claims import claims_section, duplication_lines, switch_label
 from switchsae.analysis.geometry import expert_duplication, router_alignment
 from switchsae.analysis.plots import bar_panels, line_panels
 from switchsae.analysis.runs import find_runs, read_log, result_columns
@@ -33,11 +33,9 @@ def _group(rows: list[dict], key) -> dict:
 
 
 def _series_label(row: dict) -> str:
-    """The line a run belongs to: its architecture, for Switch its expert count (and ``lr(M/N)``
-    when its learning rate follows the expert width), and its seed when not 0."""
-    label = f"switch N={row['n_experts']}" if row["arch"] == "switch" else row["arch"]
-    if row["arch"] == "switch" and row.get("lr_width") == "expert":
-        label += " lr(M/N)"
+    """The line a run belongs to: its architecture (for Switch its expert count and lr law,
+    :func:`~switchsae.analysis.claims.switch_label`), and its seed when not 0."""
+    label = switch_label(row) if row["arch"] == "switch" else row["arch"]
     return label + (f" seed {row['seed']}" if row.get("seed") else "")
 
 

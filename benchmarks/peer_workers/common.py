@@ -186,6 +186,15 @@ def report(name: str, version: str, batches: TrainBatches, scores: dict[str, flo
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def encode_decode(model) -> Reconstruct:
+    """The reconstruction of a peer SAE with ``encode(x) -> code`` and ``decode(code) -> x_hat``
+    (SAELens, dictionary_learning), returning ``(x_hat, dense code)``."""
+    def reconstruct(x: Tensor):
+        code = model.encode(x)
+        return model.decode(code), code
+    return reconstruct
+
+
 def score_and_report(name: str, package: str, reconstruct: Reconstruct, args: argparse.Namespace,
                      batches: TrainBatches, notes: str) -> None:
     """Score a peer on the held-out rows and print its result line (the end of every peer worker)."""

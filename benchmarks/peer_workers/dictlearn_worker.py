@@ -21,15 +21,10 @@ def main() -> None:
                           seed=args.seed, device="cpu")
     common.run_loop(trainer.update, batches)
 
-    ae = trainer.ae.eval()
-
-    def reconstruct(x):
-        code = ae.encode(x)  # the training-time TopK path (the threshold is not yet set)
-        return ae.decode(code), code
-
+    ae = trainer.ae.eval()  # encode is the training-time TopK path (the threshold is not yet set)
     notes = ("grad-norm clip 1.0 (forced); AuxK (alpha 1/32) inactive: needs 10M tokens dead; "
              "b_enc; geometric-median b_dec at step 0")
-    common.score_and_report("dictlearn", "dictionary-learning", reconstruct, args, batches, notes)
+    common.score_and_report("dictlearn", "dictionary-learning", common.encode_decode(ae), args, batches, notes)
 
 
 if __name__ == "__main__":

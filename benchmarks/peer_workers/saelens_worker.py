@@ -36,14 +36,9 @@ def main() -> None:
     batches.stop()
 
     sae.eval()
-
-    def reconstruct(x):
-        code = sae.encode(x)
-        return sae.decode(code), code
-
     notes = ("grad-norm clip 1.0 (forced); AuxK (coef 1) inactive: needs 1000 dead steps; "
              "no decoder renorm (TopK on pre-acts x decoder norms); W_dec init norm 0.1; zero b_dec; b_enc")
-    common.score_and_report("saelens", "sae-lens", reconstruct, args, batches, notes)
+    common.score_and_report("saelens", "sae-lens", common.encode_decode(sae), args, batches, notes)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,14 @@ def interpolate_log(points: list[tuple[float, float]], x: float) -> float | None
     return points[0][1] if len(points) == 1 and points[0][0] == x else None
 
 
-def _switch_label(row: dict) -> str:
-    label = f"switch N={row['n_experts']}"
-    return label + (" lr(M/N)" if row.get("lr_width") == "expert" else "")
+def lr_tag(row: dict) -> str:
+    """`` lr(M/N)`` for a run whose learning-rate law used the expert width, else empty."""
+    return " lr(M/N)" if row.get("lr_width") == "expert" else ""
+
+
+def switch_label(row: dict) -> str:
+    """A Switch run's series: its expert count and learning-rate law, e.g. ``switch N=4 lr(M/N)``."""
+    return f"switch N={row['n_experts']}{lr_tag(row)}"
 
 
 def paired_comparisons(rows: list[dict]) -> list[dict]:
@@ -59,7 +64,7 @@ def paired_comparisons(rows: list[dict]) -> list[dict]:
         ref = topk.get((row.get("k"), row.get("seed", 0)))
         if row["arch"] != "switch" or ref is None:
             continue
-        entry = {"run": row["name"], "series": _switch_label(row), "k": row["k"],
+        entry = {"run": row["name"], "series": switch_label(row), "k": row["k"],
                  "mse_vs_topk": row["mse"] / ref["mse"] - 1,
                  "flops_vs_topk": row["flops_per_token"] / ref["flops_per_token"]}
         if "loss_recovered" in row and "loss_recovered" in ref:
@@ -102,7 +107,7 @@ def duplication_lines(duplication: list[dict]) -> dict[tuple[str, str], list[dic
     expert width): the lines along which duplication is read against the number of experts."""
     lines: dict[tuple[str, str], list[dict]] = {}
     for entry in duplication:
-        label = f"k={entry['k']}" + (" lr(M/N)" if entry.get("lr_width") == "expert" else "")
+        label = f"k={entry['k']}{lr_tag(entry)}"
         lines.setdefault((entry["setting"], label), []).append(entry)
     return lines
 
@@ -122,11 +127,12 @@ def claims_section(rows: list[dict], sample_efficiency: list[dict], duplication:
     settings: dict[str, list[dict]] = {}
     for row in rows:
         settings.setdefault(row["setting"], []).append(row)
+    kinds = {setting: setting_kind(group) for setting, group in settings.items()}
     titles = {"flop_matched": "Claim 1 (FLOP-matched: Switch is a Pareto improvement over TopK, Gated and ReLU)",
               "fixed_width": "Claims 2 and 5 (fixed width: Switch is below TopK; Switch-16 beats Gated, Switch-64 "
                              "beats ReLU; at other sites Switch is slightly below TopK)"}
     for setting, group in settings.items():
-        kind = setting_kind(group)
+        kind = kinds[setting]
         table = paired_comparisons(group) if kind else []
         if not table:
             continue
@@ -134,7 +140,7 @@ def claims_section(rows: list[dict], sample_efficiency: list[dict], duplication:
         parts += [f"### {titles[kind]}: setting `{setting}`", markdown_table(verdicts, list(verdicts[0])),
                   markdown_table(_formatted(table), list(dict.fromkeys(key for e in table for key in e)))]
     parts.append("### Claim 3 (FLOP-matched Switch reaches TopK's MSE in ~5x fewer steps)")
-    flop_matched = {setting for setting, group in settings.items() if setting_kind(group) == "flop_matched"}
+    flop_matched = {setting for setting, kind in kinds.items() if kind == "flop_matched"}
     sample_efficiency = [e for e in sample_efficiency if e["setting"] in flop_matched]
     reached = [e for e in sample_efficiency if e["speedup"]]
     if sample_efficiency:
