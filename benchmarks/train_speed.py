@@ -1,6 +1,6 @@
 """Training throughput of our SAEs on this machine, ratios measured in one run.
 
-Prints, per configuration: tokens/s of a full training step (forward, sparse backward, Adam,
+Prints, per configuration (each in a fresh process, so peak RSS is its own): tokens/s of a full training step (forward, sparse backward, Adam,
 decoder projection), the time split between those phases, encoder GFLOP/s against the
 machine's measured dense matmul peak (the roofline), and pre-activation memory per token.
 
@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import torch
 
 from switchsae.config import SAEConfig, TrainConfig
+from switchsae.memory import reuse_freed_memory
 from switchsae.saes import build_sae
 from switchsae.train import optimizer_for
 
@@ -49,6 +52,14 @@ def parse_config(spec: str) -> tuple[str, int, int, set[str]]:
 
 
 def time_steps(spec: str, args) -> dict:
+    """One configuration's step times and peak RSS, measured in a fresh process."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_time_steps_here, spec, args, torch.get_num_threads()).result()
+
+
+def _time_steps_here(spec: str, args, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    reuse_freed_memory()  # as switchsae.train does on CPU
     arch, width, experts, options = parse_config(spec)
     cfg = SAEConfig(arch=arch, d_model=args.d_model, width=width, k=args.k, n_experts=experts)
     sae = build_sae(cfg)

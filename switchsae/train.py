@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from switchsae.config import TOPK_FAMILY, SAEConfig, TrainConfig, default_lr
+from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
 from switchsae.saes import SparseAutoencoder, build_sae
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
@@ -87,6 +88,8 @@ def train_loop(
         state = load_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt)
     history = state.history or []
     device = sae.W_dec.device
+    if device.type == "cpu":
+        reuse_freed_memory()
     tokens_since_fired = state.tokens_since_fired
     if tokens_since_fired is None:
         tokens_since_fired = torch.zeros(sae.cfg.width, dtype=torch.long)

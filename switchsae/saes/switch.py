@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from switchsae.config import SAEConfig
-from switchsae.kernels.dispatch import grouped_select_topk
+from switchsae.kernels.dispatch import grouped_select_topk, sort_by_expert
 from switchsae.kernels.sparse import topk_encode
 from switchsae.saes.base import Latents, SAEOutput, SparseAutoencoder
 from switchsae.saes.geometric_median import geometric_median
@@ -55,15 +55,28 @@ class SwitchSAE(SparseAutoencoder):
         probs = torch.softmax((x - self.b_router) @ self.W_router.t(), dim=-1)
         return probs, probs.argmax(dim=-1)
 
+    def forward(self, x: Tensor) -> SAEOutput:
+        """Encode and decode in expert-sorted token order (see kernels/dispatch.py); outputs in token order."""
+        latents, x_hat, extras = self._sorted_forward(self._check_input(x), decode=True)
+        return SAEOutput(x_hat, latents, extras)
+
     def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
+        latents, _, extras = self._sorted_forward(x, decode=False)
+        return latents, extras
+
+    def _sorted_forward(self, x: Tensor, decode: bool) -> tuple[Latents, Tensor | None, dict[str, Tensor]]:
+        """The code (and with ``decode`` the reconstruction) of normalised ``x``, computed on the
+        tokens grouped by expert and put back in token order."""
         probs, expert = self.route(x)
-        centred = x - self.b_pre
-        values, indices = grouped_select_topk(
-            centred, self.W_enc, expert, self.cfg.n_experts, self.cfg.k, self.matmul_dtype
-        )
+        order, counts = sort_by_expert(expert, self.cfg.n_experts)
+        centred = x.index_select(0, order) - self.b_pre
+        values, indices = grouped_select_topk(centred, self.W_enc, counts, self.cfg.k, self.matmul_dtype)
         z = topk_encode(centred, self.W_enc, indices, values, self.sparse_grads)
-        p_chosen = probs.gather(1, expert[:, None])
-        return Latents(z * p_chosen, indices), {"router_probs": probs, "expert": expert}
+        z = z * probs.gather(1, expert[:, None]).index_select(0, order)
+        unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+        x_hat = self.decode(Latents(z, indices)).index_select(0, unsorted) if decode else None
+        latents = Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted))
+        return latents, x_hat, {"router_probs": probs, "expert": expert}
 
     def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         probs, expert = out.extras["router_probs"], out.extras["expert"]

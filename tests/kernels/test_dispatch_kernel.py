@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from switchsae.kernels import dispatch
-from switchsae.kernels.dispatch import grouped_select_topk
+from switchsae.kernels.dispatch import grouped_select_topk, sort_by_expert
 
 T, D, N_EXPERTS, EXPERT_WIDTH, K = 40, 16, 4, 16, 3
 
@@ -24,7 +24,10 @@ def _sorted_by_index(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch
 
 def test_grouped_select_equals_all_experts_masked_to_minus_infinity():
     x, W, expert = _inputs()
-    values, indices = grouped_select_topk(x, W, expert, N_EXPERTS, K)
+    order, counts = sort_by_expert(expert, N_EXPERTS)
+    x, expert = x[order], expert[order]
+    assert bool((expert[1:] >= expert[:-1]).all())
+    values, indices = grouped_select_topk(x, W, counts, K)
 
     pre = x @ W.t()
     other_expert = torch.arange(W.shape[0]) // EXPERT_WIDTH != expert[:, None]
@@ -47,7 +50,7 @@ def test_selection_runs_per_expert_on_its_own_tokens_only(monkeypatch):
         return select(x_e, W_e, *args)
 
     monkeypatch.setattr(dispatch, "select_topk", recording_select)
-    grouped_select_topk(x, W, expert, N_EXPERTS, K)
+    order, counts = sort_by_expert(expert, N_EXPERTS)
+    grouped_select_topk(x[order], W, counts, K)
 
-    counts = torch.bincount(expert, minlength=N_EXPERTS).tolist()
     assert calls == [(count, EXPERT_WIDTH) for count in counts if count > 0]

@@ -18,20 +18,25 @@ def _distinct_indices(gen: torch.Generator, tokens: int = T, width: int = M, k: 
     return torch.rand(tokens, width, generator=gen).topk(k, dim=-1).indices
 
 
-def test_sparse_decode_equals_dense_matmul(gen):
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("repeats", [False, True], ids=["distinct", "repeated-indices"])
+def test_sparse_decode_equals_dense_matmul(gen, sparse_grad, repeats):
+    """Values and gradients, also where a row names a latent twice (padding entries do)."""
     values = torch.randn(T, K, generator=gen, requires_grad=True)
     W_dec = torch.randn(M, D, generator=gen, requires_grad=True)
     indices = _distinct_indices(gen)
+    if repeats:
+        indices[:, -2:] = indices[:, :1]
     upstream = torch.randn(T, D, generator=gen)
 
-    out = sparse_decode(values, indices, W_dec)
+    out = sparse_decode(values, indices, W_dec, sparse_grad)
     grads = torch.autograd.grad((out * upstream).sum(), (values, W_dec))
     ref = dense_codes(values, indices, M) @ W_dec
     ref_grads = torch.autograd.grad((ref * upstream).sum(), (values, W_dec))
 
     torch.testing.assert_close(out, ref)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got.to_dense(), want)
 
 
 def test_topk_encode_and_decode_equal_a_dense_reference(gen):

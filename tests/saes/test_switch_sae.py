@@ -8,22 +8,39 @@ from switchsae.saes.geometric_median import geometric_median
 from switchsae.saes.switch import load_balance_loss
 
 
+def _dense_reference(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x̂ = p_{i*} W_dec^{i*} TopK(W_enc^{i*}(x − b_pre)) + b_pre`` with every expert's pre-activations."""
+    cfg = sae.cfg
+    probs = torch.softmax((x - sae.b_router) @ sae.W_router.t(), dim=-1)
+    p_chosen, expert = probs.max(dim=-1)
+    pre = (x - sae.b_pre) @ sae.W_enc.t()
+    other_expert = torch.arange(cfg.width) // cfg.expert_width != expert[:, None]
+    top = pre.masked_fill(other_expert, float("-inf")).topk(cfg.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu()) * p_chosen[:, None]
+    return z @ sae.W_dec + sae.b_pre, z, expert
+
+
 def test_forward_matches_a_dense_reference(make_sae, batch):
-    """``x̂ = p_{i*} W_dec^{i*} TopK(W_enc^{i*}(x − b_pre)) + b_pre`` computed with every expert."""
     sae = make_sae("switch")
     sae.init_from_data(batch)
-    cfg = sae.cfg
     with torch.no_grad():
-        probs = torch.softmax((batch - sae.b_router) @ sae.W_router.t(), dim=-1)
-        p_chosen, expert = probs.max(dim=-1)
-        pre = (batch - sae.b_pre) @ sae.W_enc.t()
-        other_expert = torch.arange(cfg.width) // cfg.expert_width != expert[:, None]
-        top = pre.masked_fill(other_expert, float("-inf")).topk(cfg.k, dim=-1)
-        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu()) * p_chosen[:, None]
-        expected = z @ sae.W_dec + sae.b_pre
+        expected, z, expert = _dense_reference(sae, batch)
         out = sae(batch)
     torch.testing.assert_close(out.x_hat, expected)
+    torch.testing.assert_close(out.latents.to_dense(sae.cfg.width), z)
     assert torch.equal(out.extras["expert"], expert)
+
+
+def test_gradients_match_the_dense_reference(make_sae, batch):
+    """The expert-sorted sparse path gives every parameter the dense reference's gradient."""
+    sae = make_sae("switch")
+    sae.init_from_data(batch)
+    upstream = torch.randn(batch.shape, generator=torch.Generator().manual_seed(1))
+    params = [p for _, p in sae.named_parameters()]
+    got = torch.autograd.grad((sae(batch).x_hat * upstream).sum(), params)
+    want = torch.autograd.grad((_dense_reference(sae, batch)[0] * upstream).sum(), params)
+    for (name, _), g, w in zip(sae.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, msg=name)
 
 
 def test_router_gets_gradient_from_the_reconstruction_alone(make_sae, batch):
