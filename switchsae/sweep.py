@@ -30,16 +30,22 @@ Every configuration is built before the first run starts, so an unknown key, a v
 wrong type or an impossible combination (e.g. ``k`` above the expert width) fails at once,
 naming its line. A run folder holding finished weights is skipped, one holding a checkpoint
 is resumed; runs are evaluated once (``metrics.json``) and gathered into ``results.csv/.md``.
+
+Several processes may work through the same sweep at once (e.g. one per core, each with
+``OMP_NUM_THREADS=1``): each run folder is locked (``sweep.lock``, an ``flock`` the kernel
+releases if its holder dies) while a process trains and evaluates it, and the others skip it.
 """
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
@@ -261,6 +267,25 @@ def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig
     return state
 
 
+LOCK_FILE = "sweep.lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold an exclusive, non-blocking lock on ``run_dir``; yields False if another process has it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_sweep(config_path: str | Path, progress: bool = True) -> list[dict]:
     """Train and evaluate every run of the sweep (resuming), then write ``results.csv`` and ``results.md``.
 
@@ -278,14 +303,23 @@ def run_sweep(config_path: str | Path, progress: bool = True) -> list[dict]:
                          f"(naming the model, hook and corpus), but acts is the file {sweep.acts}.")
     origin = getattr(source, "manifest", {})
     configs = [spec.sae_config(source.d_model, origin.get("model", ""), origin.get("hook", "")) for spec in sweep.runs]
-    states = [check_existing_run(spec.run_dir(sweep.out), cfg, spec.train) for spec, cfg in zip(sweep.runs, configs)]
-    for spec, sae_cfg, state in zip(sweep.runs, configs, states):
+    for spec, cfg in zip(sweep.runs, configs):  # every folder checked before any training starts
+        check_existing_run(spec.run_dir(sweep.out), cfg, spec.train)
+    busy = []
+    for spec, sae_cfg in zip(sweep.runs, configs):
         run_dir = spec.run_dir(sweep.out)
-        if state != "done":
-            train(sae_cfg, source, spec.train, run_dir=run_dir, resume=state == "resume", progress=progress)
-        if not (run_dir / "metrics.json").exists():
-            evaluate_run(run_dir, source, loss_recovered=sweep.loss_recovered, eval_tokens=sweep.eval_tokens,
-                         progress=progress)
+        with run_lock(run_dir) as mine:
+            if not mine:
+                busy.append(run_dir.name)
+                continue
+            state = check_existing_run(run_dir, sae_cfg, spec.train)  # again: another process may have finished it
+            if state != "done":
+                train(sae_cfg, source, spec.train, run_dir=run_dir, resume=state == "resume", progress=progress)
+            if not (run_dir / "metrics.json").exists():
+                evaluate_run(run_dir, source, loss_recovered=sweep.loss_recovered, eval_tokens=sweep.eval_tokens,
+                             progress=progress)
+    if busy:
+        print(f"skipped {len(busy)} run(s) another process is working on: {', '.join(busy)}", file=sys.stderr)
     rows = find_runs(sweep.out)
     write_results(rows, sweep.out)
     return rows

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import save_file
 
 from switchsae.sources.synthetic import synthetic_activations
-from switchsae.sweep import GRID_FIELDS, NAME_LABELS, SweepConfigError, load_sweep, run_sweep
+from switchsae.sweep import GRID_FIELDS, NAME_LABELS, SweepConfigError, load_sweep, run_lock, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 HEADER = 'acts = "{acts}"\nout = "{out}"\n'
@@ -120,6 +120,19 @@ def test_sweep_trains_evaluates_gathers_and_resumes(tiny_sweep, tmp_path):
     assert weights.stat().st_mtime_ns == stamp
     assert (killed / "metrics.json").exists()
     assert [r["fvu"] for r in again] == pytest.approx([r["fvu"] for r in rows])
+
+
+def test_a_run_another_process_holds_is_skipped_and_done_by_a_later_sweep(tiny_sweep, tmp_path):
+    held = tmp_path / "out" / "matched" / "switch-M64-N2-k4"
+    with run_lock(held) as mine:
+        assert mine
+        with run_lock(held) as again:  # a second open file description: as another process sees it
+            assert not again
+        rows = run_sweep(tiny_sweep, progress=False)
+    assert [r["name"] for r in rows] == ["relu-M32-lam1", "topk-M32-k4"]
+    assert not (held / "sae_weights.safetensors").exists()
+    assert [r["name"] for r in run_sweep(tiny_sweep, progress=False)] == [
+        "relu-M32-lam1", "switch-M64-N2-k4", "topk-M32-k4"]
 
 
 def test_grids_may_cross_training_settings_which_name_their_runs(tmp_path):
