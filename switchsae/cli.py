@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the model loader's own "Loading weights" bar
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:

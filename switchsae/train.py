@@ -187,8 +187,12 @@ def _initialise(sae_cfg: SAEConfig, cfg: TrainConfig, batches: Iterator[Tensor])
 def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg: TrainConfig) -> list[str]:
     """Names of the settings in which a saved run differs from ``sae_cfg``/``cfg``.
 
-    ``act_scale`` is left out: a run computes it itself from its first batch.
+    ``act_scale`` is left out: a run computes it itself from its first batch. A setting the saved
+    run does not name (it predates the field) counts as the field's default, which by rule is
+    the behaviour from before the field existed.
     """
+    saved_sae = SAEConfig.from_dict(saved_sae).to_dict()
+    saved_train = {**TrainConfig().to_dict(), **saved_train}
     differs = [key for key, value in sae_cfg.to_dict().items() if key != "act_scale" and saved_sae.get(key) != value]
     return sorted(differs + [key for key, value in cfg.to_dict().items() if saved_train.get(key) != value])
 

@@ -1,6 +1,7 @@
 """The trainer: recipe invariants, schedule, checkpoints, resume and bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from switchsae.checkpoint import CHECKPOINT_FILE
 from switchsae.config import SAEConfig, TrainConfig, default_lr
 from switchsae.saes.io import load_sae
 from switchsae.sources.activations import TensorSource
-from switchsae.train import TrainingDiverged, activation_scale, lr_at, train
+from switchsae.train import TrainingDiverged, activation_scale, lr_at, settings_differ, train
 
 SWITCH = SAEConfig(arch="switch", d_model=16, width=64, k=4, n_experts=4)
 FAST = TrainConfig(steps=12, batch_size=64, checkpoint_every=4, log_every=2)
@@ -120,6 +121,14 @@ def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
     train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         train(SWITCH, acts, TrainConfig(steps=12, batch_size=32), run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_a_setting_older_runs_do_not_name_counts_as_its_default():
+    """Runs saved before ``lr_width`` existed were trained with its default, "total"."""
+    saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
+    del saved_sae["aux_coeff"], saved_train["lr_width"]
+    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == []
+    assert settings_differ(saved_sae, saved_train, SWITCH, dataclasses.replace(FAST, lr_width="expert")) == ["lr_width"]
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, acts):

@@ -44,3 +44,14 @@ def test_cache_rejects_bad_hooks(tmp_path, llama_dir, wiki_corpus, capsys):
             main(["cache", "--model", str(llama_dir), "--layer", layer, "--corpus", str(wiki_corpus),
                   "--tokens", "100", "--out", str(tmp_path / "c"), "--quiet"])
         assert message in capsys.readouterr().err
+
+
+def test_quiet_also_hides_the_model_loaders_progress_bar(tmp_path, llama_dir, wiki_corpus, capsys):
+    from transformers.utils import logging as hf_logging
+
+    try:
+        main(["cache", "--model", str(llama_dir), "--layer", "1", "--corpus", str(wiki_corpus),
+              "--tokens", "500", "--context-length", "32", "--out", str(tmp_path / "c"), "--quiet"])
+        assert "Loading weights" not in capsys.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
