@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from switchsae.analysis.claims import claims_section, interpolate_log, paired_comparisons, setting_kind
+from switchsae.analysis.claims import claims_section, dominated, interpolate_log, paired_comparisons, setting_kind
 
 
 def run(arch: str, width: int, mse: float, l0: float, n_experts: int = 1, k: int | None = None, **extra) -> dict:
@@ -57,3 +57,11 @@ def test_claims_section_states_a_verdict_per_series_and_setting():
     assert "1/2 FLOP-matched Switch runs reach their TopK's final training FVU" in text and "a 2.00x" in text
     assert "9.00x" not in text  # only FLOP-matched settings count for claim 3
     assert "`s` k=16: N=2: 0.250 (0.000)" in text
+
+
+def test_a_baseline_run_is_dominated_by_a_run_with_no_more_l0_and_no_more_mse():
+    switch = [run("switch", 8192, 50.0, 64, n_experts=16, k=64), run("switch", 8192, 80.0, 16, n_experts=16, k=16)]
+    relu = [run("relu", 8192, 60.0, 200), run("relu", 8192, 40.0, 250), run("relu", 8192, 90.0, 10)]
+    assert dominated(relu, switch) == 1  # only the first: the second has lower MSE, the third lower L0
+    rows = [run("topk", 8192, 45.0, 64, k=64), run("topk", 8192, 70.0, 16, k=16), *switch, *relu]
+    assert "| switch N=16 | 0/2 | n/a | 2/2 | 1/3 | n/a | n/a |" in "\n".join(claims_section(rows, [], []))
