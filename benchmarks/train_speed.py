@@ -1,8 +1,9 @@
 """Training throughput of our SAEs on this machine, ratios measured in one run.
 
-Prints, per configuration (each in a fresh process, so peak RSS is its own): tokens/s of a full training step (forward, sparse backward, Adam,
-decoder projection), the time split between those phases, encoder GFLOP/s against the
-machine's measured dense matmul peak (the roofline), and pre-activation memory per token.
+Prints, per configuration (each in a fresh process, so peak RSS is its own): tokens/s of a
+full training step (forward, sparse backward, Adam, decoder projection), the time split
+between those phases, encoder GFLOP/s against the machine's measured dense matmul peak (the
+roofline), and pre-activation memory per token.
 
     python benchmarks/train_speed.py                    # the issue-4 table (d=576, k=32, T=4096)
     python benchmarks/train_speed.py --quick            # smaller, for a smoke run

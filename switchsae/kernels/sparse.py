@@ -64,8 +64,10 @@ def weight_grad(weights: Tensor, indices: Tensor, inputs: Tensor, n_rows: int, s
     embedding bag (``weights`` the upstream gradient or the code, ``inputs`` the other operand).
 
     Dense ``[n_rows, d]``, or with ``sparse`` a coalesced row-sparse tensor over the touched rows
-    only. A transposed CSR times dense matmul: about a third faster on CPU than the embedding
-    bag's own backward, which also needs its forward run first.
+    only. A transposed CSR times dense matmul: at M = 16,384 about a third faster on CPU than
+    the embedding bag's own backward (which also needs its forward run first); a dense
+    gradient 2^19 rows wide is slower this way (~900 vs ~700 ms, one thread), a width where
+    row-sparse gradients are the path to use anyway.
     """
     if not sparse:
         return code_matrix(weights, indices, n_rows).t() @ inputs
@@ -99,9 +101,7 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     gather; about twice as fast on CPU as the embedding bag's per-sample-weight gradient."""
     # zeros, not empty: beta = 0 still multiplies the pattern values, and 0 · NaN = NaN
     pattern = code_matrix(torch.zeros(indices.shape, dtype=W.dtype, device=W.device), indices, W.shape[0])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        dots = torch.sparse.sampled_addmm(pattern, x.to(W.dtype), W.detach().t(), beta=0.0)
+    dots = torch.sparse.sampled_addmm(pattern, x.to(W.dtype), W.detach().t(), beta=0.0)
     return dots.values().view(indices.shape)
 
 
