@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from switchsae.kernels import native
+
 
 class LazyAdam(torch.optim.Optimizer):
     """Adam that updates only the rows named by a row-sparse gradient (dense gradients: all rows)."""
@@ -39,6 +41,12 @@ class LazyAdam(torch.optim.Optimizer):
                 full = (p, state["exp_avg"], state["exp_avg_sq"])
                 if p.grad.is_sparse:
                     rows, grad = _row_sparse(p.grad)
+                    if native.usable(p, grad, rows) and all(t.is_contiguous() for t in full):
+                        # one in-place pass over the touched rows (no gather, no scatter back)
+                        state["step"] += 1
+                        native.adam_rows(*full, grad, rows, lr=group["lr"], beta1=beta1, beta2=beta2,
+                                         eps=group["eps"], step=int(state["step"]))
+                        continue
                     param, exp_avg, exp_avg_sq = (t.index_select(0, rows) for t in full)
                 else:
                     grad, (param, exp_avg, exp_avg_sq) = p.grad, full

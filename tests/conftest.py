@@ -16,3 +16,15 @@ def acts() -> torch.Tensor:
     from switchsae.sources.synthetic import synthetic_activations
 
     return synthetic_activations(2000, 16, n_features=64, active=3, seed=0)
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel_backend(request, monkeypatch) -> str:
+    """Run a test with the compiled CPU kernels and again with the plain-torch paths."""
+    from switchsae.kernels import native
+
+    if request.param == "torch":
+        monkeypatch.setenv("SWITCHSAE_NATIVE", "0")
+    elif not native.available():
+        pytest.skip("compiled kernels unavailable here (no C compiler)")
+    return request.param

@@ -8,6 +8,8 @@ from switchsae.config import SAEConfig
 from switchsae.optim import LazyAdam
 from switchsae.saes import build_sae
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 def _grads(arch: str, sparse: bool, x: torch.Tensor) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from switchsae.kernels.sparse import select_topk
+from switchsae.kernels import native
+from switchsae.kernels.sparse import largest_entries
 
 
 def sort_by_expert(expert: Tensor, n_experts: int) -> tuple[Tensor, list[int]]:
@@ -28,16 +29,23 @@ def grouped_select_topk(
     """TopK of ``x_t W_{e_t}ᵀ`` within each token's expert ``e_t``; indices are global latent ids.
 
     ``x_sorted`` holds the tokens grouped by expert, ``counts[e]`` of them for expert ``e`` (see
-    :func:`sort_by_expert`). Returns no-grad fp32 ``values`` and ``indices``, both ``[T, k]``,
-    in that same order.
+    :func:`sort_by_expert`). On CPU in fp32 the matmul and the top-k run fused, tile by tile
+    (:func:`switchsae.kernels.native.grouped_select`: pre-activations stay in cache, threads
+    share out tiles of uneven experts). Otherwise each expert's slice of tokens is multiplied by
+    its ``m`` encoder rows into its rows of one ``[T, m]`` buffer, and one top-k runs over it.
+    Returns no-grad fp32 ``values`` and ``indices``, both ``[T, k]``, in that same order.
     """
-    m = W.shape[0] // len(counts)
-    values, indices, start = [], [], 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        v, i = select_topk(x_sorted[start:start + count], W[e * m:(e + 1) * m], k, matmul_dtype)
-        values.append(v)
-        indices.append(i + e * m)
-        start += count
-    return torch.cat(values), torch.cat(indices)
+    with torch.no_grad():
+        if matmul_dtype == torch.float32 and native.usable(x_sorted, W) and native.fused_selection_available(W.dtype):
+            return native.grouped_select(x_sorted, W, counts, k)
+        m = W.shape[0] // len(counts)
+        x_low = x_sorted.to(matmul_dtype)
+        pre = torch.empty(x_sorted.shape[0], m, dtype=matmul_dtype, device=x_sorted.device)
+        start = 0
+        for e, count in enumerate(counts):  # each expert's weights cast on their own: a cache-sized copy
+            W_e = W[e * m:(e + 1) * m].to(matmul_dtype)
+            torch.mm(x_low[start:start + count], W_e.t(), out=pre[start:start + count])
+            start += count
+        first_latent = torch.arange(0, W.shape[0], m, device=x_sorted.device)
+        offsets = first_latent.repeat_interleave(torch.tensor(counts, device=x_sorted.device))
+        return largest_entries(pre, k, x_sorted, W, offsets)

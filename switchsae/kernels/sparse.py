@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from switchsae.kernels import native
+
+
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, sparse_grad: bool = False) -> Tensor:
     """``x̂_t = Σ_j values_tj · W_dec[indices_tj]`` → ``[T, d]`` (no bias).
 
@@ -70,11 +73,17 @@ def weight_grad(weights: Tensor, indices: Tensor, inputs: Tensor, n_rows: int, s
     row-sparse gradients are the path to use anyway.
     """
     if not sparse:
-        return code_matrix(weights, indices, n_rows).t() @ inputs
+        return _transposed_product(weights, indices, inputs, n_rows)
     rows, local = active_rows(indices, n_rows)
-    values = code_matrix(weights, local, rows.numel()).t() @ inputs
+    values = _transposed_product(weights, local, inputs, rows.numel())
     return torch.sparse_coo_tensor(rows[None], values, (n_rows, inputs.shape[1]), is_coalesced=True,
                                    check_invariants=False)
+
+
+def _transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: int) -> Tensor:
+    if native.usable(weights, rows, inputs):
+        return native.transposed_product(weights, rows, inputs, n_rows)
+    return code_matrix(weights, rows, n_rows).t() @ inputs
 
 
 class SparseDecode(torch.autograd.Function):
@@ -98,7 +107,10 @@ class SparseDecode(torch.autograd.Function):
 def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     """``out_tj = W[indices_tj] · x_t`` (no autograd): the sampled product ``(x Wᵀ)`` at the code's
     pattern (SDDMM on a CSR pattern with ``k`` entries per row), ``O(T·k·d)`` with no ``[T, k, d]``
-    gather; about twice as fast on CPU as the embedding bag's per-sample-weight gradient."""
+    gather; about twice as fast on CPU as the embedding bag's per-sample-weight gradient, and the
+    compiled loop of kernels/native.py twice as fast again."""
+    if native.usable(x, W, indices):
+        return native.gather_dot(x, W.detach(), indices)
     # zeros, not empty: beta = 0 still multiplies the pattern values, and 0 · NaN = NaN
     pattern = code_matrix(torch.zeros(indices.shape, dtype=W.dtype, device=W.device), indices, W.shape[0])
     dots = torch.sparse.sampled_addmm(pattern, x.to(W.dtype), W.detach().t(), beta=0.0)
@@ -127,12 +139,28 @@ class GatheredLinear(torch.autograd.Function):
 
 
 def select_topk(x: Tensor, W: Tensor, k: int, matmul_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Indices and (no-grad, fp32) values of the k largest ``x W_ᵀ`` entries per row."""
+    """Indices and (no-grad, fp32) values of the k largest ``x Wᵀ`` entries per row."""
     with torch.no_grad():
-        pre = torch.mm(x.to(matmul_dtype), W.to(matmul_dtype).t())
-        top = pre.topk(k, dim=-1, sorted=False)
-        values = top.values if matmul_dtype == torch.float32 else gather_dot(x, W, top.indices)
-    return values.float(), top.indices
+        return largest_entries(torch.mm(x.to(matmul_dtype), W.to(matmul_dtype).t()), k, x, W)
+
+
+def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of the selection pre-activations ``pre ≈ x Wᵀ``.
+
+    Returns fp32 ``values`` and ``indices``, ``[T, k]``, in no particular order, with row ``t``'s
+    indices shifted by ``offsets[t]`` (an expert's first latent, see kernels/dispatch.py). A
+    ``pre`` in lower precision only selects: the values are recomputed in fp32 as
+    ``W[indices_tj] · x_t`` (:func:`gather_dot`). On CPU the compiled top-k of
+    kernels/native.py replaces ``torch.topk`` (~3x faster at 1,024 columns).
+    """
+    if native.usable(pre) and pre.dtype in (torch.float32, torch.bfloat16):
+        values, indices = native.topk(pre, k, offsets)
+    else:
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        indices = indices if offsets is None else indices + offsets[:, None]
+    if pre.dtype != torch.float32:
+        values = gather_dot(x, W, indices)
+    return values.float(), indices
 
 
 def topk_encode(x: Tensor, W: Tensor, indices: Tensor, values: Tensor, sparse_grad: bool = False) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from switchsae.config import SAEConfig
+from switchsae.kernels import native
 from switchsae.kernels.sparse import dense_codes, sparse_decode
 from switchsae.saes.geometric_median import geometric_median
 
@@ -164,7 +165,10 @@ class SparseAutoencoder(nn.Module):
             g, w = grad._values(), self.W_dec.index_select(0, grad._indices()[0])
         else:
             g, w = grad, self.W_dec
-        g.addcmul_(torch.einsum("md,md->m", g, w)[:, None], w, value=-1)
+        if native.usable(g, w) and g.is_contiguous():
+            native.remove_parallel(g, w)
+        else:
+            g.addcmul_(torch.einsum("md,md->m", g, w)[:, None], w, value=-1)
 
     # -- cost -----------------------------------------------------------------------------
     def flops(self) -> dict[str, int]:

@@ -1,19 +1,22 @@
 """Grouped expert selection equals a masked dense reference and never touches other experts."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from switchsae.kernels import dispatch
 from switchsae.kernels.dispatch import grouped_select_topk, sort_by_expert
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 T, D, N_EXPERTS, EXPERT_WIDTH, K = 40, 16, 4, 16, 3
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(tokens: int = T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(T, D, generator=gen)
+    x = torch.randn(tokens, D, generator=gen)
     W = torch.randn(N_EXPERTS * EXPERT_WIDTH, D, generator=gen)
-    expert = torch.randint(0, N_EXPERTS - 1, (T,), generator=gen)  # the last expert gets no token
+    expert = torch.randint(0, N_EXPERTS - 1, (tokens,), generator=gen)  # the last expert gets no token
     return x, W, expert
 
 
@@ -22,8 +25,9 @@ def _sorted_by_index(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch
     return values.gather(1, order), indices
 
 
-def test_grouped_select_equals_all_experts_masked_to_minus_infinity():
-    x, W, expert = _inputs()
+@pytest.mark.parametrize("tokens", [T, 1000], ids=["one-tile-per-expert", "several-tiles-per-expert"])
+def test_grouped_select_equals_all_experts_masked_to_minus_infinity(tokens):
+    x, W, expert = _inputs(tokens)
     order, counts = sort_by_expert(expert, N_EXPERTS)
     x, expert = x[order], expert[order]
     assert bool((expert[1:] >= expert[:-1]).all())
@@ -39,18 +43,26 @@ def test_grouped_select_equals_all_experts_masked_to_minus_infinity():
     torch.testing.assert_close(got_values, want_values)
 
 
-def test_selection_runs_per_expert_on_its_own_tokens_only(monkeypatch):
-    """Pre-activation memory per token is ``M/N``: each call sees one expert's rows and tokens."""
+def test_bf16_grouped_selection_returns_exact_fp32_values():
     x, W, expert = _inputs()
-    calls = []
-    select = dispatch.select_topk
+    order, counts = sort_by_expert(expert, N_EXPERTS)
+    values, indices = grouped_select_topk(x[order], W, counts, K, torch.bfloat16)
+    assert bool(((indices // EXPERT_WIDTH) == expert[order][:, None]).all())
+    torch.testing.assert_close(values, (W[indices] * x[order][:, None, :]).sum(-1))
 
-    def recording_select(x_e, W_e, *args):
-        calls.append((x_e.shape[0], W_e.shape[0]))
-        return select(x_e, W_e, *args)
 
-    monkeypatch.setattr(dispatch, "select_topk", recording_select)
+def test_pre_activation_memory_per_token_is_one_experts_width(monkeypatch):
+    """The unfused path's one buffer is ``[T, M/N]``: each token's row holds only its expert's latents."""
+    monkeypatch.setenv("SWITCHSAE_NATIVE", "0")
+    x, W, expert = _inputs()
+    shapes = []
+    largest_entries = dispatch.largest_entries
+
+    def recording(pre, *args):
+        shapes.append(tuple(pre.shape))
+        return largest_entries(pre, *args)
+
+    monkeypatch.setattr(dispatch, "largest_entries", recording)
     order, counts = sort_by_expert(expert, N_EXPERTS)
     grouped_select_topk(x[order], W, counts, K)
-
-    assert calls == [(count, EXPERT_WIDTH) for count in counts if count > 0]
+    assert shapes == [(T, EXPERT_WIDTH)]

@@ -6,6 +6,8 @@ import torch
 
 from switchsae.kernels.sparse import dense_codes, select_topk, sparse_decode, topk_encode
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 T, D, M, K = 48, 16, 64, 5
 
 

@@ -7,6 +7,8 @@ import torch
 from switchsae.saes.geometric_median import geometric_median
 from switchsae.saes.switch import load_balance_loss
 
+pytestmark = pytest.mark.usefixtures("kernel_backend")
+
 
 def _dense_reference(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x̂ = p_{i*} W_dec^{i*} TopK(W_enc^{i*}(x − b_pre)) + b_pre`` with every expert's pre-activations."""

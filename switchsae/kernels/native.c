@@ -1,0 +1,293 @@
+/* CPU kernels that torch has no fused op for (see native.py, which compiles and calls them).
+ *
+ * Each kernel splits its rows into one contiguous range per OpenMP thread. Loaded after torch,
+ * this library binds to torch's own libgomp (same soname), so it runs on torch's thread team
+ * and follows torch.set_num_threads. Weights are row-major, one latent per row; indices are
+ * int64, as torch's.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float out;
+    memcpy(&out, &wide, sizeof out);
+    return out;
+}
+
+/* One candidate of a top-k selection: a value and its column. */
+typedef struct {
+    float value;
+    int64_t index;
+} entry;
+
+static inline void swap_entries(entry *a, entry *b) {
+    entry t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Reorder e[0:n] (k <= n) so that its k largest values come first, in no particular order, and
+ * e[k-1] holds the k-th largest. Quickselect with a three-way partition around a median-of-three
+ * pivot, so runs of equal values cost O(n), not O(n²). Every comparison with NaN is false: NaNs
+ * land wherever, but indices never leave the range. */
+static void select_largest(entry *e, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        float a = e[lo].value, b = e[lo + (hi - lo) / 2].value, c = e[hi - 1].value;
+        float pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t above = lo, i = lo, below = hi; /* [lo,above) > pivot, [above,i) == pivot, [below,hi) < pivot */
+        while (i < below) {
+            if (e[i].value > pivot) swap_entries(&e[i++], &e[above++]);
+            else if (e[i].value < pivot) swap_entries(&e[i], &e[--below]);
+            else i++;
+        }
+        if (k - 1 < above) hi = above;
+        else if (k - 1 >= below) lo = below;
+        else return; /* the k-th largest equals the pivot */
+    }
+}
+
+/* Columns per block in the top-k scan: about m / 2k blocks, so that the k-th largest block
+ * maximum is a threshold only ~1.4k entries reach; a multiple of 16 (one AVX-512 register of
+ * fp32) once blocks are that wide. */
+static inline int64_t block_width(int64_t m, int64_t k) {
+    int64_t width = m / (2 * k);
+    return width >= 16 ? width / 16 * 16 : (width > 0 ? width : 1);
+}
+
+/* Top-k of one row (length m >= k) without a pass of data-dependent branches over the row:
+ *   1. the maximum of each block of columns (a vectorised pass);
+ *   2. the threshold τ = the k-th largest block maximum: at least k entries reach it, so all of
+ *      the top k do;
+ *   3. the candidates, entries ≥ τ, collected (branch-free) from the blocks whose maximum
+ *      reaches τ;
+ *   4. the k largest candidates by quickselect.
+ * A row with NaNs can leave fewer than k candidates; then all m entries are candidates.
+ * `scratch` holds 2m entries. LOAD reads column j as fp32. */
+#define DEFINE_TOPK_ROW(name, type, LOAD)                                                          \
+    static void name(const type *row, int64_t m, int64_t k, float *values, int64_t *indices,       \
+                     int64_t offset, entry *scratch) {                                             \
+        int64_t width = block_width(m, k), n_blocks = (m + width - 1) / width;                     \
+        entry *maxima = scratch, *candidates = scratch + n_blocks;                                 \
+        for (int64_t b = 0; b < n_blocks; b++) {                                                   \
+            int64_t end = (b + 1) * width < m ? (b + 1) * width : m;                               \
+            float block_max = LOAD(row[b * width]);                                                \
+            for (int64_t j = b * width + 1; j < end; j++) {                                        \
+                float v = LOAD(row[j]);                                                            \
+                block_max = v > block_max ? v : block_max;                                         \
+            }                                                                                      \
+            maxima[b] = (entry){block_max, b};                                                     \
+        }                                                                                          \
+        float threshold = -INFINITY;                                                               \
+        if (n_blocks > k) {                                                                        \
+            select_largest(maxima, n_blocks, k);                                                   \
+            threshold = maxima[k - 1].value;                                                       \
+        }                                                                                          \
+        int64_t n = 0;                                                                             \
+        for (int64_t b = 0; b < n_blocks; b++) {                                                   \
+            if (!(maxima[b].value >= threshold)) continue;                                         \
+            int64_t start = maxima[b].index * width, end = start + width < m ? start + width : m;  \
+            for (int64_t j = start; j < end; j++) {                                                \
+                float v = LOAD(row[j]);                                                            \
+                candidates[n] = (entry){v, j};                                                     \
+                n += v >= threshold;                                                               \
+            }                                                                                      \
+        }                                                                                          \
+        if (n < k)                                                                                 \
+            for (n = 0; n < m; n++) candidates[n] = (entry){LOAD(row[n]), n};                      \
+        select_largest(candidates, n, k);                                                          \
+        for (int64_t i = 0; i < k; i++) {                                                          \
+            values[i] = candidates[i].value;                                                       \
+            indices[i] = candidates[i].index + offset;                                             \
+        }                                                                                          \
+    }
+
+#define AS_FLOAT(x) (x)
+DEFINE_TOPK_ROW(topk_row_f32, float, AS_FLOAT)
+DEFINE_TOPK_ROW(topk_row_bf16, uint16_t, bf16_to_float)
+
+/* The calling thread's share [*begin, *end) of n rows. */
+static inline void thread_rows(int64_t n, int64_t *begin, int64_t *end) {
+    int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+    *begin = n * thread / threads;
+    *end = n * (thread + 1) / threads;
+}
+
+/* values, indices: [n_rows, k], from pre: [n_rows, m]; row r's indices are shifted by
+ * offsets[r] (NULL: no shift), which turns an expert's local latent ids into global ones.
+ * Returns -1 if scratch memory could not be allocated, else 0. */
+#define DEFINE_TOPK(name, type, row_kernel)                                                        \
+    int name(const type *pre, int64_t n_rows, int64_t m, int64_t k, const int64_t *offsets,        \
+             float *values, int64_t *indices) {                                                    \
+        int failed = 0;                                                                            \
+        _Pragma("omp parallel reduction(|: failed)") {                                             \
+            int64_t begin, end;                                                                    \
+            thread_rows(n_rows, &begin, &end);                                                     \
+            entry *scratch = malloc(2 * m * sizeof(entry));                                        \
+            failed = scratch == NULL;                                                              \
+            for (int64_t r = begin; scratch && r < end; r++)                                       \
+                row_kernel(pre + r * m, m, k, values + r * k, indices + r * k,                     \
+                           offsets ? offsets[r] : 0, scratch);                                     \
+            free(scratch);                                                                         \
+        }                                                                                          \
+        return -failed;                                                                            \
+    }
+
+DEFINE_TOPK(topk_f32, float, topk_row_f32)
+DEFINE_TOPK(topk_bf16, uint16_t, topk_row_bf16) /* values returned exactly, as fp32 */
+
+/* out[t, j] = W[indices[t, j]] · x[t] for t < n_tokens, j < k (the decoder's value gradient, an
+ * SDDMM on the code's pattern). */
+void gather_dot(const float *x, const float *W, const int64_t *indices, int64_t n_tokens, int64_t k, int64_t d,
+                float *out) {
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        thread_rows(n_tokens, &begin, &end);
+        for (int64_t t = begin; t < end; t++)
+            for (int64_t j = 0; j < k; j++) {
+                const float *w = W + indices[t * k + j] * d, *xt = x + t * d;
+                float dot = 0;
+#pragma omp simd reduction(+: dot)
+                for (int64_t c = 0; c < d; c++) dot += w[c] * xt[c];
+                out[t * k + j] = dot;
+            }
+    }
+}
+
+/* out[i] = Σ_{(t, j): rows[t, j] = i} weights[t, j] · inputs[t] for every i < n_rows, i.e. Sᵀ inputs
+ * for the sparse [T, n_rows] matrix S holding `weights` at `rows` (a weight gradient). The
+ * entries are bucketed by row with a counting sort, then each thread sums the buckets of its
+ * share of rows (rows no entry names are zeroed). Returns -1 if memory ran out, else 0. */
+int transposed_product(const int64_t *rows, const float *weights, const float *inputs, int64_t n_tokens, int64_t k,
+                       int64_t d, int64_t n_rows, float *out) {
+    int64_t n_entries = n_tokens * k;
+    int64_t *bucket_start = calloc(n_rows + 1, sizeof(int64_t)), *by_row = malloc(n_entries * sizeof(int64_t));
+    if (bucket_start == NULL || by_row == NULL) {
+        free(bucket_start);
+        free(by_row);
+        return -1;
+    }
+    for (int64_t e = 0; e < n_entries; e++) bucket_start[rows[e] + 1]++;
+    for (int64_t i = 0; i < n_rows; i++) bucket_start[i + 1] += bucket_start[i];
+    for (int64_t e = 0; e < n_entries; e++) by_row[bucket_start[rows[e]]++] = e;
+    for (int64_t i = n_rows; i > 0; i--) bucket_start[i] = bucket_start[i - 1]; /* undo the fill's advance */
+    bucket_start[0] = 0;
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        thread_rows(n_rows, &begin, &end);
+        for (int64_t i = begin; i < end; i++) {
+            float *o = out + i * d;
+            memset(o, 0, d * sizeof(float));
+            for (int64_t b = bucket_start[i]; b < bucket_start[i + 1]; b++) {
+                const int64_t e = by_row[b];
+                const float w = weights[e], *in = inputs + (e / k) * d;
+                for (int64_t c = 0; c < d; c++) o[c] += w * in[c];
+            }
+        }
+    }
+    free(bucket_start);
+    free(by_row);
+    return 0;
+}
+
+/* g[i] ← g[i] − (g[i] · w[i]) w[i] for the n rows of g and w ([n, d]): the gradient's component
+ * along each (unit-norm) decoder row removed, in one pass. */
+void remove_parallel(float *g, const float *w, int64_t n, int64_t d) {
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        thread_rows(n, &begin, &end);
+        for (int64_t i = begin; i < end; i++) {
+            float *gi = g + i * d;
+            const float *wi = w + i * d;
+            float dot = 0;
+#pragma omp simd reduction(+: dot)
+            for (int64_t c = 0; c < d; c++) dot += gi[c] * wi[c];
+            for (int64_t c = 0; c < d; c++) gi[c] -= dot * wi[c];
+        }
+    }
+}
+
+/* Adam on rows `rows[0:n]` of param/exp_avg/exp_avg_sq ([*, d]) with gradient rows grad ([n, d]),
+ * in place and in one pass, in torch's fused-Adam arithmetic:
+ *   m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − (lr / c1) m / (sqrt(v) / sqrt(c2) + ε)
+ * with bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t. */
+void adam_rows(float *param, float *exp_avg, float *exp_avg_sq, const float *grad, const int64_t *rows,
+               int64_t n, int64_t d, float lr, float beta1, float beta2, float eps,
+               float bias_correction1, float bias_correction2_sqrt) {
+    const float step_size = lr / bias_correction1;
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        thread_rows(n, &begin, &end);
+        for (int64_t r = begin; r < end; r++) {
+            float *p = param + rows[r] * d, *m = exp_avg + rows[r] * d, *v = exp_avg_sq + rows[r] * d;
+            const float *g = grad + r * d;
+            for (int64_t j = 0; j < d; j++) {
+                m[j] = beta1 * m[j] + (1 - beta1) * g[j];
+                v[j] = beta2 * v[j] + (1 - beta2) * g[j] * g[j];
+                p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias_correction2_sqrt + eps);
+            }
+        }
+    }
+}
+
+/* Fortran BLAS gemm, column-major: C = α op(A) op(B) + β C, with LP64 ints, as MKL's SGEMM and
+ * GEMM_BF16BF16F32 (the same call with bfloat16 A and B, fp32 C). */
+typedef void (*gemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                        const float *alpha, const void *a, const int *lda, const void *b, const int *ldb,
+                        const float *beta, float *c, const int *ldc);
+
+/* Expert selection fused with its matmul. Tokens x ([T, d], grouped by expert: expert e owns rows
+ * [starts[e], starts[e+1])) are cut into tiles of at most `tile` tokens of one expert. A thread
+ * takes a tile, multiplies it by its expert's encoder rows W[e·m, (e+1)·m) into its own
+ * [tile, m] fp32 buffer (`gemm` runs single-threaded inside the parallel region) and takes
+ * each row's top-k from that buffer while it is still in cache; indices are global latent ids
+ * (e·m + column). Tiles are handed out dynamically, so uneven experts balance across threads.
+ * element_size is 4 for fp32 x and W (SGEMM), 2 for bfloat16 (GEMM_BF16BF16F32). Returns -1 if
+ * memory could not be allocated, else 0. */
+int grouped_select(gemm_fn gemm, int64_t element_size, const char *x, const char *W, const int64_t *starts,
+                   int64_t n_experts, int64_t d, int64_t m, int64_t k, int64_t tile, float *values,
+                   int64_t *indices) {
+    int64_t n_tiles = 0;
+    for (int64_t e = 0; e < n_experts; e++) n_tiles += (starts[e + 1] - starts[e] + tile - 1) / tile;
+    int64_t *tile_expert = malloc((n_tiles + 1) * sizeof(int64_t)), *tile_start = malloc((n_tiles + 1) * sizeof(int64_t));
+    int failed = tile_expert == NULL || tile_start == NULL;
+    for (int64_t e = 0, t = 0; !failed && e < n_experts; e++)
+        for (int64_t row = starts[e]; row < starts[e + 1]; row += tile, t++) {
+            tile_expert[t] = e;
+            tile_start[t] = row;
+        }
+    if (!failed) {
+#pragma omp parallel reduction(|: failed)
+        {
+            float *buffer = malloc(tile * m * sizeof(float));
+            entry *scratch = malloc(2 * m * sizeof(entry));
+            failed = buffer == NULL || scratch == NULL;
+#pragma omp for schedule(dynamic)
+            for (int64_t t = 0; t < n_tiles; t++) {
+                if (failed) continue;
+                int64_t e = tile_expert[t], row = tile_start[t];
+                int64_t end = row + tile < starts[e + 1] ? row + tile : starts[e + 1];
+                const int gm = (int)m, gn = (int)(end - row), gk = (int)d;
+                const float one = 1, zero = 0;
+                gemm("T", "N", &gm, &gn, &gk, &one, W + e * m * d * element_size, &gk, x + row * d * element_size,
+                     &gk, &zero, buffer, &gm);
+                for (int64_t r = row; r < end; r++)
+                    topk_row_f32(buffer + (r - row) * m, m, k, values + r * k, indices + r * k, e * m, scratch);
+            }
+            free(buffer);
+            free(scratch);
+        }
+    }
+    free(tile_expert);
+    free(tile_start);
+    return -failed;
+}
+

@@ -1,0 +1,126 @@
+"""The compiled CPU kernels against plain-torch references, edge cases included."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from switchsae.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="compiled kernels unavailable (no C compiler)")
+
+
+def _same_top(values: torch.Tensor, indices: torch.Tensor, pre: torch.Tensor, k: int) -> None:
+    """Same multiset of values as torch.topk, and every index points at its value."""
+    want = pre.float().topk(k, dim=-1).values
+    torch.testing.assert_close(values.sort(-1, descending=True).values, want, rtol=0, atol=0)
+    assert torch.equal(pre.float().gather(1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices), "an index chosen twice"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(7, 3), (64, 5), (1000, 32), (1024, 32), (4096, 1), (50, 50), (100, 64)])
+def test_topk_equals_torch_topk(dtype, m, k):
+    pre = torch.randn(37, m, generator=torch.Generator().manual_seed(m + k)).to(dtype)
+    values, indices = native.topk(pre, k)
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    _same_top(values, indices, pre, k)
+
+
+def test_topk_with_ties_and_constant_rows():
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.cat([torch.randint(0, 4, (20, 300), generator=gen).float(), torch.zeros(3, 300)])
+    values, indices = native.topk(pre, 16)
+    _same_top(values, indices, pre, 16)
+
+
+def test_topk_shifts_each_rows_indices_by_its_offset():
+    pre = torch.randn(6, 40)
+    offsets = torch.tensor([0, 0, 40, 40, 80, 80])
+    values, indices = native.topk(pre, 4, offsets)
+    _same_top(values, indices - offsets[:, None], pre, 4)
+
+
+def test_topk_of_a_row_with_nans_stays_in_range():
+    pre = torch.randn(4, 100)
+    pre[1] = float("nan")
+    pre[2, ::3] = float("nan")
+    _, indices = native.topk(pre, 10)
+    assert bool(((indices >= 0) & (indices < 100)).all())
+    _same_top(*native.topk(pre[[0, 3]], 10), pre[[0, 3]], 10)
+
+
+def test_topk_rejects_k_larger_than_the_row():
+    with pytest.raises(ValueError, match="k = 9"):
+        native.topk(torch.randn(2, 8), 9)
+
+
+def test_grouped_select_handles_uneven_and_empty_experts():
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(300, 24, generator=gen), torch.randn(5 * 32, 24, generator=gen)
+    counts = [0, 280, 1, 0, 19]
+    values, indices = native.grouped_select(x, W, counts, 6)
+    expert = torch.repeat_interleave(torch.arange(5), torch.tensor(counts))
+    mask = torch.arange(160) // 32 != expert[:, None]
+    ref = (x @ W.t()).masked_fill(mask, float("-inf")).topk(6, dim=-1)
+    assert torch.equal(indices.sort(-1).values, ref.indices.sort(-1).values)
+    torch.testing.assert_close(values.sort(-1).values, ref.values.sort(-1).values)
+
+
+def test_gather_dot_and_transposed_product_equal_dense_references():
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(30, 12, generator=gen), torch.randn(50, 12, generator=gen)
+    indices = torch.randint(0, 50, (30, 4), generator=gen)
+    indices[:, 3] = indices[:, 0]  # a latent named twice in a row adds up
+    weights = torch.randn(30, 4, generator=gen)
+    torch.testing.assert_close(native.gather_dot(x, W, indices), (W[indices] * x[:, None]).sum(-1))
+    dense = torch.zeros(30, 50).index_put_((torch.arange(30)[:, None].expand(-1, 4), indices), weights, accumulate=True)
+    torch.testing.assert_close(native.transposed_product(weights, indices, x, 50), dense.t() @ x)
+
+
+def test_out_of_range_indices_are_an_error_not_a_crash():
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(IndexError, match=r"\[0, 5\)"):
+        native.gather_dot(x, W, torch.tensor([[0, 5]] * 3))
+    with pytest.raises(IndexError):
+        native.transposed_product(torch.ones(3, 1), torch.tensor([[-1]] * 3), x, 5)
+
+
+def test_remove_parallel_leaves_gradients_orthogonal_to_unit_rows():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.functional.normalize(torch.randn(20, 9, generator=gen), dim=1)
+    g = torch.randn(20, 9, generator=gen)
+    want = g - (g * w).sum(1, keepdim=True) * w
+    native.remove_parallel(g, w)
+    torch.testing.assert_close(g, want)
+    torch.testing.assert_close((g * w).sum(1), torch.zeros(20), atol=1e-6, rtol=0)
+
+
+def test_adam_rows_equals_torch_adam_on_those_rows():
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(10, 6, generator=gen)
+    ref = torch.nn.Parameter(param[[1, 4, 7]].clone())
+    opt = torch.optim.Adam([ref], lr=0.01, fused=True)
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    rows = torch.tensor([1, 4, 7])
+    untouched = param[[0, 2, 3, 5, 6, 8, 9]].clone()
+    for step in range(1, 4):
+        grad = torch.randn(3, 6, generator=gen)
+        ref.grad = grad.clone()
+        opt.step()
+        native.adam_rows(param, exp_avg, exp_avg_sq, grad, rows, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, step=step)
+    torch.testing.assert_close(param[rows], ref.detach())
+    torch.testing.assert_close(exp_avg[rows], opt.state[ref]["exp_avg"])
+    assert torch.equal(param[[0, 2, 3, 5, 6, 8, 9]], untouched)
+
+
+def test_a_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SWITCHSAE_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="using torch ops"):
+            assert not native.available()
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+    assert native.available()
