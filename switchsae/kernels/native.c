@@ -214,6 +214,24 @@ void remove_parallel(float *g, const float *w, int64_t n, int64_t d) {
     }
 }
 
+/* w[r] ← w[r] / max(‖w[r]‖, 1e-12) for r = rows[i], i < n (rows NULL: r = i): rows back on the
+ * unit sphere, in one pass. */
+void normalize_rows(float *w, const int64_t *rows, int64_t n, int64_t d) {
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        thread_rows(n, &begin, &end);
+        for (int64_t i = begin; i < end; i++) {
+            float *wi = w + (rows ? rows[i] : i) * d;
+            float squares = 0;
+#pragma omp simd reduction(+: squares)
+            for (int64_t c = 0; c < d; c++) squares += wi[c] * wi[c];
+            const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;
+            for (int64_t c = 0; c < d; c++) wi[c] /= norm;
+        }
+    }
+}
+
 /* Adam on rows `rows[0:n]` of param/exp_avg/exp_avg_sq ([*, d]) with gradient rows grad ([n, d]),
  * in place and in one pass, in torch's fused-Adam arithmetic:
  *   m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − (lr / c1) m / (sqrt(v) / sqrt(c2) + ε)

@@ -37,6 +37,7 @@ SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1
     "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6, None),
     "gather_dot": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR], None),
     "remove_parallel": ([_PTR, _PTR, _I64, _I64], None),
+    "normalize_rows": ([_PTR, _PTR, _I64, _I64], None),
     "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR], ctypes.c_int),
     "grouped_select": ([_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR], ctypes.c_int),
 }
@@ -138,6 +139,17 @@ def remove_parallel(g: Tensor, w: Tensor) -> None:
     if not g.is_contiguous() or g.shape != w.shape:
         raise ValueError("remove_parallel needs a contiguous g of w's shape")
     _library().remove_parallel(g.data_ptr(), w.contiguous().data_ptr(), *g.shape)
+
+
+def normalize_rows(w: Tensor, rows: Tensor | None = None) -> None:
+    """``w_r ← w_r / max(‖w_r‖, 1e-12)`` in place for the given rows (all rows if None)."""
+    if not w.is_contiguous():
+        raise ValueError("normalize_rows needs a contiguous w")
+    if rows is not None:
+        _check_rows(rows, w.shape[0])
+        rows = rows.contiguous()
+    n = w.shape[0] if rows is None else rows.numel()
+    _library().normalize_rows(w.data_ptr(), None if rows is None else rows.data_ptr(), n, w.shape[1])
 
 
 def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, rows: Tensor, *, lr: float,

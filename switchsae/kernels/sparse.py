@@ -118,24 +118,41 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
 
 
 class GatheredLinear(torch.autograd.Function):
-    """``z_tj = W[i_tj] · x_t`` with values already known; backward is sparse in both inputs:
+    """``z_tj = W[i_tj] · (x_t − b)`` with values already known; backward is sparse in every input:
 
         ∂L/∂x_t = Σ_j g_tj W[i_tj]   (an embedding bag with per-sample weights g)
-        ∂L/∂W    = :func:`weight_grad` of g with upstream x (dense or row-sparse)
+        ∂L/∂b    = −Σ_t ∂L/∂x_t = −Σ_i c_i W[i]   with c_i = Σ_{tj: i_tj = i} g_tj
+        ∂L/∂W    = :func:`weight_grad` of g with upstream x − b (dense or row-sparse)
+
+    When ``x`` needs no gradient (activations read from a model or a cache) the bias gradient
+    reads each used row of ``W`` once instead of once per token and slot.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, indices: Tensor, values: Tensor, sparse_grad: bool = False) -> Tensor:
-        ctx.save_for_backward(x, W, indices)
+    def forward(ctx, x: Tensor, b: Tensor, W: Tensor, indices: Tensor, values: Tensor, centred: Tensor,
+                sparse_grad: bool = False) -> Tensor:
+        ctx.save_for_backward(W, indices, centred)
         ctx.sparse_grad = sparse_grad
         return values
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, W, indices = ctx.saved_tensors
-        grad_x = F.embedding_bag(indices, W.detach(), per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[0] else None
-        grad_W = weight_grad(grad, indices, x, W.shape[0], ctx.sparse_grad) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_W, None, None, None
+        W, indices, centred = ctx.saved_tensors
+        W = W.detach()
+        grad_x = F.embedding_bag(indices, W, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_b = -(grad_x.sum(0) if grad_x is not None else _rows_sum(grad, indices, W))
+        grad_W = weight_grad(grad, indices, centred, W.shape[0], ctx.sparse_grad) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_b, grad_W, None, None, None, None
+
+
+def _rows_sum(weights: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """``Σ_tj weights_tj W[indices_tj]`` → ``[d]``: per-row weight sums first, then one bag over used rows."""
+    rows, local = active_rows(indices, W.shape[0])
+    row_weights = torch.zeros(rows.numel(), dtype=weights.dtype, device=weights.device)
+    row_weights.index_add_(0, local.flatten(), weights.flatten())
+    return F.embedding_bag(rows[None], W, per_sample_weights=row_weights[None], mode="sum")[0]
 
 
 def select_topk(x: Tensor, W: Tensor, k: int, matmul_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
@@ -163,9 +180,15 @@ def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor |
     return values.float(), indices
 
 
-def topk_encode(x: Tensor, W: Tensor, indices: Tensor, values: Tensor, sparse_grad: bool = False) -> Tensor:
-    """Attach selected pre-activations to the graph and apply the ReLU: ``ReLU(W[i_tj] · x_t)``."""
-    return torch.relu(GatheredLinear.apply(x, W, indices, values, sparse_grad))
+def topk_encode(x: Tensor, b: Tensor, W: Tensor, indices: Tensor, values: Tensor, sparse_grad: bool = False,
+                centred: Tensor | None = None) -> Tensor:
+    """Attach the selected pre-activations ``values = W[i_tj] · (x_t − b)`` to the graph and apply
+    the ReLU: ``ReLU(W[i_tj] · (x_t − b))``, gradients flowing to ``x``, ``b`` and ``W``.
+    ``centred`` is ``x − b`` where the caller has it already (it selected on it)."""
+    if centred is None:
+        with torch.no_grad():
+            centred = x - b
+    return torch.relu(GatheredLinear.apply(x, b, W, indices, values, centred, sparse_grad))
 
 
 def dense_codes(values: Tensor, indices: Tensor, width: int) -> Tensor:

@@ -148,8 +148,10 @@ class SparseAutoencoder(nn.Module):
         With a row-sparse gradient only the rows it names can have moved, so only they are touched.
         """
         grad = self.W_dec.grad
-        if grad is not None and grad.is_sparse:
-            rows = grad._indices()[0]
+        rows = grad._indices()[0] if grad is not None and grad.is_sparse else None
+        if native.usable(self.W_dec) and self.W_dec.is_contiguous():
+            native.normalize_rows(self.W_dec.data, rows)
+        elif rows is not None:
             w = self.W_dec.index_select(0, rows)
             self.W_dec.index_copy_(0, rows, w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
         else:

@@ -38,8 +38,8 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(()))
 
     def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
-        centred = x - self.b_pre
         with torch.no_grad():
+            centred = x - self.b_pre
             acts = torch.mm(centred.to(self.matmul_dtype), self.W_enc.to(self.matmul_dtype).t()).relu_()
             keep = self._batch_topk(acts) if self.training else acts > self.threshold
             indices, valid = pack_rows(keep)
@@ -50,7 +50,8 @@ class BatchTopKSAE(TopKSAE):
             values = chosen.float() * valid
             if self.training:
                 self._update_threshold(values[valid])
-        return Latents(topk_encode(centred, self.W_enc, indices, values, self.sparse_grads), indices), {}
+        z = topk_encode(x, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
+        return Latents(z, indices), {}
 
     def _batch_topk(self, acts: Tensor) -> Tensor:
         """Mask of the ``T·k`` largest entries of ``acts: [T, M]``."""

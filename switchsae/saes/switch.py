@@ -69,9 +69,11 @@ class SwitchSAE(SparseAutoencoder):
         tokens grouped by expert and put back in token order."""
         probs, expert = self.route(x)
         order, counts = sort_by_expert(expert, self.cfg.n_experts)
-        centred = x.index_select(0, order) - self.b_pre
+        x_sorted = x.index_select(0, order)
+        with torch.no_grad():
+            centred = x_sorted - self.b_pre
         values, indices = grouped_select_topk(centred, self.W_enc, counts, self.cfg.k, self.matmul_dtype)
-        z = topk_encode(centred, self.W_enc, indices, values, self.sparse_grads)
+        z = topk_encode(x_sorted, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
         z = z * probs.gather(1, expert[:, None]).index_select(0, order)
         unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
         x_hat = self.decode(Latents(z, indices)).index_select(0, unsorted) if decode else None

@@ -27,9 +27,11 @@ class TopKSAE(SparseAutoencoder):
             self.W_enc.copy_(self.W_dec)
 
     def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
-        centred = x - self.b_pre
+        with torch.no_grad():
+            centred = x - self.b_pre
         values, indices = select_topk(centred, self.W_enc, self.cfg.k, self.matmul_dtype)
-        return Latents(topk_encode(centred, self.W_enc, indices, values, self.sparse_grads), indices), {}
+        z = topk_encode(x, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
+        return Latents(z, indices), {}
 
     def flops(self) -> dict[str, int]:
         """Forward ``2dM`` (encoder) ``+ 2kd`` (sparse decoder).

@@ -124,3 +124,15 @@ def test_a_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
         monkeypatch.undo()
         native._library.cache_clear()
     assert native.available()
+
+
+def test_normalize_rows_puts_the_named_rows_on_the_unit_sphere():
+    w = torch.randn(8, 5) * 3
+    w[6] = 0
+    before = w.clone()
+    native.normalize_rows(w, torch.tensor([1, 3, 6]))
+    torch.testing.assert_close(w[[1, 3]], torch.nn.functional.normalize(before[[1, 3]], dim=1))
+    assert torch.equal(w[6], torch.zeros(5)), "a zero row stays zero"
+    assert torch.equal(w[[0, 2, 4, 5, 7]], before[[0, 2, 4, 5, 7]])
+    native.normalize_rows(w)
+    torch.testing.assert_close(w[[0, 2]].norm(dim=1), torch.ones(2))
