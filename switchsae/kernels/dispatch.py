@@ -36,7 +36,7 @@ def grouped_select_topk(
     Returns no-grad fp32 ``values`` and ``indices``, both ``[T, k]``, in that same order.
     """
     with torch.no_grad():
-        if matmul_dtype == torch.float32 and native.usable(x_sorted, W) and native.fused_selection_available(W.dtype):
+        if matmul_dtype == torch.float32 and native.usable(x_sorted, W) and native.fused_selection_available():
             return native.grouped_select(x_sorted, W, counts, k)
         m = W.shape[0] // len(counts)
         x_low = x_sorted.to(matmul_dtype)

@@ -256,23 +256,20 @@ void adam_rows(float *param, float *exp_avg, float *exp_avg_sq, const float *gra
     }
 }
 
-/* Fortran BLAS gemm, column-major: C = α op(A) op(B) + β C, with LP64 ints, as MKL's SGEMM and
- * GEMM_BF16BF16F32 (the same call with bfloat16 A and B, fp32 C). */
-typedef void (*gemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
-                        const float *alpha, const void *a, const int *lda, const void *b, const int *ldb,
-                        const float *beta, float *c, const int *ldc);
+/* Fortran BLAS sgemm, column-major, LP64 ints: C = α op(A) op(B) + β C (MKL's SGEMM). */
+typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
 
 /* Expert selection fused with its matmul. Tokens x ([T, d], grouped by expert: expert e owns rows
  * [starts[e], starts[e+1])) are cut into tiles of at most `tile` tokens of one expert. A thread
  * takes a tile, multiplies it by its expert's encoder rows W[e·m, (e+1)·m) into its own
- * [tile, m] fp32 buffer (`gemm` runs single-threaded inside the parallel region) and takes
- * each row's top-k from that buffer while it is still in cache; indices are global latent ids
+ * [tile, m] buffer (`sgemm` runs single-threaded inside the parallel region) and takes each
+ * row's top-k from that buffer while it is still in cache; indices are global latent ids
  * (e·m + column). Tiles are handed out dynamically, so uneven experts balance across threads.
- * element_size is 4 for fp32 x and W (SGEMM), 2 for bfloat16 (GEMM_BF16BF16F32). Returns -1 if
- * memory could not be allocated, else 0. */
-int grouped_select(gemm_fn gemm, int64_t element_size, const char *x, const char *W, const int64_t *starts,
-                   int64_t n_experts, int64_t d, int64_t m, int64_t k, int64_t tile, float *values,
-                   int64_t *indices) {
+ * Returns -1 if memory could not be allocated, else 0. */
+int grouped_select(sgemm_fn sgemm, const float *x, const float *W, const int64_t *starts, int64_t n_experts,
+                   int64_t d, int64_t m, int64_t k, int64_t tile, float *values, int64_t *indices) {
     int64_t n_tiles = 0;
     for (int64_t e = 0; e < n_experts; e++) n_tiles += (starts[e + 1] - starts[e] + tile - 1) / tile;
     int64_t *tile_expert = malloc((n_tiles + 1) * sizeof(int64_t)), *tile_start = malloc((n_tiles + 1) * sizeof(int64_t));
@@ -295,8 +292,7 @@ int grouped_select(gemm_fn gemm, int64_t element_size, const char *x, const char
                 int64_t end = row + tile < starts[e + 1] ? row + tile : starts[e + 1];
                 const int gm = (int)m, gn = (int)(end - row), gk = (int)d;
                 const float one = 1, zero = 0;
-                gemm("T", "N", &gm, &gn, &gk, &one, W + e * m * d * element_size, &gk, x + row * d * element_size,
-                     &gk, &zero, buffer, &gm);
+                sgemm("T", "N", &gm, &gn, &gk, &one, W + e * m * d, &gk, x + row * d, &gk, &zero, buffer, &gm);
                 for (int64_t r = row; r < end; r++)
                     topk_row_f32(buffer + (r - row) * m, m, k, values + r * k, indices + r * k, e * m, scratch);
             }
@@ -308,4 +304,3 @@ int grouped_select(gemm_fn gemm, int64_t element_size, const char *x, const char
     free(tile_start);
     return -failed;
 }
-

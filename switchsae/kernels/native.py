@@ -39,7 +39,7 @@ SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1
     "remove_parallel": ([_PTR, _PTR, _I64, _I64], None),
     "normalize_rows": ([_PTR, _PTR, _I64, _I64], None),
     "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR], ctypes.c_int),
-    "grouped_select": ([_PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR], ctypes.c_int),
+    "grouped_select": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR], ctypes.c_int),
 }
 
 
@@ -94,11 +94,14 @@ def _cpu_flags() -> str:
 
 def topk(pre: Tensor, k: int, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Values (fp32) and indices of the ``k`` largest entries in each row of ``pre: [T, m]`` (fp32
-    or bf16), in no particular order; row ``t``'s indices are shifted by ``offsets[t]``. NaNs are
-    never selected (torch.topk ranks them highest)."""
+    or bf16), in no particular order; row ``t``'s indices are shifted by ``offsets[t]``. A row
+    with NaNs still gets k distinct in-range indices, in no defined order (torch.topk ranks NaN
+    highest; either way the NaN reaches the loss)."""
     n_rows, m = pre.shape
     if not 0 < k <= m:
         raise ValueError(f"k = {k} must be in [1, {m}]")
+    pre = pre.contiguous()
+    offsets = None if offsets is None else offsets.to(torch.int64).contiguous()
     values = torch.empty(n_rows, k)
     indices = torch.empty(n_rows, k, dtype=torch.int64)
     kernel = {torch.float32: _library().topk_f32, torch.bfloat16: _library().topk_bf16}[pre.dtype]
@@ -154,45 +157,47 @@ def normalize_rows(w: Tensor, rows: Tensor | None = None) -> None:
 
 def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, rows: Tensor, *, lr: float,
               beta1: float, beta2: float, eps: float, step: int) -> None:
-    """Adam step ``step`` (1-based) in place on ``param[rows]`` and its moments, ``grad: [len(rows), d]``."""
+    """Adam step ``step`` (1-based) in place on ``param[rows]`` and its moments, ``grad: [len(rows), d]``;
+    ``param`` and the moments contiguous, ``rows`` distinct."""
+    _check_rows(rows, param.shape[0])
+    grad, rows = grad.contiguous(), rows.contiguous()
     _library().adam_rows(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(),
                          rows.data_ptr(), rows.numel(), param.shape[1], lr, beta1, beta2, eps,
                          1 - beta1 ** step, (1 - beta2 ** step) ** 0.5)
 
 
-#: the BLAS gemm for each input dtype of the fused selection, by its name in torch's MKL
-GEMMS = {torch.float32: "SGEMM", torch.bfloat16: "GEMM_BF16BF16F32"}
-
-
 @functools.cache
-def _gemm(dtype: torch.dtype) -> int | None:
-    """Address of the BLAS gemm for ``dtype`` in the MKL linked into torch (x86-64 CPU wheels), or None."""
+def _sgemm() -> int | None:
+    """Address of the Fortran ``SGEMM`` of the MKL linked into torch (x86-64 CPU wheels), or None."""
     try:
-        blas = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        return ctypes.cast(getattr(blas, GEMMS[dtype]), ctypes.c_void_p).value
-    except (OSError, AttributeError, KeyError):
+        return ctypes.cast(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).SGEMM,
+                           ctypes.c_void_p).value
+    except (OSError, AttributeError):
         return None
 
 
-def fused_selection_available(dtype: torch.dtype) -> bool:
-    """Whether :func:`grouped_select` can run for inputs of ``dtype`` (compiled kernels and torch's MKL)."""
-    return available() and _gemm(dtype) is not None
+def fused_selection_available() -> bool:
+    """Whether :func:`grouped_select` can run (compiled kernels, and torch's MKL to call)."""
+    return available() and _sgemm() is not None
 
 
 def grouped_select(x: Tensor, W: Tensor, counts: list[int], k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of ``x_t W_{e_t}ᵀ`` for tokens grouped by expert (``counts[e]`` tokens of expert
+    """Top-k of ``x_t W_{e_t}ᵀ`` for fp32 tokens grouped by expert (``counts[e]`` tokens of expert
     ``e``, whose rows of ``W: [M, d]`` are ``[e·m, (e+1)·m)``), matmul and selection fused per
-    tile of tokens. ``x`` and ``W`` are both fp32 or both bf16 (fp32 accumulation); returns the
-    fp32 products and global indices, ``[T, k]``."""
+    tile of tokens. Returns the fp32 products and global indices, ``[T, k]``."""
     n_tokens, d = x.shape
     m = W.shape[0] // len(counts)
+    if sum(counts) != n_tokens or m * len(counts) != W.shape[0] or W.shape[1] != d:
+        raise ValueError(f"{len(counts)} experts with {sum(counts)} tokens do not fit x {tuple(x.shape)}, "
+                         f"W {tuple(W.shape)}")
     if not 0 < k <= m:
         raise ValueError(f"k = {k} must be in [1, {m}]")
+    x, W = x.float().contiguous(), W.float().contiguous()
     starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     values = torch.empty(n_tokens, k)
     indices = torch.empty(n_tokens, k, dtype=torch.int64)
-    tile = max(64, min(256, 2**18 // m))  # tokens per gemm: a [tile, m] fp32 buffer of ~1 MiB, at least 64 rows
-    if _library().grouped_select(_gemm(x.dtype), x.element_size(), x.data_ptr(), W.data_ptr(), starts.data_ptr(),
-                                 len(counts), d, m, k, tile, values.data_ptr(), indices.data_ptr()):
+    tile = max(64, min(256, 2**18 // m))  # tokens per gemm: a [tile, m] buffer of ~1 MiB, and W_e packing amortised
+    if _library().grouped_select(_sgemm(), x.data_ptr(), W.data_ptr(), starts.data_ptr(), len(counts), d, m, k,
+                                 tile, values.data_ptr(), indices.data_ptr()):
         raise MemoryError("fused selection: no memory for its per-thread buffers")
     return values, indices

@@ -136,3 +136,9 @@ def test_normalize_rows_puts_the_named_rows_on_the_unit_sphere():
     assert torch.equal(w[[0, 2, 4, 5, 7]], before[[0, 2, 4, 5, 7]])
     native.normalize_rows(w)
     torch.testing.assert_close(w[[0, 2]].norm(dim=1), torch.ones(2))
+
+
+def test_grouped_select_rejects_counts_that_do_not_cover_the_tokens():
+    x, W = torch.randn(10, 4), torch.randn(4 * 8, 4)
+    with pytest.raises(ValueError, match="4 experts with 9 tokens"):
+        native.grouped_select(x, W, [3, 3, 3, 0], 2)
