@@ -31,21 +31,42 @@ def grouped_select_topk(
     ``x_sorted`` holds the tokens grouped by expert, ``counts[e]`` of them for expert ``e`` (see
     :func:`sort_by_expert`). On CPU in fp32 the matmul and the top-k run fused, tile by tile
     (:func:`switchsae.kernels.native.grouped_select`: pre-activations stay in cache, threads
-    share out tiles of uneven experts). Otherwise each expert's slice of tokens is multiplied by
-    its ``m`` encoder rows into its rows of one ``[T, m]`` buffer, and one top-k runs over it.
-    Returns no-grad fp32 ``values`` and ``indices``, both ``[T, k]``, in that same order.
+    share out tiles of uneven experts). Otherwise :func:`expert_products` fills one ``[T, m]``
+    buffer and one top-k runs over it. Returns no-grad fp32 ``values`` and ``indices``, both
+    ``[T, k]``, in that same order.
     """
     with torch.no_grad():
         if matmul_dtype == torch.float32 and native.usable(x_sorted, W) and native.fused_selection_available():
             return native.grouped_select(x_sorted, W, counts, k)
         m = W.shape[0] // len(counts)
-        x_low = x_sorted.to(matmul_dtype)
-        pre = torch.empty(x_sorted.shape[0], m, dtype=matmul_dtype, device=x_sorted.device)
-        start = 0
-        for e, count in enumerate(counts):  # each expert's weights cast on their own: a cache-sized copy
-            W_e = W[e * m:(e + 1) * m].to(matmul_dtype)
-            torch.mm(x_low[start:start + count], W_e.t(), out=pre[start:start + count])
-            start += count
+        pre = expert_products(x_sorted, W, counts, matmul_dtype)
         first_latent = torch.arange(0, W.shape[0], m, device=x_sorted.device)
         offsets = first_latent.repeat_interleave(torch.tensor(counts, device=x_sorted.device))
         return largest_entries(pre, k, x_sorted, W, offsets)
+
+
+def expert_products(x_sorted: Tensor, W: Tensor, counts: list[int], dtype: torch.dtype) -> Tensor:
+    """``pre[t] = x_t W_{e_t}ᵀ`` in ``dtype``, ``[T, m]``, for tokens grouped by expert.
+
+    One grouped matmul (``torch._grouped_mm``) where torch has a kernel for it (bf16 on CUDA
+    devices of compute capability 9.0 and up); otherwise one matmul per expert into its rows of
+    the buffer, each expert's weights cast on their own (a cache-sized copy, not all of ``W``).
+    """
+    n_experts, m = len(counts), W.shape[0] // len(counts)
+    x_low = x_sorted.to(dtype)
+    if grouped_mm_available(x_sorted.device, dtype):
+        ends = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x_low, W.to(dtype).view(n_experts, m, -1).transpose(1, 2), offs=ends)
+    pre = torch.empty(x_sorted.shape[0], m, dtype=dtype, device=x_sorted.device)
+    start = 0
+    for e, count in enumerate(counts):
+        torch.mm(x_low[start:start + count], W[e * m:(e + 1) * m].to(dtype).t(), out=pre[start:start + count])
+        start += count
+    return pre
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`expert_products` takes ``torch._grouped_mm`` (a real grouped kernel needs
+    CUDA sm90+ and bf16; on CPU torch loops over the groups itself, no faster than ours)."""
+    return (hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16 and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))

@@ -170,7 +170,7 @@ def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor |
     ``W[indices_tj] · x_t`` (:func:`gather_dot`). On CPU the compiled top-k of
     kernels/native.py replaces ``torch.topk`` (~3x faster at 1,024 columns).
     """
-    if native.usable(pre) and pre.dtype in (torch.float32, torch.bfloat16):
+    if native.usable(pre, dtypes=(torch.float32, torch.bfloat16)):
         values, indices = native.topk(pre, k, offsets)
     else:
         values, indices = pre.topk(k, dim=-1, sorted=False)

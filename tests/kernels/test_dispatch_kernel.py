@@ -66,3 +66,30 @@ def test_pre_activation_memory_per_token_is_one_experts_width(monkeypatch):
     order, counts = sort_by_expert(expert, N_EXPERTS)
     grouped_select_topk(x[order], W, counts, K)
     assert shapes == [(T, EXPERT_WIDTH)]
+
+
+def test_the_grouped_matmul_path_equals_one_matmul_per_expert(monkeypatch):
+    """The CUDA path's logic (``torch._grouped_mm`` over experts, an empty one included), run on CPU."""
+    x, W, expert = _inputs()
+    order, counts = sort_by_expert(expert, N_EXPERTS)
+    assert counts[-1] == 0
+    assert not dispatch.grouped_mm_available(torch.device("cpu"), torch.bfloat16)
+    per_expert = dispatch.expert_products(x[order], W, counts, torch.bfloat16)
+    monkeypatch.setattr(dispatch, "grouped_mm_available", lambda device, dtype: True)
+    grouped = dispatch.expert_products(x[order], W, counts, torch.bfloat16)
+    assert grouped.shape == (T, EXPERT_WIDTH) and grouped.dtype == torch.bfloat16
+    torch.testing.assert_close(grouped, per_expert)
+
+
+def test_bf16_selection_takes_the_compiled_top_k(monkeypatch):
+    from switchsae.kernels import native
+
+    if not native.available():
+        pytest.skip("compiled kernels unavailable")
+    calls = []
+    topk = native.topk
+    monkeypatch.setattr(native, "topk", lambda pre, *args: calls.append(pre.dtype) or topk(pre, *args))
+    x, W, expert = _inputs()
+    order, counts = sort_by_expert(expert, N_EXPERTS)
+    grouped_select_topk(x[order], W, counts, K, torch.bfloat16)
+    assert calls == [torch.bfloat16]
