@@ -7,6 +7,9 @@ no compiler works, :func:`available` is False, a warning says so once, and calle
 plain-torch path, which computes the same thing (the tests check both). ``SWITCHSAE_NATIVE=0``
 turns the kernels off.
 
+Kernels that write in place bump the tensors' version counters, as torch's in-place ops do, so
+autograd still notices a saved tensor that was modified.
+
 Threads: the kernels use OpenMP. Loaded after torch, the library binds to the libgomp torch
 already loaded (same soname), so kernels run on torch's thread team and follow
 ``torch.set_num_threads``; a second thread pool beside torch's would make the two spin
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
@@ -142,6 +146,7 @@ def remove_parallel(g: Tensor, w: Tensor) -> None:
     if not g.is_contiguous() or g.shape != w.shape:
         raise ValueError("remove_parallel needs a contiguous g of w's shape")
     _library().remove_parallel(g.data_ptr(), w.contiguous().data_ptr(), *g.shape)
+    increment_version(g)
 
 
 def normalize_rows(w: Tensor, rows: Tensor | None = None) -> None:
@@ -153,6 +158,7 @@ def normalize_rows(w: Tensor, rows: Tensor | None = None) -> None:
         rows = rows.contiguous()
     n = w.shape[0] if rows is None else rows.numel()
     _library().normalize_rows(w.data_ptr(), None if rows is None else rows.data_ptr(), n, w.shape[1])
+    increment_version(w)
 
 
 def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, rows: Tensor, *, lr: float,
@@ -164,6 +170,7 @@ def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, 
     _library().adam_rows(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(),
                          rows.data_ptr(), rows.numel(), param.shape[1], lr, beta1, beta2, eps,
                          1 - beta1 ** step, (1 - beta2 ** step) ** 0.5)
+    increment_version((param, exp_avg, exp_avg_sq))
 
 
 @functools.cache

@@ -150,7 +150,7 @@ class SparseAutoencoder(nn.Module):
         grad = self.W_dec.grad
         rows = grad._indices()[0] if grad is not None and grad.is_sparse else None
         if native.usable(self.W_dec) and self.W_dec.is_contiguous():
-            native.normalize_rows(self.W_dec.data, rows)
+            native.normalize_rows(self.W_dec, rows)
         elif rows is not None:
             w = self.W_dec.index_select(0, rows)
             self.W_dec.index_copy_(0, rows, w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))

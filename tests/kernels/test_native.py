@@ -142,3 +142,11 @@ def test_grouped_select_rejects_counts_that_do_not_cover_the_tokens():
     x, W = torch.randn(10, 4), torch.randn(4 * 8, 4)
     with pytest.raises(ValueError, match="4 experts with 9 tokens"):
         native.grouped_select(x, W, [3, 3, 3, 0], 2)
+
+
+def test_in_place_kernels_bump_version_counters_like_torch_in_place_ops():
+    w, g = torch.randn(4, 3), torch.randn(4, 3)
+    versions = w._version, g._version
+    native.normalize_rows(w)
+    native.remove_parallel(g, w)
+    assert (w._version, g._version) == (versions[0] + 1, versions[1] + 1)
