@@ -2,8 +2,8 @@
 
 Prints, per configuration (each in a fresh process, so peak RSS is its own): tokens/s of a
 full training step (forward, sparse backward, Adam, decoder projection), the time split
-between those phases, encoder GFLOP/s against the machine's measured dense matmul peak (the
-roofline), and pre-activation memory per token.
+between those phases, encoder GFLOP/s against the machine's measured dense matmul peak and
+memory bandwidth (the roofline), and pre-activation memory per token.
 
     python benchmarks/train_speed.py                    # the issue-4 table (d=576, k=32, T=4096)
     python benchmarks/train_speed.py --quick            # smaller, for a smoke run
@@ -41,6 +41,19 @@ def matmul_peak(d: int, m: int, t: int, dtype: torch.dtype) -> float:
         torch.mm(a, b.t())
         best = min(best, time.perf_counter() - start)
     return 2 * t * d * m / best / 1e9
+
+
+def copy_bandwidth(megabytes: int = 256) -> float:
+    """Measured GB/s of copying a ``megabytes`` fp32 tensor (read + write, best of 3): the
+    memory roof that Adam, the gradient writes and the sparse gathers run against."""
+    a = torch.randn(megabytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * megabytes / 1024 / best
 
 
 def parse_config(spec: str) -> tuple[str, int, int, set[str]]:
@@ -110,7 +123,8 @@ def main() -> None:
         args.configs, args.batch, args.steps, args.warmup = ["topk:4096:1", "switch:4096:16:bf16+sparse"], 1024, 2, 1
     peaks = {dtype: matmul_peak(args.d_model, 16384, args.batch, dtype) for dtype in (torch.float32, torch.bfloat16)}
     print(f"threads={torch.get_num_threads()}  dense matmul peak (d={args.d_model}, M=16384, T={args.batch}): "
-          + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.0f} GFLOP/s" for dtype, peak in peaks.items()))
+          + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.0f} GFLOP/s" for dtype, peak in peaks.items())
+          + f"; memory copy {copy_bandwidth():.0f} GB/s")
     rows = []
     for spec in args.configs:
         rows.append(time_steps(spec, args))

@@ -148,12 +148,15 @@ class GatheredLinear(torch.autograd.Function):
         return grad_x, grad_b, grad_W, None, None, None, None
 
 
-def _rows_sum(weights: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """``Σ_tj weights_tj W[indices_tj]`` → ``[d]``: per-row weight sums first, then one bag over used rows."""
+def _rows_sum(weights: Tensor, indices: Tensor, W: Tensor, n_bags: int = 64) -> Tensor:
+    """``Σ_tj weights_tj W[indices_tj]`` → ``[d]``: per-row weight sums first, then one pass over
+    the used rows, cut into ``n_bags`` embedding bags (one bag would run on one thread) whose
+    sums are added."""
     rows, local = active_rows(indices, W.shape[0])
     row_weights = torch.zeros(rows.numel(), dtype=weights.dtype, device=weights.device)
     row_weights.index_add_(0, local.flatten(), weights.flatten())
-    return F.embedding_bag(rows[None], W, per_sample_weights=row_weights[None], mode="sum")[0]
+    starts = torch.arange(0, rows.numel(), max(1, -(-rows.numel() // n_bags)), device=rows.device)
+    return F.embedding_bag(rows, W, starts, per_sample_weights=row_weights, mode="sum").sum(0)
 
 
 def select_topk(x: Tensor, W: Tensor, k: int, matmul_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:

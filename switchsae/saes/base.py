@@ -132,7 +132,7 @@ class SparseAutoencoder(nn.Module):
         ``mse = (1/T) Σ_t ‖x_t − x̂_t‖²`` in normalised units.
         """
         scale = self.cfg.act_scale
-        terms = {"mse": ((x.float() - out.x_hat) * scale).pow(2).sum(-1).mean()}
+        terms = {"mse": (x.float() - out.x_hat).pow(2).sum(-1).mean() * scale**2}
         terms.update(self.extra_losses(x.float() * scale, out))
         terms["loss"] = sum(terms.values())
         return terms
