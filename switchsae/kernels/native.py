@@ -83,8 +83,9 @@ def _build() -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / target.name
-            subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
-                           check=True)
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            if result.returncode:
+                raise OSError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
             os.replace(built, target)
     return target
 

@@ -150,3 +150,19 @@ def test_in_place_kernels_bump_version_counters_like_torch_in_place_ops():
     native.normalize_rows(w)
     native.remove_parallel(g, w)
     assert (w._version, g._version) == (versions[0] + 1, versions[1] + 1)
+
+
+def test_a_failing_compile_is_reported_with_the_compilers_message(monkeypatch, tmp_path):
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo broken 1.0; exit 0; fi\n"
+                        "echo 'omp.h: No such file' >&2; exit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("SWITCHSAE_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="omp.h: No such file"):
+            assert not native.available()
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
