@@ -196,16 +196,17 @@ int transposed_product(const int64_t *rows, const float *weights, const float *i
     return 0;
 }
 
-/* g[i] ← g[i] − (g[i] · w[i]) w[i] for the n rows of g and w ([n, d]): the gradient's component
- * along each (unit-norm) decoder row removed, in one pass. */
-void remove_parallel(float *g, const float *w, int64_t n, int64_t d) {
+/* g[i] ← g[i] − (g[i] · w[r]) w[r] for the n rows of g ([n, d]), r = rows[i] (rows NULL: r = i):
+ * the gradient's component along each (unit-norm) decoder row removed, in one pass; with rows,
+ * g holds a row-sparse gradient's values and w is the whole decoder. */
+void remove_parallel(float *g, const float *w, const int64_t *rows, int64_t n, int64_t d) {
 #pragma omp parallel
     {
         int64_t begin, end;
         thread_rows(n, &begin, &end);
         for (int64_t i = begin; i < end; i++) {
             float *gi = g + i * d;
-            const float *wi = w + i * d;
+            const float *wi = w + (rows ? rows[i] : i) * d;
             float dot = 0;
 #pragma omp simd reduction(+: dot)
             for (int64_t c = 0; c < d; c++) dot += gi[c] * wi[c];

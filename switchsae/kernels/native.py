@@ -40,7 +40,7 @@ SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1
     "topk_bf16": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
     "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6, None),
     "gather_dot": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR], None),
-    "remove_parallel": ([_PTR, _PTR, _I64, _I64], None),
+    "remove_parallel": ([_PTR, _PTR, _PTR, _I64, _I64], None),
     "normalize_rows": ([_PTR, _PTR, _I64, _I64], None),
     "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR], ctypes.c_int),
     "grouped_select": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR], ctypes.c_int),
@@ -110,10 +110,13 @@ def topk(pre: Tensor, k: int, offsets: Tensor | None = None) -> tuple[Tensor, Te
     values = torch.empty(n_rows, k)
     indices = torch.empty(n_rows, k, dtype=torch.int64)
     kernel = {torch.float32: _library().topk_f32, torch.bfloat16: _library().topk_bf16}[pre.dtype]
-    offsets_ptr = None if offsets is None else offsets.data_ptr()
-    if kernel(pre.data_ptr(), n_rows, m, k, offsets_ptr, values.data_ptr(), indices.data_ptr()):
+    if kernel(pre.data_ptr(), n_rows, m, k, _pointer(offsets), values.data_ptr(), indices.data_ptr()):
         raise MemoryError(f"top-k: no memory for {2 * m} scratch entries per thread")
     return values, indices
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _check_rows(indices: Tensor, n_rows: int) -> None:
@@ -142,11 +145,16 @@ def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: in
     return out
 
 
-def remove_parallel(g: Tensor, w: Tensor) -> None:
-    """``g_i ← g_i − (g_i · w_i) w_i`` in place, rows of ``g`` and ``w: [n, d]`` (``g`` contiguous)."""
-    if not g.is_contiguous() or g.shape != w.shape:
-        raise ValueError("remove_parallel needs a contiguous g of w's shape")
-    _library().remove_parallel(g.data_ptr(), w.contiguous().data_ptr(), *g.shape)
+def remove_parallel(g: Tensor, w: Tensor, rows: Tensor | None = None) -> None:
+    """``g_i ← g_i − (g_i · w_r) w_r`` in place for the rows of ``g: [n, d]`` (contiguous), with
+    ``r = rows[i]`` (a row-sparse gradient's values against the whole ``w``) or ``r = i``."""
+    n = g.shape[0]
+    if not g.is_contiguous() or g.shape[1] != w.shape[1] or (rows is None and w.shape[0] != n):
+        raise ValueError(f"remove_parallel needs a contiguous g matching w: g {tuple(g.shape)}, w {tuple(w.shape)}")
+    if rows is not None:
+        _check_rows(rows, w.shape[0])
+        rows = rows.contiguous()
+    _library().remove_parallel(g.data_ptr(), w.contiguous().data_ptr(), _pointer(rows), n, g.shape[1])
     increment_version(g)
 
 
@@ -158,7 +166,7 @@ def normalize_rows(w: Tensor, rows: Tensor | None = None) -> None:
         _check_rows(rows, w.shape[0])
         rows = rows.contiguous()
     n = w.shape[0] if rows is None else rows.numel()
-    _library().normalize_rows(w.data_ptr(), None if rows is None else rows.data_ptr(), n, w.shape[1])
+    _library().normalize_rows(w.data_ptr(), _pointer(rows), n, w.shape[1])
     increment_version(w)
 
 

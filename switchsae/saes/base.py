@@ -163,14 +163,12 @@ class SparseAutoencoder(nn.Module):
         grad = self.W_dec.grad
         if grad is None:
             return
-        if grad.is_sparse:
-            g, w = grad._values(), self.W_dec.index_select(0, grad._indices()[0])
-        else:
-            g, w = grad, self.W_dec
-        if native.usable(g, w) and g.is_contiguous():
-            native.remove_parallel(g, w)
-        else:
-            g.addcmul_(torch.einsum("md,md->m", g, w)[:, None], w, value=-1)
+        g, rows = (grad._values(), grad._indices()[0]) if grad.is_sparse else (grad, None)
+        if native.usable(g, self.W_dec) and g.is_contiguous():
+            native.remove_parallel(g, self.W_dec, rows)  # reads the decoder rows in place, no gather
+            return
+        w = self.W_dec if rows is None else self.W_dec.index_select(0, rows)
+        g.addcmul_(torch.einsum("md,md->m", g, w)[:, None], w, value=-1)
 
     # -- cost -----------------------------------------------------------------------------
     def flops(self) -> dict[str, int]:

@@ -94,6 +94,12 @@ def test_remove_parallel_leaves_gradients_orthogonal_to_unit_rows():
     torch.testing.assert_close(g, want)
     torch.testing.assert_close((g * w).sum(1), torch.zeros(20), atol=1e-6, rtol=0)
 
+    rows = torch.tensor([2, 7, 19])  # a row-sparse gradient's values against the whole decoder
+    values = torch.randn(3, 9, generator=gen)
+    want = values - (values * w[rows]).sum(1, keepdim=True) * w[rows]
+    native.remove_parallel(values, w, rows)
+    torch.testing.assert_close(values, want)
+
 
 def test_adam_rows_equals_torch_adam_on_those_rows():
     gen = torch.Generator().manual_seed(0)
