@@ -105,6 +105,8 @@ def topk(pre: Tensor, k: int, offsets: Tensor | None = None) -> tuple[Tensor, Te
     n_rows, m = pre.shape
     if not 0 < k <= m:
         raise ValueError(f"k = {k} must be in [1, {m}]")
+    _require(offsets is None or offsets.shape == (n_rows,), "top-k needs one offset per row", pre,
+             *([] if offsets is None else [offsets]))
     pre = pre.contiguous()
     offsets = None if offsets is None else offsets.to(torch.int64).contiguous()
     values = torch.empty(n_rows, k)
@@ -119,6 +121,12 @@ def _pointer(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _require(condition: bool, what: str, *tensors: Tensor) -> None:
+    """Shapes the C side trusts are checked here: a mismatch is an error, not a stray read."""
+    if not condition:
+        raise ValueError(f"{what}; got shapes {', '.join(str(tuple(t.shape)) for t in tensors)}")
+
+
 def _check_rows(indices: Tensor, n_rows: int) -> None:
     """The C kernels index without bounds checks, so every index is checked here first."""
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_rows):
@@ -127,6 +135,8 @@ def _check_rows(indices: Tensor, n_rows: int) -> None:
 
 def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     """``out_tj = W[indices_tj] · x_t`` → ``[T, k]``."""
+    _require(indices.ndim == 2 and x.shape[0] == indices.shape[0] and x.shape[1] == W.shape[1],
+             "gather_dot needs x [T, d], W [M, d], indices [T, k]", x, W, indices)
     _check_rows(indices, W.shape[0])
     x, W, indices = x.contiguous(), W.contiguous(), indices.contiguous()
     out = torch.empty(indices.shape)
@@ -136,6 +146,8 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
 
 def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: int) -> Tensor:
     """``out[i] = Σ_{tj: rows_tj = i} weights_tj inputs_t`` → ``[n_rows, d]`` (zero where no entry)."""
+    _require(rows.ndim == 2 and weights.shape == rows.shape and inputs.shape[0] == rows.shape[0],
+             "transposed_product needs weights and rows [T, k], inputs [T, d]", weights, rows, inputs)
     _check_rows(rows, n_rows)
     weights, rows, inputs = weights.contiguous(), rows.contiguous(), inputs.contiguous()
     out = torch.empty(n_rows, inputs.shape[1])
@@ -149,8 +161,8 @@ def remove_parallel(g: Tensor, w: Tensor, rows: Tensor | None = None) -> None:
     """``g_i ← g_i − (g_i · w_r) w_r`` in place for the rows of ``g: [n, d]`` (contiguous), with
     ``r = rows[i]`` (a row-sparse gradient's values against the whole ``w``) or ``r = i``."""
     n = g.shape[0]
-    if not g.is_contiguous() or g.shape[1] != w.shape[1] or (rows is None and w.shape[0] != n):
-        raise ValueError(f"remove_parallel needs a contiguous g matching w: g {tuple(g.shape)}, w {tuple(w.shape)}")
+    _require(g.is_contiguous() and g.shape[1] == w.shape[1] and (w.shape[0] if rows is None else rows.numel()) == n,
+             "remove_parallel needs a contiguous g with one row per (named) row of w", g, w)
     if rows is not None:
         _check_rows(rows, w.shape[0])
         rows = rows.contiguous()
@@ -160,8 +172,7 @@ def remove_parallel(g: Tensor, w: Tensor, rows: Tensor | None = None) -> None:
 
 def normalize_rows(w: Tensor, rows: Tensor | None = None) -> None:
     """``w_r ← w_r / max(‖w_r‖, 1e-12)`` in place for the given rows (all rows if None)."""
-    if not w.is_contiguous():
-        raise ValueError("normalize_rows needs a contiguous w")
+    _require(w.is_contiguous(), "normalize_rows needs a contiguous w", w)
     if rows is not None:
         _check_rows(rows, w.shape[0])
         rows = rows.contiguous()
@@ -174,6 +185,9 @@ def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, 
               beta1: float, beta2: float, eps: float, step: int) -> None:
     """Adam step ``step`` (1-based) in place on ``param[rows]`` and its moments, ``grad: [len(rows), d]``;
     ``param`` and the moments contiguous, ``rows`` distinct."""
+    _require(grad.shape == (rows.numel(), param.shape[1]) and exp_avg.shape == exp_avg_sq.shape == param.shape
+             and all(t.is_contiguous() for t in (param, exp_avg, exp_avg_sq)),
+             "adam_rows needs contiguous param and moments of one shape, grad [len(rows), d]", param, grad, rows)
     _check_rows(rows, param.shape[0])
     grad, rows = grad.contiguous(), rows.contiguous()
     _library().adam_rows(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(),

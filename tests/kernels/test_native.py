@@ -172,3 +172,18 @@ def test_a_failing_compile_is_reported_with_the_compilers_message(monkeypatch, t
     finally:
         monkeypatch.undo()
         native._library.cache_clear()
+
+
+def test_mismatched_shapes_are_an_error_before_any_c_code_runs():
+    x, W = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="gather_dot needs"):
+        native.gather_dot(x, W, torch.zeros(2, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="transposed_product needs"):
+        native.transposed_product(torch.ones(3, 2), torch.zeros(3, 1, dtype=torch.int64), x, 5)
+    with pytest.raises(ValueError, match="one offset per row"):
+        native.topk(torch.randn(3, 8), 2, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="remove_parallel needs"):
+        native.remove_parallel(torch.randn(2, 4), W, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="adam_rows needs"):
+        native.adam_rows(W, torch.zeros_like(W), torch.zeros_like(W), torch.randn(1, 4), torch.tensor([0, 1]),
+                         lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
