@@ -80,16 +80,3 @@ def test_the_grouped_matmul_path_equals_one_matmul_per_expert(monkeypatch):
     assert grouped.shape == (T, EXPERT_WIDTH) and grouped.dtype == torch.bfloat16
     torch.testing.assert_close(grouped, per_expert)
 
-
-def test_bf16_selection_takes_the_compiled_top_k(monkeypatch):
-    from switchsae.kernels import native
-
-    if not native.available():
-        pytest.skip("compiled kernels unavailable")
-    calls = []
-    topk = native.topk
-    monkeypatch.setattr(native, "topk", lambda pre, *args: calls.append(pre.dtype) or topk(pre, *args))
-    x, W, expert = _inputs()
-    order, counts = sort_by_expert(expert, N_EXPERTS)
-    grouped_select_topk(x[order], W, counts, K, torch.bfloat16)
-    assert calls == [torch.bfloat16]

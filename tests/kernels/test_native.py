@@ -1,10 +1,14 @@
 """The compiled CPU kernels against plain-torch references, edge cases included."""
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import torch
 
 from switchsae.kernels import native
+from switchsae.kernels.dispatch import grouped_select_topk
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="compiled kernels unavailable (no C compiler)")
 
@@ -119,16 +123,24 @@ def test_adam_rows_equals_torch_adam_on_those_rows():
     assert torch.equal(param[[0, 2, 3, 5, 6, 8, 9]], untouched)
 
 
-def test_a_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("SWITCHSAE_CACHE", str(tmp_path))
+@contextlib.contextmanager
+def _built_with(compiler: Path, monkeypatch, cache: Path):
+    """A fresh load of the kernels with ``compiler`` into an empty ``cache``; the real build is
+    loaded again afterwards."""
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("SWITCHSAE_CACHE", str(cache))
     native._library.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="using torch ops"):
-            assert not native.available()
+        yield
     finally:
         monkeypatch.undo()
         native._library.cache_clear()
+
+
+def test_a_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    with _built_with(tmp_path / "no-such-compiler", monkeypatch, tmp_path):
+        with pytest.warns(UserWarning, match="using torch ops"):
+            assert not native.available()
     assert native.available()
 
 
@@ -163,15 +175,19 @@ def test_a_failing_compile_is_reported_with_the_compilers_message(monkeypatch, t
     compiler.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo broken 1.0; exit 0; fi\n"
                         "echo 'omp.h: No such file' >&2; exit 1\n")
     compiler.chmod(0o755)
-    monkeypatch.setenv("CC", str(compiler))
-    monkeypatch.setenv("SWITCHSAE_CACHE", str(tmp_path))
-    native._library.cache_clear()
-    try:
+    with _built_with(compiler, monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match="omp.h: No such file"):
             assert not native.available()
-    finally:
-        monkeypatch.undo()
-        native._library.cache_clear()
+
+
+def test_bf16_selection_takes_the_compiled_top_k(monkeypatch):
+    calls = []
+    topk = native.topk
+    monkeypatch.setattr(native, "topk", lambda pre, *args: calls.append(pre.dtype) or topk(pre, *args))
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(40, 16, generator=gen), torch.randn(4 * 16, 16, generator=gen)
+    grouped_select_topk(x, W, [10, 10, 20, 0], 3, torch.bfloat16)
+    assert calls == [torch.bfloat16]
 
 
 def test_mismatched_shapes_are_an_error_before_any_c_code_runs():
