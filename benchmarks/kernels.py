@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 
 import torch
@@ -21,17 +20,13 @@ from switchsae.kernels import dispatch, native, sparse
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
 from switchsae.saes import build_sae
+from train_speed import best_seconds  # this folder's timing helper (the scripts run from benchmarks/)
 
 
 def best_ms(run: Callable[[], object], repeats: int) -> float:
     """Fastest of ``repeats`` calls after one warm-up, in milliseconds."""
     run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return best_seconds(run, repeats) * 1e3
 
 
 def lazy_adam_step(W: torch.Tensor, rows: torch.Tensor) -> Callable[[], None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -32,15 +33,20 @@ DEFAULT_CONFIGS = ["topk:16384:1", "topk:16384:1:bf16", "switch:16384:16", "swit
 OPTIONS = ("bf16", "sparse")
 
 
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """Fastest of ``repeats`` timed calls of ``run``, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_peak(d: int, m: int, t: int, dtype: torch.dtype) -> float:
     """Measured GFLOP/s of one ``[t, d] × [d, m]`` matmul (best of 3)."""
     a, b = torch.randn(t, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        torch.mm(a, b.t())
-        best = min(best, time.perf_counter() - start)
-    return 2 * t * d * m / best / 1e9
+    return 2 * t * d * m / best_seconds(lambda: torch.mm(a, b.t())) / 1e9
 
 
 def copy_bandwidth(megabytes: int = 256) -> float:
@@ -48,12 +54,7 @@ def copy_bandwidth(megabytes: int = 256) -> float:
     memory roof that Adam, the gradient writes and the sparse gathers run against."""
     a = torch.randn(megabytes * 2**20 // 4)
     b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - start)
-    return 2 * megabytes / 1024 / best
+    return 2 * megabytes / 1024 / best_seconds(lambda: b.copy_(a))
 
 
 def parse_config(spec: str) -> tuple[str, int, int, set[str]]:

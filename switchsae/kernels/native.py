@@ -129,8 +129,10 @@ def _require(condition: bool, what: str, *tensors: Tensor) -> None:
 
 def _check_rows(indices: Tensor, n_rows: int) -> None:
     """The C kernels index without bounds checks, so every index is checked here first."""
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_rows):
-        raise IndexError(f"latent index out of range [0, {n_rows})")
+    if indices.numel():
+        low, high = torch.aminmax(indices)
+        if int(low) < 0 or int(high) >= n_rows:
+            raise IndexError(f"latent index out of range [0, {n_rows})")
 
 
 def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
