@@ -15,11 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from switchsae.config import SAEConfig
 from switchsae.kernels import dispatch, native, sparse
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
-from switchsae.saes import build_sae
 from train_speed import best_seconds  # this folder's timing helper (the scripts run from benchmarks/)
 
 
@@ -29,12 +27,16 @@ def best_ms(run: Callable[[], object], repeats: int) -> float:
     return best_seconds(run, repeats) * 1e3
 
 
-def lazy_adam_step(W: torch.Tensor, rows: torch.Tensor) -> Callable[[], None]:
-    """Steps of one LazyAdam on the given rows of a copy of ``W``."""
+def adam_step(W: torch.Tensor, rows: torch.Tensor | None, unit_norm: bool) -> Callable[[], None]:
+    """Steps of one LazyAdam on a copy of ``W``: the given rows (a row-sparse gradient) or all
+    (a dense one), as a ``unit_norm_rows`` decoder group or not."""
     param = torch.nn.Parameter(W.clone())
-    param.grad = torch.sparse_coo_tensor(rows[None], torch.randn(rows.numel(), W.shape[1]), W.shape,
-                                         is_coalesced=True, check_invariants=False)
-    return LazyAdam([param], lr=1e-4).step
+    if rows is None:
+        param.grad = torch.randn(W.shape)
+    else:
+        param.grad = torch.sparse_coo_tensor(rows[None], torch.randn(rows.numel(), W.shape[1]), W.shape,
+                                             is_coalesced=True, check_invariants=False)
+    return LazyAdam([{"params": [param], "unit_norm_rows": unit_norm}], lr=1e-4).step
 
 
 def cases(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
@@ -49,17 +51,16 @@ def cases(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
     indices = expert[:, None] * m + torch.randint(0, m, (args.tokens, args.k), generator=gen)
     weights = torch.randn(args.tokens, args.k, generator=gen)
     pre = x @ W.t()
-    sae = build_sae(SAEConfig(arch="topk", d_model=args.d_model, width=args.width, k=args.k))
-    sae.W_dec.grad = torch.randn(args.width, args.d_model, generator=gen)
+    used = torch.unique(indices)
     return {
         f"expert selection, {args.experts} x {m} (matmul + top-k)":
             lambda: dispatch.grouped_select_topk(x, W, counts, args.k),
         f"top-k of [{args.tokens}, {args.width}] (dense TopK)": lambda: sparse.largest_entries(pre, args.k, x, W),
         "weight gradient (transposed product)": lambda: sparse.weight_grad(weights, indices, x, args.width, False),
         "decoder value gradient (SDDMM)": lambda: sparse.gather_dot(x, W, indices),
-        "gradient projection on decoder rows": sae.remove_parallel_grads,
-        "decoder row normalisation": sae.normalize_decoder,
-        f"lazy Adam on {torch.unique(indices).numel()} rows": lazy_adam_step(W, torch.unique(indices)),
+        "Adam, all rows": adam_step(W, None, unit_norm=False),
+        "decoder Adam, all rows (+ projection, renormalisation)": adam_step(W, None, unit_norm=True),
+        f"lazy Adam on {used.numel()} rows": adam_step(W, used, unit_norm=False),
     }
 
 

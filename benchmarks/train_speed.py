@@ -90,10 +90,8 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        sae.remove_parallel_grads()
         t2 = time.perf_counter()
         opt.step()
-        sae.normalize_decoder()
         t3 = time.perf_counter()
         if step >= args.warmup:
             for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):

@@ -1,4 +1,5 @@
-"""Row-sparse ("lazy") Adam for dictionaries too large to update densely every step (SPEC §7).
+"""Adam for SAE dictionaries: row-sparse ("lazy") updates, and unit-norm decoder rows kept in the
+same pass (SPEC §7).
 
 Dense Adam reads and writes ~28 bytes per parameter per step whatever the batch touched; at
 ``M = 524,288``, ``d = 576`` that alone caps training near 1.7k tokens/s on this CPU. With
@@ -10,8 +11,13 @@ and this optimizer updates only those rows and their moments:
 
 for touched rows ``r`` only, with ``t`` the global step (TensorFlow's LazyAdam). Untouched rows
 keep their moments and parameters: unlike dense Adam, stale momentum does not keep moving
-latents that did not fire. Dense gradients (biases, the router) get the ordinary Adam update.
-State names match ``torch.optim.Adam``'s, so checkpoints are interchangeable.
+latents that did not fire. Dense gradients get the ordinary Adam update of every row.
+
+A parameter group with ``unit_norm_rows=True`` holds decoder matrices whose rows stay on the unit
+sphere (SPEC §1): each updated row's gradient loses its component along the row first,
+``g_r ← g_r − (g_r · θ_r) θ_r``, and the row is renormalised after the update,
+``θ_r ← θ_r / ‖θ_r‖``. On CPU the compiled kernel does projection, Adam and renormalisation
+while the row is in cache (one pass instead of three). State names match ``torch.optim.Adam``'s.
 """
 from __future__ import annotations
 
@@ -23,39 +29,49 @@ from switchsae.kernels import native
 
 
 class LazyAdam(torch.optim.Optimizer):
-    """Adam that updates only the rows named by a row-sparse gradient (dense gradients: all rows)."""
+    """Adam that updates only the rows named by a row-sparse gradient (dense gradients: all rows),
+    keeping the rows of ``unit_norm_rows`` groups at unit norm."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "unit_norm_rows": False})
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            unit_norm = group.get("unit_norm_rows", False)
+            if unit_norm and any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("unit_norm_rows groups must hold matrices (one decoder vector per row)")
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
                     state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                rows, grad = _row_sparse(p.grad) if p.grad.is_sparse else (None, p.grad)
                 full = (p, state["exp_avg"], state["exp_avg_sq"])
-                if p.grad.is_sparse:
-                    rows, grad = _row_sparse(p.grad)
-                    if native.usable(p, grad, rows) and all(t.is_contiguous() for t in full):
-                        # one in-place pass over the touched rows (no gather, no scatter back)
-                        state["step"] += 1
-                        native.adam_rows(*full, grad, rows, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                         eps=group["eps"], step=int(state["step"]))
-                        continue
-                    param, exp_avg, exp_avg_sq = (t.index_select(0, rows) for t in full)
+                if p.ndim == 2 and native.usable(*full, grad) and all(t.is_contiguous() for t in full):
+                    state["step"] += 1
+                    native.adam_rows(*full, grad, rows, lr=group["lr"], beta1=group["betas"][0],
+                                     beta2=group["betas"][1], eps=group["eps"], step=int(state["step"]),
+                                     unit_norm=unit_norm)
                 else:
-                    grad, (param, exp_avg, exp_avg_sq) = p.grad, full
-                # torch's fused single-pass Adam kernel, on the touched rows only; it advances "step".
-                adam([param], [grad], [exp_avg], [exp_avg_sq], [], [state["step"]], fused=True, amsgrad=False,
-                     beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
-                if p.grad.is_sparse:
-                    for target, part in zip(full, (param, exp_avg, exp_avg_sq)):
-                        target.index_copy_(0, rows, part)
+                    _torch_step(full, grad, rows, state["step"], group, unit_norm)
+
+
+def _torch_step(full: tuple[Tensor, Tensor, Tensor], grad: Tensor, rows: Tensor | None, step: Tensor, group: dict,
+                unit_norm: bool) -> None:
+    """The same update with torch ops (GPU, or no compiled kernels): gather the rows, project,
+    torch's fused Adam (it advances ``step``), renormalise, scatter back."""
+    param, exp_avg, exp_avg_sq = full if rows is None else (t.index_select(0, rows) for t in full)
+    if unit_norm:
+        grad = grad - torch.einsum("rd,rd->r", grad, param)[:, None] * param
+    adam([param], [grad], [exp_avg], [exp_avg_sq], [], [step], fused=True, amsgrad=False, beta1=group["betas"][0],
+         beta2=group["betas"][1], lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
+    if unit_norm:
+        param.div_(param.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    if rows is not None:
+        for target, part in zip(full, (param, exp_avg, exp_avg_sq)):
+            target.index_copy_(0, rows, part)
 
 
 def _row_sparse(grad: Tensor) -> tuple[Tensor, Tensor]:

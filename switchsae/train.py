@@ -105,13 +105,9 @@ def train_loop(
             raise TrainingDiverged(f"loss is not finite at step {step} ({terms}); the last checkpoint is intact; try a lower --lr")
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if sae.unit_norm_decoder:
-            sae.remove_parallel_grads()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, base_lr)
         opt.step()
-        if sae.unit_norm_decoder:
-            sae.normalize_decoder()
         tokens_since_fired += x.shape[0]
         tokens_since_fired[out.latents.fired(sae.cfg.width) > 0] = 0
         bar.update()
@@ -132,10 +128,9 @@ def train_loop(
 
 
 def optimizer_for(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam over every parameter: fused dense, or row-sparse :class:`LazyAdam` with ``sparse_updates``."""
-    if cfg.sparse_updates:
-        return LazyAdam(sae.parameters(), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    return torch.optim.Adam(sae.parameters(), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    """Adam over every parameter, row-sparse where the gradients are (``sparse_updates``), the
+    decoder's rows kept at unit norm in the same pass (:class:`LazyAdam`, ``sae.param_groups``)."""
+    return LazyAdam(sae.param_groups(), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 def train(

@@ -196,62 +196,41 @@ int transposed_product(const int64_t *rows, const float *weights, const float *i
     return 0;
 }
 
-/* g[i] ← g[i] − (g[i] · w[r]) w[r] for the n rows of g ([n, d]), r = rows[i] (rows NULL: r = i):
- * the gradient's component along each (unit-norm) decoder row removed, in one pass; with rows,
- * g holds a row-sparse gradient's values and w is the whole decoder. */
-void remove_parallel(float *g, const float *w, const int64_t *rows, int64_t n, int64_t d) {
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        thread_rows(n, &begin, &end);
-        for (int64_t i = begin; i < end; i++) {
-            float *gi = g + i * d;
-            const float *wi = w + (rows ? rows[i] : i) * d;
-            float dot = 0;
-#pragma omp simd reduction(+: dot)
-            for (int64_t c = 0; c < d; c++) dot += gi[c] * wi[c];
-            for (int64_t c = 0; c < d; c++) gi[c] -= dot * wi[c];
-        }
-    }
-}
-
-/* w[r] ← w[r] / max(‖w[r]‖, 1e-12) for r = rows[i], i < n (rows NULL: r = i): rows back on the
- * unit sphere, in one pass. */
-void normalize_rows(float *w, const int64_t *rows, int64_t n, int64_t d) {
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        thread_rows(n, &begin, &end);
-        for (int64_t i = begin; i < end; i++) {
-            float *wi = w + (rows ? rows[i] : i) * d;
-            float squares = 0;
-#pragma omp simd reduction(+: squares)
-            for (int64_t c = 0; c < d; c++) squares += wi[c] * wi[c];
-            const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;
-            for (int64_t c = 0; c < d; c++) wi[c] /= norm;
-        }
-    }
-}
-
-/* Adam on rows `rows[0:n]` of param/exp_avg/exp_avg_sq ([*, d]) with gradient rows grad ([n, d]),
- * in place and in one pass, in torch's fused-Adam arithmetic:
+/* Adam on rows r = rows[i], i < n (rows NULL: r = i) of param/exp_avg/exp_avg_sq ([*, d]) with
+ * gradient rows grad[i] ([n, d]), in place and in one pass, in torch's fused-Adam arithmetic:
  *   m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − (lr / c1) m / (sqrt(v) / sqrt(c2) + ε)
- * with bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t. */
+ * with bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t. With unit_norm the rows are unit-norm
+ * decoder rows kept on the sphere, all while the row is in cache: the gradient's component
+ * along the row is removed first (g ← g − (g · θ) θ) and the updated row is renormalised after
+ * (θ ← θ / max(‖θ‖, 1e-12)). */
 void adam_rows(float *param, float *exp_avg, float *exp_avg_sq, const float *grad, const int64_t *rows,
                int64_t n, int64_t d, float lr, float beta1, float beta2, float eps,
-               float bias_correction1, float bias_correction2_sqrt) {
+               float bias_correction1, float bias_correction2_sqrt, int unit_norm) {
     const float step_size = lr / bias_correction1;
 #pragma omp parallel
     {
         int64_t begin, end;
         thread_rows(n, &begin, &end);
-        for (int64_t r = begin; r < end; r++) {
-            float *p = param + rows[r] * d, *m = exp_avg + rows[r] * d, *v = exp_avg_sq + rows[r] * d;
-            const float *g = grad + r * d;
+        for (int64_t i = begin; i < end; i++) {
+            const int64_t r = rows ? rows[i] : i;
+            float *p = param + r * d, *m = exp_avg + r * d, *v = exp_avg_sq + r * d;
+            const float *g = grad + i * d;
+            float along = 0, squares = 0;
+            if (unit_norm) {
+#pragma omp simd reduction(+: along)
+                for (int64_t j = 0; j < d; j++) along += g[j] * p[j];
+            }
+#pragma omp simd reduction(+: squares)
             for (int64_t j = 0; j < d; j++) {
-                m[j] = beta1 * m[j] + (1 - beta1) * g[j];
-                v[j] = beta2 * v[j] + (1 - beta2) * g[j] * g[j];
+                const float gj = g[j] - along * p[j];  // along = 0 without unit_norm: no branch in the loop
+                m[j] = beta1 * m[j] + (1 - beta1) * gj;
+                v[j] = beta2 * v[j] + (1 - beta2) * gj * gj;
                 p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias_correction2_sqrt + eps);
+                squares += p[j] * p[j];
+            }
+            if (unit_norm) {
+                const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;
+                for (int64_t j = 0; j < d; j++) p[j] /= norm;
             }
         }
     }

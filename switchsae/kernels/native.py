@@ -38,10 +38,8 @@ _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1 when malloc failed
     "topk_f32": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
     "topk_bf16": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
-    "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6, None),
+    "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int], None),
     "gather_dot": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR], None),
-    "remove_parallel": ([_PTR, _PTR, _PTR, _I64, _I64], None),
-    "normalize_rows": ([_PTR, _PTR, _I64, _I64], None),
     "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR], ctypes.c_int),
     "grouped_select": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR], ctypes.c_int),
 }
@@ -159,42 +157,23 @@ def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: in
     return out
 
 
-def remove_parallel(g: Tensor, w: Tensor, rows: Tensor | None = None) -> None:
-    """``g_i ← g_i − (g_i · w_r) w_r`` in place for the rows of ``g: [n, d]`` (contiguous), with
-    ``r = rows[i]`` (a row-sparse gradient's values against the whole ``w``) or ``r = i``."""
-    n = g.shape[0]
-    _require(g.is_contiguous() and g.shape[1] == w.shape[1] and (w.shape[0] if rows is None else rows.numel()) == n,
-             "remove_parallel needs a contiguous g with one row per (named) row of w", g, w)
-    if rows is not None:
-        _check_rows(rows, w.shape[0])
-        rows = rows.contiguous()
-    _library().remove_parallel(g.data_ptr(), w.contiguous().data_ptr(), _pointer(rows), n, g.shape[1])
-    increment_version(g)
-
-
-def normalize_rows(w: Tensor, rows: Tensor | None = None) -> None:
-    """``w_r ← w_r / max(‖w_r‖, 1e-12)`` in place for the given rows (all rows if None)."""
-    _require(w.is_contiguous(), "normalize_rows needs a contiguous w", w)
-    if rows is not None:
-        _check_rows(rows, w.shape[0])
-        rows = rows.contiguous()
-    n = w.shape[0] if rows is None else rows.numel()
-    _library().normalize_rows(w.data_ptr(), _pointer(rows), n, w.shape[1])
-    increment_version(w)
-
-
-def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, rows: Tensor, *, lr: float,
-              beta1: float, beta2: float, eps: float, step: int) -> None:
-    """Adam step ``step`` (1-based) in place on ``param[rows]`` and its moments, ``grad: [len(rows), d]``;
-    ``param`` and the moments contiguous, ``rows`` distinct."""
-    _require(grad.shape == (rows.numel(), param.shape[1]) and exp_avg.shape == exp_avg_sq.shape == param.shape
+def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, rows: Tensor | None = None, *,
+              lr: float, beta1: float, beta2: float, eps: float, step: int, unit_norm: bool = False) -> None:
+    """Adam step ``step`` (1-based) in place on ``param[rows]`` (all rows if None) and its moments,
+    ``grad`` one row per updated row; ``param`` and the moments ``[n, d]`` and contiguous, ``rows``
+    distinct. ``unit_norm``: project the gradient off each row before and renormalise it after
+    (see native.c)."""
+    n = param.shape[0] if rows is None else rows.numel()
+    _require(param.ndim == 2 and grad.shape == (n, param.shape[1]) and exp_avg.shape == exp_avg_sq.shape == param.shape
              and all(t.is_contiguous() for t in (param, exp_avg, exp_avg_sq)),
-             "adam_rows needs contiguous param and moments of one shape, grad [len(rows), d]", param, grad, rows)
-    _check_rows(rows, param.shape[0])
-    grad, rows = grad.contiguous(), rows.contiguous()
+             "adam_rows needs contiguous param and moments of one shape [n, d], grad [len(rows), d]", param, grad)
+    if rows is not None:
+        _check_rows(rows, param.shape[0])
+        rows = rows.contiguous()
+    grad = grad.contiguous()  # held here: the pointer below must outlive the call
     _library().adam_rows(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(),
-                         rows.data_ptr(), rows.numel(), param.shape[1], lr, beta1, beta2, eps,
-                         1 - beta1 ** step, (1 - beta2 ** step) ** 0.5)
+                         _pointer(rows), n, param.shape[1], lr, beta1, beta2, eps,
+                         1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, int(unit_norm))
     increment_version((param, exp_avg, exp_avg_sq))
 
 

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from switchsae.config import SAEConfig
-from switchsae.kernels import native
 from switchsae.kernels.sparse import dense_codes, sparse_decode
 from switchsae.saes.geometric_median import geometric_median
 
@@ -63,8 +62,8 @@ class SparseAutoencoder(nn.Module):
     """Base class: ``x̂ = W_decᵀ z + b_pre`` with ``z = encode(x)``; subclasses define the encoder.
 
     Subclasses set ``unit_norm_decoder`` (decoder rows kept at norm 1 after every step, with the
-    gradient's component along each row removed before it) and implement ``_encode``,
-    ``flops`` and optionally ``extra_losses``.
+    gradient's component along each row removed before it; see :meth:`param_groups`) and
+    implement ``_encode``, ``flops`` and optionally ``extra_losses``.
     """
 
     unit_norm_decoder: ClassVar[bool] = True
@@ -141,34 +140,14 @@ class SparseAutoencoder(nn.Module):
         """Architecture-specific terms (sparsity penalties, load balancing); none by default."""
         return {}
 
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Project decoder rows back to unit norm (after each optimizer step).
-
-        With a row-sparse gradient only the rows it names can have moved, so only they are touched.
-        """
-        grad = self.W_dec.grad
-        rows = grad._indices()[0] if grad is not None and grad.is_sparse else None
-        if native.usable(self.W_dec) and self.W_dec.is_contiguous():
-            native.normalize_rows(self.W_dec, rows)
-        elif rows is not None:
-            w = self.W_dec.index_select(0, rows)
-            self.W_dec.index_copy_(0, rows, w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        else:
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-    @torch.no_grad()
-    def remove_parallel_grads(self) -> None:
-        """``g_j ← g_j − (g_j · w_j) w_j`` for each unit-norm decoder row ``w_j`` (before each step)."""
-        grad = self.W_dec.grad
-        if grad is None:
-            return
-        g, rows = (grad._values(), grad._indices()[0]) if grad.is_sparse else (grad, None)
-        if native.usable(g, self.W_dec) and g.is_contiguous():
-            native.remove_parallel(g, self.W_dec, rows)  # reads the decoder rows in place, no gather
-            return
-        w = self.W_dec if rows is None else self.W_dec.index_select(0, rows)
-        g.addcmul_(torch.einsum("md,md->m", g, w)[:, None], w, value=-1)
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups: with ``unit_norm_decoder`` the decoder sits in a
+        ``unit_norm_rows`` group, whose rows :class:`switchsae.optim.LazyAdam` keeps at norm 1
+        (gradient component along each row removed before the step, row renormalised after)."""
+        if not self.unit_norm_decoder:
+            return [{"params": list(self.parameters())}]
+        rest = [p for p in self.parameters() if p is not self.W_dec]
+        return [{"params": rest}, {"params": [self.W_dec], "unit_norm_rows": True}]
 
     # -- cost -----------------------------------------------------------------------------
     def flops(self) -> dict[str, int]:

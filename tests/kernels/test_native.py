@@ -89,22 +89,6 @@ def test_out_of_range_indices_are_an_error_not_a_crash():
         native.transposed_product(torch.ones(3, 1), torch.tensor([[-1]] * 3), x, 5)
 
 
-def test_remove_parallel_leaves_gradients_orthogonal_to_unit_rows():
-    gen = torch.Generator().manual_seed(0)
-    w = torch.nn.functional.normalize(torch.randn(20, 9, generator=gen), dim=1)
-    g = torch.randn(20, 9, generator=gen)
-    want = g - (g * w).sum(1, keepdim=True) * w
-    native.remove_parallel(g, w)
-    torch.testing.assert_close(g, want)
-    torch.testing.assert_close((g * w).sum(1), torch.zeros(20), atol=1e-6, rtol=0)
-
-    rows = torch.tensor([2, 7, 19])  # a row-sparse gradient's values against the whole decoder
-    values = torch.randn(3, 9, generator=gen)
-    want = values - (values * w[rows]).sum(1, keepdim=True) * w[rows]
-    native.remove_parallel(values, w, rows)
-    torch.testing.assert_close(values, want)
-
-
 def test_adam_rows_equals_torch_adam_on_those_rows():
     gen = torch.Generator().manual_seed(0)
     param = torch.randn(10, 6, generator=gen)
@@ -144,16 +128,29 @@ def test_a_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
     assert native.available()
 
 
-def test_normalize_rows_puts_the_named_rows_on_the_unit_sphere():
-    w = torch.randn(8, 5) * 3
-    w[6] = 0
-    before = w.clone()
-    native.normalize_rows(w, torch.tensor([1, 3, 6]))
-    torch.testing.assert_close(w[[1, 3]], torch.nn.functional.normalize(before[[1, 3]], dim=1))
-    assert torch.equal(w[6], torch.zeros(5)), "a zero row stays zero"
-    assert torch.equal(w[[0, 2, 4, 5, 7]], before[[0, 2, 4, 5, 7]])
-    native.normalize_rows(w)
-    torch.testing.assert_close(w[[0, 2]].norm(dim=1), torch.ones(2))
+@pytest.mark.parametrize("rows", [None, [1, 4, 7]], ids=["all rows", "named rows"])
+def test_unit_norm_adam_rows_equals_projection_then_adam_then_renormalisation(rows):
+    gen = torch.Generator().manual_seed(0)
+    param = torch.nn.functional.normalize(torch.randn(10, 6, generator=gen), dim=1)
+    updated = list(range(10)) if rows is None else rows
+    others = [r for r in range(10) if r not in updated]
+    ref = torch.nn.Parameter(param[updated].clone())
+    opt = torch.optim.Adam([ref], lr=0.05, fused=True)
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    untouched = param[others].clone()
+    for step in range(1, 4):
+        grad = torch.randn(len(updated), 6, generator=gen)
+        with torch.no_grad():
+            ref.grad = grad - (grad * ref).sum(1, keepdim=True) * ref
+        opt.step()
+        with torch.no_grad():
+            ref.div_(ref.norm(dim=1, keepdim=True))
+        native.adam_rows(param, exp_avg, exp_avg_sq, grad, None if rows is None else torch.tensor(rows), lr=0.05,
+                         beta1=0.9, beta2=0.999, eps=1e-8, step=step, unit_norm=True)
+    torch.testing.assert_close(param[updated], ref.detach())
+    torch.testing.assert_close(param.norm(dim=1), torch.ones(10))
+    torch.testing.assert_close(exp_avg_sq[updated], opt.state[ref]["exp_avg_sq"])
+    assert torch.equal(param[others], untouched)
 
 
 def test_grouped_select_rejects_counts_that_do_not_cover_the_tokens():
@@ -163,11 +160,10 @@ def test_grouped_select_rejects_counts_that_do_not_cover_the_tokens():
 
 
 def test_in_place_kernels_bump_version_counters_like_torch_in_place_ops():
-    w, g = torch.randn(4, 3), torch.randn(4, 3)
-    versions = w._version, g._version
-    native.normalize_rows(w)
-    native.remove_parallel(g, w)
-    assert (w._version, g._version) == (versions[0] + 1, versions[1] + 1)
+    state = w, m, v = torch.randn(4, 3), torch.zeros(4, 3), torch.zeros(4, 3)
+    versions = [t._version for t in state]
+    native.adam_rows(w, m, v, torch.randn(4, 3), lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
+    assert [t._version for t in state] == [version + 1 for version in versions]
 
 
 def test_a_failing_compile_is_reported_with_the_compilers_message(monkeypatch, tmp_path):
@@ -198,8 +194,6 @@ def test_mismatched_shapes_are_an_error_before_any_c_code_runs():
         native.transposed_product(torch.ones(3, 2), torch.zeros(3, 1, dtype=torch.int64), x, 5)
     with pytest.raises(ValueError, match="one offset per row"):
         native.topk(torch.randn(3, 8), 2, torch.zeros(2, dtype=torch.int64))
-    with pytest.raises(ValueError, match="remove_parallel needs"):
-        native.remove_parallel(torch.randn(2, 4), W, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="adam_rows needs"):
         native.adam_rows(W, torch.zeros_like(W), torch.zeros_like(W), torch.randn(1, 4), torch.tensor([0, 1]),
                          lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
