@@ -196,6 +196,110 @@ int transposed_product(const int64_t *rows, const float *weights, const float *i
     return 0;
 }
 
+/* 16 floats, loaded and stored unaligned; the compiler maps it to one AVX-512 register or two AVX ones. */
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+#define BLOCK 12 /* vec16 accumulators a token's sum keeps in registers: 192 columns at a time */
+
+/* o = b + Σ_j z[j] W[rows[j]] over k rows of d floats, 192 columns at a time in registers (rather
+ * than k read-modify-writes of o: 1.6x faster at d = 576, k = 32). */
+static void gather_rows(float *o, const float *b, const float *z, const int64_t *rows, const float *W,
+                        int64_t k, int64_t d) {
+    int64_t c0 = 0;
+    for (; c0 + 16 * BLOCK <= d; c0 += 16 * BLOCK) {
+        vec16 acc[BLOCK];
+        for (int q = 0; q < BLOCK; q++) acc[q] = *(const vec16 *)(b + c0 + 16 * q);
+        for (int64_t j = 0; j < k; j++) {
+            const float *w = W + rows[j] * d + c0;
+            for (int q = 0; q < BLOCK; q++) acc[q] += z[j] * *(const vec16 *)(w + 16 * q);
+        }
+        for (int q = 0; q < BLOCK; q++) *(vec16 *)(o + c0 + 16 * q) = acc[q];
+    }
+    for (; c0 < d; c0++) {
+        float acc = b[c0];
+        for (int64_t j = 0; j < k; j++) acc += z[j] * W[rows[j] * d + c0];
+        o[c0] = acc;
+    }
+}
+
+static inline float sum16(vec16 v) {
+    float total = 0;
+    for (int q = 0; q < 16; q++) total += v[q];
+    return total;
+}
+
+/* out[j] = W[rows[j]] · r for j < k, four rows per pass over r (four independent sums). */
+static void row_dots(float *out, const float *r, const int64_t *rows, const float *W, int64_t k, int64_t d) {
+    const int64_t d16 = d / 16 * 16;
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4) {
+        const float *w0 = W + rows[j] * d, *w1 = W + rows[j + 1] * d, *w2 = W + rows[j + 2] * d,
+                    *w3 = W + rows[j + 3] * d;
+        vec16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (int64_t c = 0; c < d16; c += 16) {
+            const vec16 rc = *(const vec16 *)(r + c);
+            s0 += rc * *(const vec16 *)(w0 + c);
+            s1 += rc * *(const vec16 *)(w1 + c);
+            s2 += rc * *(const vec16 *)(w2 + c);
+            s3 += rc * *(const vec16 *)(w3 + c);
+        }
+        float t0 = sum16(s0), t1 = sum16(s1), t2 = sum16(s2), t3 = sum16(s3);
+        for (int64_t c = d16; c < d; c++) {
+            t0 += r[c] * w0[c];
+            t1 += r[c] * w1[c];
+            t2 += r[c] * w2[c];
+            t3 += r[c] * w3[c];
+        }
+        out[j] = t0, out[j + 1] = t1, out[j + 2] = t2, out[j + 3] = t3;
+    }
+    for (; j < k; j++) {
+        const float *w = W + rows[j] * d;
+        float dot = 0;
+        for (int64_t c = 0; c < d; c++) dot += r[c] * w[c];
+        out[j] = dot;
+    }
+}
+
+/* The sparse decoder with its squared error, per token t while its rows are in cache:
+ *   x̂_t = b + Σ_j z[t, j] W[i_tj],  r_t = x̂_t − x_t,  and with P non-NULL P[t, j] = W[i_tj] · r_t
+ * (the value gradient of ‖r_t‖², up to a factor 2, without a second gather from memory).
+ * Writes x_hat and residual ([T, d]); *squares = Σ_t ‖r_t‖², residual_sum[c] = Σ_t r_t[c].
+ * Returns -1 if memory ran out, else 0. */
+int decode_residual(const float *z, const int64_t *indices, const float *W, const float *b, const float *x,
+                    int64_t n_tokens, int64_t k, int64_t d, float *x_hat, float *residual, float *P,
+                    double *squares, float *residual_sum) {
+    int failed = 0;
+    double total = 0;
+    memset(residual_sum, 0, d * sizeof(float));
+#pragma omp parallel reduction(+: total) reduction(|: failed)
+    {
+        int64_t begin, end;
+        thread_rows(n_tokens, &begin, &end);
+        float *partial = calloc(d, sizeof(float));
+        failed = partial == NULL;
+        for (int64_t t = begin; partial && t < end; t++) {
+            float *o = x_hat + t * d, *r = residual + t * d;
+            const float *xt = x + t * d;
+            gather_rows(o, b, z + t * k, indices + t * k, W, k, d);
+            float squared = 0;
+#pragma omp simd reduction(+: squared)
+            for (int64_t c = 0; c < d; c++) {
+                r[c] = o[c] - xt[c];
+                squared += r[c] * r[c];
+                partial[c] += r[c];
+            }
+            total += squared;
+            if (P != NULL) row_dots(P + t * k, r, indices + t * k, W, k, d);
+        }
+        if (partial != NULL) {
+#pragma omp critical
+            for (int64_t c = 0; c < d; c++) residual_sum[c] += partial[c];
+        }
+        free(partial);
+    }
+    *squares = total;
+    return -failed;
+}
+
 /* Adam on rows r = rows[i], i < n (rows NULL: r = i) of param/exp_avg/exp_avg_sq ([*, d]) with
  * gradient rows grad[i] ([n, d]), in place and in one pass, in torch's fused-Adam arithmetic:
  *   m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − (lr / c1) m / (sqrt(v) / sqrt(c2) + ε)

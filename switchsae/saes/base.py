@@ -51,11 +51,14 @@ class Latents:
 
 @dataclass
 class SAEOutput:
-    """What ``forward`` returns: the reconstruction (raw units), the code and any routing info."""
+    """What ``forward`` returns: the reconstruction (raw units), the code, any routing info and,
+    where the forward computed it on the way (the TopK family, kernels/core.py), the mean squared
+    error ``(1/T) Σ_t ‖x_t − x̂_t‖²`` of the input in normalised units."""
 
     x_hat: Tensor
     latents: Latents
     extras: dict[str, Tensor] = field(default_factory=dict)
+    mse: Tensor | None = None
 
 
 class SparseAutoencoder(nn.Module):
@@ -128,10 +131,12 @@ class SparseAutoencoder(nn.Module):
     def loss(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         """Named loss terms (weights applied) and their sum under ``"loss"``.
 
-        ``mse = (1/T) Σ_t ‖x_t − x̂_t‖²`` in normalised units.
+        ``mse = (1/T) Σ_t ‖x_t − x̂_t‖²`` in normalised units: ``out.mse`` where the forward computed
+        it (``x`` must then be the batch given to the forward), else from ``x`` and ``out.x_hat``.
         """
         scale = self.cfg.act_scale
-        terms = {"mse": (x.float() - out.x_hat).pow(2).sum(-1).mean() * scale**2}
+        mse = out.mse if out.mse is not None else (x.float() - out.x_hat).pow(2).sum(-1).mean() * scale**2
+        terms = {"mse": mse}
         terms.update(self.extra_losses(x.float() * scale, out))
         terms["loss"] = sum(terms.values())
         return terms

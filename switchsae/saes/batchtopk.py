@@ -7,8 +7,7 @@ import torch
 from torch import Tensor
 
 from switchsae.config import SAEConfig
-from switchsae.kernels.sparse import gather_dot, topk_encode
-from switchsae.saes.base import Latents
+from switchsae.kernels.sparse import gather_dot
 from switchsae.saes.topk import TopKSAE
 
 
@@ -37,7 +36,8 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.zeros(()))
 
-    def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
+    def _select(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch (training) or threshold (inference) selection; updates ``threshold`` in training."""
         with torch.no_grad():
             centred = x - self.b_pre
             acts = torch.mm(centred.to(self.matmul_dtype), self.W_enc.to(self.matmul_dtype).t()).relu_()
@@ -50,8 +50,7 @@ class BatchTopKSAE(TopKSAE):
             values = chosen.float() * valid
             if self.training:
                 self._update_threshold(values[valid])
-        z = topk_encode(x, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
-        return Latents(z, indices), {}
+        return indices, values, centred
 
     def _batch_topk(self, acts: Tensor) -> Tensor:
         """Mask of the ``T·k`` largest entries of ``acts: [T, M]``."""

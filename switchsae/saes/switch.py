@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from switchsae.config import SAEConfig
+from switchsae.kernels.core import sparse_core
 from switchsae.kernels.dispatch import grouped_select_topk, sort_by_expert
 from switchsae.kernels.sparse import topk_encode
 from switchsae.saes.base import Latents, SAEOutput, SparseAutoencoder
@@ -60,29 +61,35 @@ class SwitchSAE(SparseAutoencoder):
         return probs, probs.argmax(dim=-1)
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """Encode and decode in expert-sorted token order (see kernels/dispatch.py); outputs in token order."""
-        latents, x_hat, extras = self._sorted_forward(self._check_input(x), decode=True)
-        return SAEOutput(x_hat, latents, extras)
+        """Encode, decode and the squared error in expert-sorted token order (kernels/dispatch.py,
+        kernels/core.py); outputs in token order."""
+        latents, x_hat, mse, extras = self._sorted_forward(self._check_input(x), decode=True)
+        return SAEOutput(x_hat, latents, extras, mse)
 
     def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
-        latents, _, extras = self._sorted_forward(x, decode=False)
+        latents, _, _, extras = self._sorted_forward(x, decode=False)
         return latents, extras
 
-    def _sorted_forward(self, x: Tensor, decode: bool) -> tuple[Latents, Tensor | None, dict[str, Tensor]]:
-        """The code (and with ``decode`` the reconstruction) of normalised ``x``, computed on the
-        tokens grouped by expert and put back in token order."""
+    def _sorted_forward(self, x: Tensor, decode: bool) -> tuple[Latents, Tensor | None, Tensor | None, dict[str, Tensor]]:
+        """The code of normalised ``x`` (and with ``decode`` the reconstruction in raw units and the
+        squared error), computed on the tokens grouped by expert and put back in token order."""
         probs, expert = self.route(x)
         order, counts = sort_by_expert(expert, self.cfg.n_experts)
         x_sorted = x.index_select(0, order)
         with torch.no_grad():
             centred = x_sorted - self.b_pre
         values, indices = grouped_select_topk(centred, self.W_enc, counts, self.cfg.k, self.matmul_dtype)
-        z = topk_encode(x_sorted, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
-        z = z * probs.gather(1, expert[:, None]).index_select(0, order)
+        gate = probs.gather(1, expert[:, None]).squeeze(1).index_select(0, order)
         unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
-        x_hat = self.decode(Latents(z, indices)).index_select(0, unsorted) if decode else None
+        x_hat = mse = None
+        if decode:
+            z, x_hat, mse = sparse_core(x_sorted, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, gate,
+                                        self.sparse_grads)
+            x_hat = x_hat.index_select(0, unsorted) / self.cfg.act_scale
+        else:
+            z = topk_encode(x_sorted, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) * gate[:, None]
         latents = Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted))
-        return latents, x_hat, {"router_probs": probs, "expert": expert}
+        return latents, x_hat, mse, {"router_probs": probs, "expert": expert}
 
     def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         probs, expert = out.extras["router_probs"], out.extras["expert"]

@@ -5,8 +5,9 @@ import torch
 from torch import Tensor, nn
 
 from switchsae.config import SAEConfig
+from switchsae.kernels.core import sparse_core
 from switchsae.kernels.sparse import select_topk, topk_encode
-from switchsae.saes.base import Latents, SparseAutoencoder
+from switchsae.saes.base import Latents, SAEOutput, SparseAutoencoder
 
 
 class TopKSAE(SparseAutoencoder):
@@ -26,12 +27,25 @@ class TopKSAE(SparseAutoencoder):
         with torch.no_grad():
             self.W_enc.copy_(self.W_dec)
 
-    def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
+    def _select(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The no-grad selection on normalised ``x``: ``(indices, values, x − b_pre)``, ``[T, k]`` codes."""
         with torch.no_grad():
             centred = x - self.b_pre
         values, indices = select_topk(centred, self.W_enc, self.cfg.k, self.matmul_dtype)
+        return indices, values, centred
+
+    def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
+        indices, values, centred = self._select(x)
         z = topk_encode(x, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
         return Latents(z, indices), {}
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """Encode, decode and the squared error in one autograd function (kernels/core.py)."""
+        x = self._check_input(x)
+        indices, values, centred = self._select(x)
+        z, x_hat, mse = sparse_core(x, self.b_pre, self.W_enc, self.W_dec, indices, values, centred,
+                                    sparse_grad=self.sparse_grads)
+        return SAEOutput(x_hat / self.cfg.act_scale, Latents(z, indices), mse=mse)
 
     def flops(self) -> dict[str, int]:
         """Forward ``2dM`` (encoder) ``+ 2kd`` (sparse decoder).

@@ -1,0 +1,102 @@
+"""The TopK family's training forward and backward as one autograd function.
+
+Notation as in kernels/sparse.py: ``x: [T, d]`` normalised activations, ``W_enc, W_dec: [M, d]``
+one latent per row, ``i, v: [T, k]`` the selected latents and their pre-activations
+``v_tj = W_enc[i_tj] · (x_t − b)`` (from the no-grad selection), ``b`` the input bias ``b_pre``:
+
+    a_tj = ReLU(v_tj),   z_tj = p_t a_tj                     (p: a Switch SAE's router gate, else 1)
+    x̂_t = b + Σ_j z_tj W_dec[i_tj],   r_t = x̂_t − x_t,   mse = (1/T) Σ_t ‖r_t‖²
+
+Forward gathers each token's k decoder rows once for x̂_t, r_t and, while those rows are in cache,
+``P_tj = W_dec[i_tj] · r_t`` (compiled kernel on CPU): the squared error's value gradient is
+``(2/T) P``, so its backward needs no second gather of the rows (an SDDMM). Backward, with
+``G_t = ∂L/∂x̂_t = g_x̂_t + (2 g_mse / T) r_t``:
+
+    ∂L/∂z_tj = W_dec[i_tj] · g_x̂_t + (2 g_mse / T) P_tj + g_z_tj
+    ∂L/∂p_t = Σ_j ∂L/∂z_tj a_tj,        ∂L/∂v_tj = p_t 1[v_tj > 0] ∂L/∂z_tj
+    ∂L/∂W_dec[i] = Σ_{tj: i_tj = i} z_tj G_t,      ∂L/∂W_enc[i] = Σ_{tj: i_tj = i} ∂L/∂v_tj (x_t − b)
+    ∂L/∂b = Σ_t G_t − Σ_tj ∂L/∂v_tj W_enc[i_tj],   ∂L/∂x_t = Σ_j ∂L/∂v_tj W_enc[i_tj] − (2 g_mse / T) r_t
+
+When only ``mse`` feeds the loss (training), ``G = (2 g_mse / T) r`` and no ``[T, d]`` pass is
+spent on it: the factor goes onto the ``[T, k]`` decoder weights and onto ``Σ_t r_t``, which the
+forward kernel sums as it goes. The reference is :func:`topk_encode` and :func:`sparse_decode`
+followed by the plain squared error (tests/kernels/test_core.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from switchsae.kernels import native
+from switchsae.kernels.sparse import _rows_sum, gather_dot, weight_grad
+
+
+def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Tensor, values: Tensor,
+                centred: Tensor, gate: Tensor | None = None, sparse_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``(z, x̂, mse)`` of the formulas above, differentiable in ``x, b, W_enc, W_dec, gate``.
+
+    ``values`` are the selected pre-activations ``v`` (no grad), ``centred`` is ``x − b`` (no
+    grad; the selection computed it); ``sparse_grad`` makes the weight gradients row-sparse.
+    """
+    return SparseCore.apply(x, b, W_enc, W_dec, gate, indices, values, centred, sparse_grad)
+
+
+def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor, value_grads: bool,
+                    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """``(x̂, r, P or None, Σ_t ‖r_t‖², Σ_t r_t)``: the compiled one-pass kernel on CPU, else torch ops."""
+    if native.usable(z, indices, W, b, x):
+        x_hat, residual, P, squares, residual_sum = native.decode_residual(z, indices, W, b, x, value_grads)
+        return x_hat, residual, P, torch.tensor(squares, dtype=torch.float32), residual_sum
+    x_hat = F.embedding_bag(indices, W, per_sample_weights=z, mode="sum") + b
+    residual = x_hat - x
+    P = gather_dot(residual, W, indices) if value_grads else None
+    flat = residual.flatten()
+    return x_hat, residual, P, flat.dot(flat), residual.sum(0)
+
+
+class SparseCore(torch.autograd.Function):
+    """:func:`sparse_core`; see the module docstring for the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, gate: Tensor | None, indices: Tensor,
+                values: Tensor, centred: Tensor, sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        z = values.clamp_min(0) if gate is None else values.clamp_min(0) * gate[:, None]
+        x_hat, residual, P, squares, residual_sum = decode_residual(z, indices, W_dec, b, x,
+                                                                    value_grads=any(ctx.needs_input_grad))
+        ctx.save_for_backward(W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum)
+        ctx.sparse_grad = sparse_grad
+        return z, x_hat, squares / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, g_z: Tensor | None, g_x_hat: Tensor | None, g_mse: Tensor | None):
+        W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum = ctx.saved_tensors
+        needs_x, needs_b, needs_enc, needs_dec, needs_gate = ctx.needs_input_grad[:5]
+        n_tokens, width = residual.shape[0], W_enc.shape[0]
+        scale = torch.zeros(()) if g_mse is None else 2 * g_mse / n_tokens
+
+        # ∂L/∂x̂ = g_x̂ + scale·r: kept factored (decoder weights z·scale against r) unless g_x̂ flows too
+        if g_x_hat is None:
+            dec_weights, dec_inputs, grad_x_hat_sum = z * scale, residual, scale * residual_sum
+        else:
+            dec_weights, dec_inputs = z, g_x_hat + scale * residual
+            grad_x_hat_sum = dec_inputs.sum(0)
+        grad_z = scale * P
+        if g_x_hat is not None:
+            grad_z = grad_z + gather_dot(g_x_hat, W_dec, indices)
+        if g_z is not None:
+            grad_z = grad_z + g_z
+
+        grad_gate = (grad_z * values.clamp_min(0)).sum(1) if gate is not None and needs_gate else None
+        grad_v = grad_z * (values > 0)
+        if gate is not None:
+            grad_v = grad_v * gate[:, None]
+        grad_dec = weight_grad(dec_weights, indices, dec_inputs, width, ctx.sparse_grad) if needs_dec else None
+        grad_enc = weight_grad(grad_v, indices, centred, width, ctx.sparse_grad) if needs_enc else None
+        grad_x = grad_b = None
+        if needs_x:
+            grad_x = F.embedding_bag(indices, W_enc.detach(), per_sample_weights=grad_v, mode="sum") - scale * residual
+        if needs_b:
+            grad_b = grad_x_hat_sum - _rows_sum(grad_v, indices, W_enc.detach())
+        return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None
