@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from switchsae.kernels import dispatch, native, sparse
+from switchsae.kernels import core, dispatch, native, sparse
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
 from train_speed import best_seconds  # this folder's timing helper (the scripts run from benchmarks/)
@@ -58,6 +58,8 @@ def cases(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
         f"top-k of [{args.tokens}, {args.width}] (dense TopK)": lambda: sparse.largest_entries(pre, args.k, x, W),
         "weight gradient (transposed product)": lambda: sparse.weight_grad(weights, indices, x, args.width, False),
         "decoder value gradient (SDDMM)": lambda: sparse.gather_dot(x, W, indices),
+        "decoder + residual + loss value gradient (fused core)":
+            lambda: core.decode_residual(weights, indices, W, x[0], x, value_grads=True),
         "Adam, all rows": adam_step(W, None, unit_norm=False),
         "decoder Adam, all rows (+ projection, renormalisation)": adam_step(W, None, unit_norm=True),
         f"lazy Adam on {used.numel()} rows": adam_step(W, used, unit_norm=False),

@@ -92,11 +92,14 @@ class SparseCore(torch.autograd.Function):
         grad_v = grad_z * (values > 0)
         if gate is not None:
             grad_v = grad_v * gate[:, None]
-        grad_dec = weight_grad(dec_weights, indices, dec_inputs, width, ctx.sparse_grad) if needs_dec else None
-        grad_enc = weight_grad(grad_v, indices, centred, width, ctx.sparse_grad) if needs_enc else None
+        W_enc = W_enc.detach()
+        grad_dec = weight_grad(dec_weights, indices, dec_inputs, width, ctx.sparse_grad)[0] if needs_dec else None
+        grad_enc = encoder_sum = None
+        if needs_enc:  # Σ_tj ∂L/∂v_tj W_enc[i_tj] (for ∂L/∂b) comes with it, from the per-row sums
+            grad_enc, encoder_sum = weight_grad(grad_v, indices, centred, width, ctx.sparse_grad, W_enc if needs_b else None)
         grad_x = grad_b = None
         if needs_x:
-            grad_x = F.embedding_bag(indices, W_enc.detach(), per_sample_weights=grad_v, mode="sum") - scale * residual
+            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_v, mode="sum") - scale * residual
         if needs_b:
-            grad_b = grad_x_hat_sum - _rows_sum(grad_v, indices, W_enc.detach())
+            grad_b = grad_x_hat_sum - (encoder_sum if encoder_sum is not None else _rows_sum(grad_v, indices, W_enc))
         return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None

@@ -140,74 +140,18 @@ static inline void thread_rows(int64_t n, int64_t *begin, int64_t *end) {
 DEFINE_TOPK(topk_f32, float, topk_row_f32)
 DEFINE_TOPK(topk_bf16, uint16_t, topk_row_bf16) /* values returned exactly, as fp32 */
 
-/* out[t, j] = W[indices[t, j]] · x[t] for t < n_tokens, j < k (the decoder's value gradient, an
- * SDDMM on the code's pattern). */
-void gather_dot(const float *x, const float *W, const int64_t *indices, int64_t n_tokens, int64_t k, int64_t d,
-                float *out) {
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        thread_rows(n_tokens, &begin, &end);
-        for (int64_t t = begin; t < end; t++)
-            for (int64_t j = 0; j < k; j++) {
-                const float *w = W + indices[t * k + j] * d, *xt = x + t * d;
-                float dot = 0;
-#pragma omp simd reduction(+: dot)
-                for (int64_t c = 0; c < d; c++) dot += w[c] * xt[c];
-                out[t * k + j] = dot;
-            }
-    }
-}
-
-/* out[i] = Σ_{(t, j): rows[t, j] = i} weights[t, j] · inputs[t] for every i < n_rows, i.e. Sᵀ inputs
- * for the sparse [T, n_rows] matrix S holding `weights` at `rows` (a weight gradient). The
- * entries are bucketed by row with a counting sort, then each thread sums the buckets of its
- * share of rows (rows no entry names are zeroed). Returns -1 if memory ran out, else 0. */
-int transposed_product(const int64_t *rows, const float *weights, const float *inputs, int64_t n_tokens, int64_t k,
-                       int64_t d, int64_t n_rows, float *out) {
-    int64_t n_entries = n_tokens * k;
-    int64_t *bucket_start = calloc(n_rows + 1, sizeof(int64_t)), *by_row = malloc(n_entries * sizeof(int64_t));
-    if (bucket_start == NULL || by_row == NULL) {
-        free(bucket_start);
-        free(by_row);
-        return -1;
-    }
-    for (int64_t e = 0; e < n_entries; e++) bucket_start[rows[e] + 1]++;
-    for (int64_t i = 0; i < n_rows; i++) bucket_start[i + 1] += bucket_start[i];
-    for (int64_t e = 0; e < n_entries; e++) by_row[bucket_start[rows[e]]++] = e;
-    for (int64_t i = n_rows; i > 0; i--) bucket_start[i] = bucket_start[i - 1]; /* undo the fill's advance */
-    bucket_start[0] = 0;
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        thread_rows(n_rows, &begin, &end);
-        for (int64_t i = begin; i < end; i++) {
-            float *o = out + i * d;
-            memset(o, 0, d * sizeof(float));
-            for (int64_t b = bucket_start[i]; b < bucket_start[i + 1]; b++) {
-                const int64_t e = by_row[b];
-                const float w = weights[e], *in = inputs + (e / k) * d;
-                for (int64_t c = 0; c < d; c++) o[c] += w * in[c];
-            }
-        }
-    }
-    free(bucket_start);
-    free(by_row);
-    return 0;
-}
-
 /* 16 floats, loaded and stored unaligned; the compiler maps it to one AVX-512 register or two AVX ones. */
 typedef float vec16 __attribute__((vector_size(64), aligned(4)));
 #define BLOCK 12 /* vec16 accumulators a token's sum keeps in registers: 192 columns at a time */
 
-/* o = b + Σ_j z[j] W[rows[j]] over k rows of d floats, 192 columns at a time in registers (rather
- * than k read-modify-writes of o: 1.6x faster at d = 576, k = 32). */
+/* o = b + Σ_j z[j] W[rows[j]] over k rows of d floats (b NULL: zero), 192 columns at a time in
+ * registers (rather than k read-modify-writes of o: 1.6x faster at d = 576, k = 32). */
 static void gather_rows(float *o, const float *b, const float *z, const int64_t *rows, const float *W,
                         int64_t k, int64_t d) {
     int64_t c0 = 0;
     for (; c0 + 16 * BLOCK <= d; c0 += 16 * BLOCK) {
         vec16 acc[BLOCK];
-        for (int q = 0; q < BLOCK; q++) acc[q] = *(const vec16 *)(b + c0 + 16 * q);
+        for (int q = 0; q < BLOCK; q++) acc[q] = b ? *(const vec16 *)(b + c0 + 16 * q) : (vec16){0};
         for (int64_t j = 0; j < k; j++) {
             const float *w = W + rows[j] * d + c0;
             for (int q = 0; q < BLOCK; q++) acc[q] += z[j] * *(const vec16 *)(w + 16 * q);
@@ -215,7 +159,7 @@ static void gather_rows(float *o, const float *b, const float *z, const int64_t 
         for (int q = 0; q < BLOCK; q++) *(vec16 *)(o + c0 + 16 * q) = acc[q];
     }
     for (; c0 < d; c0++) {
-        float acc = b[c0];
+        float acc = b ? b[c0] : 0;
         for (int64_t j = 0; j < k; j++) acc += z[j] * W[rows[j] * d + c0];
         o[c0] = acc;
     }
@@ -257,6 +201,73 @@ static void row_dots(float *out, const float *r, const int64_t *rows, const floa
         for (int64_t c = 0; c < d; c++) dot += r[c] * w[c];
         out[j] = dot;
     }
+}
+
+/* out[t, j] = W[indices[t, j]] · x[t] for t < n_tokens, j < k (the decoder's value gradient, an
+ * SDDMM on the code's pattern). */
+void gather_dot(const float *x, const float *W, const int64_t *indices, int64_t n_tokens, int64_t k, int64_t d,
+                float *out) {
+#pragma omp parallel
+    {
+        int64_t begin, end;
+        thread_rows(n_tokens, &begin, &end);
+        for (int64_t t = begin; t < end; t++) row_dots(out + t * k, x + t * d, indices + t * k, W, k, d);
+    }
+}
+
+/* out[i] = Σ_{(t, j): rows[t, j] = i} weights[t, j] · inputs[t] for every i < n_rows, i.e. Sᵀ inputs
+ * for the sparse [T, n_rows] matrix S holding `weights` at `rows` (a weight gradient). With W
+ * non-NULL also W_sum = Σ_i c_i W[W_rows ? W_rows[i] : i], c_i = Σ_{(t, j): rows[t, j] = i} weights[t, j]
+ * (an encoder bias gradient: each W row read once, not once per entry). The entries are bucketed
+ * by row with a counting sort, then each thread sums the buckets of its share of rows (rows no
+ * entry names are zeroed). Returns -1 if memory ran out, else 0. */
+int transposed_product(const int64_t *rows, const float *weights, const float *inputs, int64_t n_tokens, int64_t k,
+                       int64_t d, int64_t n_rows, float *out, const float *W, const int64_t *W_rows, float *W_sum) {
+    int64_t n_entries = n_tokens * k;
+    int64_t *bucket_start = calloc(n_rows + 1, sizeof(int64_t)), *token = malloc(n_entries * sizeof(int64_t));
+    float *weight = malloc(n_entries * sizeof(float));
+    if (bucket_start == NULL || token == NULL || weight == NULL) {
+        free(bucket_start);
+        free(token);
+        free(weight);
+        return -1;
+    }
+    for (int64_t e = 0; e < n_entries; e++) bucket_start[rows[e] + 1]++;
+    for (int64_t i = 0; i < n_rows; i++) bucket_start[i + 1] += bucket_start[i];
+    for (int64_t e = 0; e < n_entries; e++) { /* each bucket: its entries' weights and token rows */
+        const int64_t at = bucket_start[rows[e]]++;
+        weight[at] = weights[e];
+        token[at] = e / k;
+    }
+    for (int64_t i = n_rows; i > 0; i--) bucket_start[i] = bucket_start[i - 1]; /* undo the fill's advance */
+    bucket_start[0] = 0;
+    int failed = 0;
+    if (W != NULL) memset(W_sum, 0, d * sizeof(float));
+#pragma omp parallel reduction(|: failed)
+    {
+        int64_t begin, end;
+        thread_rows(n_rows, &begin, &end);
+        float *partial = W != NULL ? calloc(d, sizeof(float)) : NULL;
+        failed = W != NULL && partial == NULL;
+        for (int64_t i = begin; !failed && i < end; i++) {
+            const int64_t first = bucket_start[i], n = bucket_start[i + 1] - first;
+            gather_rows(out + i * d, NULL, weight + first, token + first, inputs, n, d);
+            if (partial == NULL) continue;
+            float c = 0;
+            for (int64_t b = 0; b < n; b++) c += weight[first + b];
+            const float *w = W + (W_rows ? W_rows[i] : i) * d;
+            for (int64_t col = 0; col < d; col++) partial[col] += c * w[col];
+        }
+        if (partial != NULL) {
+#pragma omp critical
+            for (int64_t col = 0; col < d; col++) W_sum[col] += partial[col];
+        }
+        free(partial);
+    }
+    free(bucket_start);
+    free(token);
+    free(weight);
+    return -failed;
 }
 
 /* The sparse decoder with its squared error, per token t while its rows are in cache:

@@ -40,7 +40,7 @@ SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1
     "topk_bf16": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
     "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int], None),
     "gather_dot": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR], None),
-    "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR], ctypes.c_int),
+    "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR], ctypes.c_int),
     "decode_residual": ([_PTR] * 5 + [_I64] * 3 + [_PTR] * 5, ctypes.c_int),
     "grouped_select": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR], ctypes.c_int),
 }
@@ -145,17 +145,27 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     return out
 
 
-def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: int) -> Tensor:
-    """``out[i] = Σ_{tj: rows_tj = i} weights_tj inputs_t`` → ``[n_rows, d]`` (zero where no entry)."""
-    _require(rows.ndim == 2 and weights.shape == rows.shape and inputs.shape[0] == rows.shape[0],
-             "transposed_product needs weights and rows [T, k], inputs [T, d]", weights, rows, inputs)
+def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: int, W: Tensor | None = None,
+                       W_rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``out[i] = Σ_{tj: rows_tj = i} weights_tj inputs_t`` → ``[n_rows, d]`` (zero where no entry),
+    and with ``W`` also ``Σ_i c_i W[W_rows[i]]`` (``W[i]`` without ``W_rows``), ``c_i`` the sum of
+    row ``i``'s weights → ``[d]``; else None."""
+    _require(rows.ndim == 2 and weights.shape == rows.shape and inputs.shape[0] == rows.shape[0]
+             and (W is None or (W.shape[1] == inputs.shape[1]
+                                and (W.shape[0] if W_rows is None else W_rows.numel()) >= n_rows)),
+             "transposed_product needs weights and rows [T, k], inputs [T, d], W [>= n_rows, d]", weights, rows, inputs)
     _check_rows(rows, n_rows)
+    if W is not None and W_rows is not None:
+        _check_rows(W_rows, W.shape[0])
+    # contiguous copies held in locals: the pointers below must outlive the call
     weights, rows, inputs = weights.contiguous(), rows.contiguous(), inputs.contiguous()
-    out = torch.empty(n_rows, inputs.shape[1])
+    W, W_rows = (None, None) if W is None else (W.contiguous(), None if W_rows is None else W_rows.contiguous())
+    out, W_sum = torch.empty(n_rows, inputs.shape[1]), None if W is None else torch.empty(inputs.shape[1])
     if _library().transposed_product(rows.data_ptr(), weights.data_ptr(), inputs.data_ptr(), *rows.shape,
-                                     inputs.shape[1], n_rows, out.data_ptr()):
+                                     inputs.shape[1], n_rows, out.data_ptr(), _pointer(W), _pointer(W_rows),
+                                     _pointer(W_sum)):
         raise MemoryError(f"transposed product: no memory to bucket {rows.numel()} entries")
-    return out
+    return out, W_sum
 
 
 def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor, value_grads: bool,

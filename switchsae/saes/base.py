@@ -137,12 +137,13 @@ class SparseAutoencoder(nn.Module):
         scale = self.cfg.act_scale
         mse = out.mse if out.mse is not None else (x.float() - out.x_hat).pow(2).sum(-1).mean() * scale**2
         terms = {"mse": mse}
-        terms.update(self.extra_losses(x.float() * scale, out))
+        terms.update(self.extra_losses(x, out))
         terms["loss"] = sum(terms.values())
         return terms
 
-    def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
-        """Architecture-specific terms (sparsity penalties, load balancing); none by default."""
+    def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        """Architecture-specific terms (sparsity penalties, load balancing) for raw activations ``x``;
+        none by default."""
         return {}
 
     def param_groups(self) -> list[dict]:

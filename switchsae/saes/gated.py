@@ -47,13 +47,13 @@ class GatedSAE(DenseEncoderSAE):
         magnitude = torch.relu(self.r_mag.exp() * u + self.b_mag)
         return Latents((gate > 0) * magnitude), {"gate_relu": gate.relu()}
 
-    def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+    def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         """``"l1": λ (1/T) Σ ‖ReLU(π)‖₁`` and ``"aux_recon"`` through the frozen decoder."""
         gate_relu = out.extras["gate_relu"]
         x_frozen = gate_relu @ self.W_dec.detach() + self.b_pre.detach()
         return {
             "l1": self.cfg.l1_coeff * gate_relu.sum(-1).mean(),
-            "aux_recon": (x_scaled - x_frozen).pow(2).sum(-1).mean(),
+            "aux_recon": (x.float() * self.cfg.act_scale - x_frozen).pow(2).sum(-1).mean(),
         }
 
     def flops(self) -> dict[str, int]:

@@ -84,7 +84,7 @@ class JumpReLUSAE(DenseEncoderSAE):
         z = JumpReLU.apply(pre, self.log_threshold.exp(), self.cfg.jump_bandwidth)
         return Latents(z), {"pre": pre}
 
-    def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+    def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         """``"l0": λ (1/T) Σ_t Σ_j H(pre_tj − θ_j)``."""
         active = Step.apply(out.extras["pre"], self.log_threshold.exp(), self.cfg.jump_bandwidth)
         return {"l0": self.cfg.l1_coeff * active.sum(-1).mean()}

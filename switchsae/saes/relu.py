@@ -30,7 +30,7 @@ class ReLUSAE(DenseEncoderSAE):
     def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
         return Latents(self.pre_activations(x).relu()), {}
 
-    def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+    def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         """``"l1": λ (1/T) Σ_t Σ_j z_tj ‖W_dec[j]‖``."""
         penalty = out.latents.values @ self.W_dec.norm(dim=1)
         return {"l1": self.cfg.l1_coeff * penalty.mean()}

@@ -85,13 +85,13 @@ class SwitchSAE(SparseAutoencoder):
         if decode:
             z, x_hat, mse = sparse_core(x_sorted, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, gate,
                                         self.sparse_grads)
-            x_hat = x_hat.index_select(0, unsorted) / self.cfg.act_scale
+            x_hat = x_hat.index_select(0, unsorted).div_(self.cfg.act_scale)  # in place: one pass less
         else:
             z = topk_encode(x_sorted, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) * gate[:, None]
         latents = Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted))
         return latents, x_hat, mse, {"router_probs": probs, "expert": expert}
 
-    def extra_losses(self, x_scaled: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+    def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         probs, expert = out.extras["router_probs"], out.extras["expert"]
         return {"balance": self.cfg.aux_coeff * load_balance_loss(probs, expert)}
 

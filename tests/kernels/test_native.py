@@ -78,7 +78,15 @@ def test_gather_dot_and_transposed_product_equal_dense_references():
     weights = torch.randn(30, 4, generator=gen)
     torch.testing.assert_close(native.gather_dot(x, W, indices), (W[indices] * x[:, None]).sum(-1))
     dense = torch.zeros(30, 50).index_put_((torch.arange(30)[:, None].expand(-1, 4), indices), weights, accumulate=True)
-    torch.testing.assert_close(native.transposed_product(weights, indices, x, 50), dense.t() @ x)
+    product, no_sum = native.transposed_product(weights, indices, x, 50)
+    torch.testing.assert_close(product, dense.t() @ x)
+    assert no_sum is None
+    # with W: the weights' row sums against W's rows, directly or through compact row ids
+    torch.testing.assert_close(native.transposed_product(weights, indices, x, 50, W)[1], dense.sum(0) @ W)
+    row_ids = torch.randperm(80, generator=gen)[:50]
+    W_big = torch.randn(80, 12, generator=gen)
+    torch.testing.assert_close(native.transposed_product(weights, indices, x, 50, W_big, row_ids)[1],
+                               dense.sum(0) @ W_big[row_ids])
 
 
 def test_out_of_range_indices_are_an_error_not_a_crash():
