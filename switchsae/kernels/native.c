@@ -215,6 +215,42 @@ void gather_dot(const float *x, const float *W, const int64_t *indices, int64_t 
     }
 }
 
+/* The entries of a [T, k] pattern grouped by row (a counting sort): row i's entries are
+ * weight/token[start[i] : start[i + 1]], token being the entry's row of the [T, d] operand. */
+typedef struct {
+    int64_t *start, *token;
+    float *weight;
+} buckets;
+
+static void free_buckets(buckets *bk) {
+    free(bk->start);
+    free(bk->token);
+    free(bk->weight);
+}
+
+/* Fills *bk for rows/weights ([n_entries], k per token) over n_rows rows; -1 if memory ran out. */
+static int bucket_entries(buckets *bk, const int64_t *rows, const float *weights, int64_t n_entries, int64_t k,
+                          int64_t n_rows) {
+    bk->start = calloc(n_rows + 1, sizeof(int64_t));
+    bk->token = malloc(n_entries * sizeof(int64_t));
+    bk->weight = malloc(n_entries * sizeof(float));
+    if (bk->start == NULL || bk->token == NULL || bk->weight == NULL) {
+        free_buckets(bk);
+        return -1;
+    }
+    int64_t *start = bk->start;
+    for (int64_t e = 0; e < n_entries; e++) start[rows[e] + 1]++;
+    for (int64_t i = 0; i < n_rows; i++) start[i + 1] += start[i];
+    for (int64_t e = 0; e < n_entries; e++) {
+        const int64_t at = start[rows[e]]++;
+        bk->weight[at] = weights[e];
+        bk->token[at] = e / k;
+    }
+    for (int64_t i = n_rows; i > 0; i--) start[i] = start[i - 1]; /* undo the fill's advance */
+    start[0] = 0;
+    return 0;
+}
+
 /* out[i] = Σ_{(t, j): rows[t, j] = i} weights[t, j] · inputs[t] for every i < n_rows, i.e. Sᵀ inputs
  * for the sparse [T, n_rows] matrix S holding `weights` at `rows` (a weight gradient). With W
  * non-NULL also W_sum = Σ_i c_i W[W_rows ? W_rows[i] : i], c_i = Σ_{(t, j): rows[t, j] = i} weights[t, j]
@@ -223,24 +259,10 @@ void gather_dot(const float *x, const float *W, const int64_t *indices, int64_t 
  * entry names are zeroed). Returns -1 if memory ran out, else 0. */
 int transposed_product(const int64_t *rows, const float *weights, const float *inputs, int64_t n_tokens, int64_t k,
                        int64_t d, int64_t n_rows, float *out, const float *W, const int64_t *W_rows, float *W_sum) {
-    int64_t n_entries = n_tokens * k;
-    int64_t *bucket_start = calloc(n_rows + 1, sizeof(int64_t)), *token = malloc(n_entries * sizeof(int64_t));
-    float *weight = malloc(n_entries * sizeof(float));
-    if (bucket_start == NULL || token == NULL || weight == NULL) {
-        free(bucket_start);
-        free(token);
-        free(weight);
-        return -1;
-    }
-    for (int64_t e = 0; e < n_entries; e++) bucket_start[rows[e] + 1]++;
-    for (int64_t i = 0; i < n_rows; i++) bucket_start[i + 1] += bucket_start[i];
-    for (int64_t e = 0; e < n_entries; e++) { /* each bucket: its entries' weights and token rows */
-        const int64_t at = bucket_start[rows[e]]++;
-        weight[at] = weights[e];
-        token[at] = e / k;
-    }
-    for (int64_t i = n_rows; i > 0; i--) bucket_start[i] = bucket_start[i - 1]; /* undo the fill's advance */
-    bucket_start[0] = 0;
+    buckets bk;
+    if (bucket_entries(&bk, rows, weights, n_tokens * k, k, n_rows)) return -1;
+    const int64_t *bucket_start = bk.start, *token = bk.token;
+    const float *weight = bk.weight;
     int failed = 0;
     if (W != NULL) memset(W_sum, 0, d * sizeof(float));
 #pragma omp parallel reduction(|: failed)
@@ -264,9 +286,7 @@ int transposed_product(const int64_t *rows, const float *weights, const float *i
         }
         free(partial);
     }
-    free(bucket_start);
-    free(token);
-    free(weight);
+    free_buckets(&bk);
     return -failed;
 }
 
@@ -311,6 +331,28 @@ int decode_residual(const float *z, const int64_t *indices, const float *W, cons
     return -failed;
 }
 
+/* One row of Adam (see adam_rows), in place. */
+static inline void adam_row(float *p, float *m, float *v, const float *g, int64_t d, float step_size, float beta1,
+                            float beta2, float eps, float bias_correction2_sqrt, int unit_norm) {
+    float along = 0, squares = 0;
+    if (unit_norm) {
+#pragma omp simd reduction(+: along)
+        for (int64_t j = 0; j < d; j++) along += g[j] * p[j];
+    }
+#pragma omp simd reduction(+: squares)
+    for (int64_t j = 0; j < d; j++) {
+        const float gj = g[j] - along * p[j]; /* along = 0 without unit_norm: no branch in the loop */
+        m[j] = beta1 * m[j] + (1 - beta1) * gj;
+        v[j] = beta2 * v[j] + (1 - beta2) * gj * gj;
+        p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias_correction2_sqrt + eps);
+        squares += p[j] * p[j];
+    }
+    if (unit_norm) {
+        const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;
+        for (int64_t j = 0; j < d; j++) p[j] /= norm;
+    }
+}
+
 /* Adam on rows r = rows[i], i < n (rows NULL: r = i) of param/exp_avg/exp_avg_sq ([*, d]) with
  * gradient rows grad[i] ([n, d]), in place and in one pass, in torch's fused-Adam arithmetic:
  *   m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − (lr / c1) m / (sqrt(v) / sqrt(c2) + ε)
@@ -321,32 +363,14 @@ int decode_residual(const float *z, const int64_t *indices, const float *W, cons
 void adam_rows(float *param, float *exp_avg, float *exp_avg_sq, const float *grad, const int64_t *rows,
                int64_t n, int64_t d, float lr, float beta1, float beta2, float eps,
                float bias_correction1, float bias_correction2_sqrt, int unit_norm) {
-    const float step_size = lr / bias_correction1;
 #pragma omp parallel
     {
         int64_t begin, end;
         thread_rows(n, &begin, &end);
         for (int64_t i = begin; i < end; i++) {
             const int64_t r = rows ? rows[i] : i;
-            float *p = param + r * d, *m = exp_avg + r * d, *v = exp_avg_sq + r * d;
-            const float *g = grad + i * d;
-            float along = 0, squares = 0;
-            if (unit_norm) {
-#pragma omp simd reduction(+: along)
-                for (int64_t j = 0; j < d; j++) along += g[j] * p[j];
-            }
-#pragma omp simd reduction(+: squares)
-            for (int64_t j = 0; j < d; j++) {
-                const float gj = g[j] - along * p[j];  // along = 0 without unit_norm: no branch in the loop
-                m[j] = beta1 * m[j] + (1 - beta1) * gj;
-                v[j] = beta2 * v[j] + (1 - beta2) * gj * gj;
-                p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias_correction2_sqrt + eps);
-                squares += p[j] * p[j];
-            }
-            if (unit_norm) {
-                const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;
-                for (int64_t j = 0; j < d; j++) p[j] /= norm;
-            }
+            adam_row(param + r * d, exp_avg + r * d, exp_avg_sq + r * d, grad + i * d, d, lr / bias_correction1,
+                     beta1, beta2, eps, bias_correction2_sqrt, unit_norm);
         }
     }
 }
