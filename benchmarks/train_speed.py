@@ -1,8 +1,9 @@
 """Training throughput of our SAEs on this machine, ratios measured in one run.
 
 Prints, per configuration (each in a fresh process, so peak RSS is its own): tokens/s of a
-full training step (forward, sparse backward, Adam, decoder projection), the time split
-between those phases, encoder GFLOP/s against the machine's measured dense matmul peak and
+full training step (forward, sparse backward, Adam with the decoder's projection), the time
+split between those phases (of the median step: the machine is shared, and a neighbour's burst
+should not move the table), encoder GFLOP/s against the machine's measured dense matmul peak and
 memory bandwidth (the roofline), and pre-activation memory per token.
 
     python benchmarks/train_speed.py                    # the issue-4 table (d=576, k=32, T=4096)
@@ -82,7 +83,7 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
     sae.sparse_grads = "sparse" in options
     opt = optimizer_for(sae, TrainConfig(sparse_updates=sae.sparse_grads))
     x = torch.randn(args.batch, args.d_model) * 4
-    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    steps = []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         out = sae(x)
@@ -94,8 +95,8 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
         opt.step()
         t3 = time.perf_counter()
         if step >= args.warmup:
-            for name, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
-                phases[name] += dt / args.steps
+            steps.append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2})
+    phases = sorted(steps, key=lambda phase: sum(phase.values()))[len(steps) // 2]  # the median step
     total = sum(phases.values())
     encoder_flops = 2 * args.batch * args.d_model * width // experts
     return {
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=576)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per configuration (the median counts)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = parser.parse_args()
