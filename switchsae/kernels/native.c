@@ -30,11 +30,10 @@ static inline void swap_entries(entry *a, entry *b) {
     *b = t;
 }
 
-/* Reorder e[0:n] (k <= n) so that its k largest values come first, in no particular order, and
- * e[k-1] holds the k-th largest. Quickselect with a three-way partition around a median-of-three
- * pivot, so runs of equal values cost O(n), not O(n²). Every comparison with NaN is false: NaNs
- * land wherever, but indices never leave the range. */
-static void select_largest(entry *e, int64_t n, int64_t k) {
+/* Quickselect for select_largest: a three-way partition around a median-of-three pivot, so runs
+ * of equal values cost O(n), not O(n²). Every comparison with NaN is false: NaNs land wherever,
+ * but indices never leave the range. */
+static void quickselect_largest(entry *e, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n;
     while (hi - lo > 1) {
         float a = e[lo].value, b = e[lo + (hi - lo) / 2].value, c = e[hi - 1].value;
@@ -49,6 +48,32 @@ static void select_largest(entry *e, int64_t n, int64_t k) {
         else if (k - 1 >= below) lo = below;
         else return; /* the k-th largest equals the pivot */
     }
+}
+
+#define RANK_MAX 256 /* selections among at most this many entries go by counted ranks */
+
+/* select_largest for n <= RANK_MAX by sorting, branch-free: each entry's rank is the number of
+ * entries before it in the order (value descending, then position; NaN counts as −∞), counted
+ * with vectorised compares, and every entry moves to its rank (the ranks are a permutation). */
+static void rank_sort(entry *e, int64_t n) {
+    float key[RANK_MAX];
+    entry sorted[RANK_MAX];
+    for (int64_t i = 0; i < n; i++) key[i] = isnan(e[i].value) ? -INFINITY : e[i].value;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = key[i];
+        int32_t rank = 0;
+        for (int64_t j = 0; j < i; j++) rank += key[j] >= v;
+        for (int64_t j = i + 1; j < n; j++) rank += key[j] > v;
+        sorted[rank] = e[i];
+    }
+    memcpy(e, sorted, n * sizeof(entry));
+}
+
+/* Reorder e[0:n] (k <= n) so that its k largest values come first, in no particular order, and
+ * e[k-1] holds the k-th largest. */
+static void select_largest(entry *e, int64_t n, int64_t k) {
+    if (n <= RANK_MAX) rank_sort(e, n);
+    else quickselect_largest(e, n, k);
 }
 
 /* Columns per block in the top-k scan: about m / 2k blocks, so that the k-th largest block
@@ -75,8 +100,8 @@ static inline int64_t block_width(int64_t m, int64_t k) {
         entry *maxima = scratch, *candidates = scratch + n_blocks;                                 \
         for (int64_t b = 0; b < n_blocks; b++) {                                                   \
             int64_t end = (b + 1) * width < m ? (b + 1) * width : m;                               \
-            float block_max = LOAD(row[b * width]);                                                \
-            for (int64_t j = b * width + 1; j < end; j++) {                                        \
+            float block_max = -INFINITY; /* NaN never wins a comparison: maxima are never NaN */  \
+            for (int64_t j = b * width; j < end; j++) {                                            \
                 float v = LOAD(row[j]);                                                            \
                 block_max = v > block_max ? v : block_max;                                         \
             }                                                                                      \
