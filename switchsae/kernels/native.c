@@ -314,12 +314,12 @@ int transposed_product(const int64_t *rows, const float *weights, const float *i
         thread_rows(n_rows, &begin, &end);
         float *partial = W != NULL ? calloc(d, sizeof(float)) : NULL;
         failed = W != NULL && partial == NULL;
-        for (int64_t i = begin; !failed && i < end; i++) {
-            const int64_t first = bucket_start[i], n = bucket_start[i + 1] - first;
-            gather_rows(out + i * d, NULL, weight + first, token + first, inputs, n, d, 1);
-            if (partial == NULL) continue;
+        for (int64_t i = begin; !failed && i < end; i++)
+            gather_rows(out + i * d, NULL, weight + bucket_start[i], token + bucket_start[i], inputs,
+                        bucket_start[i + 1] - bucket_start[i], d, 1);
+        for (int64_t i = begin; partial != NULL && i < end; i++) { /* W's rows in order: a streaming read */
             float c = 0;
-            for (int64_t b = 0; b < n; b++) c += weight[first + b];
+            for (int64_t b = bucket_start[i]; b < bucket_start[i + 1]; b++) c += weight[b];
             const float *w = W + (W_rows ? W_rows[i] : i) * d;
             for (int64_t col = 0; col < d; col++) partial[col] += c * w[col];
         }
