@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from switchsae.config import SAEConfig
-from switchsae.optim import LazyAdam
+from switchsae.optim import BFloat16Copy, LazyAdam
 from switchsae.saes import build_sae
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -97,3 +97,34 @@ def test_unit_norm_rows_group_rejects_vectors():
     opt = LazyAdam([{"params": [torch.nn.Parameter(torch.ones(4))], "unit_norm_rows": True}])
     with pytest.raises(ValueError, match="must hold matrices"):
         opt.step()
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense grad", "row-sparse grad"])
+def test_bf16_copy_stays_equal_to_a_fresh_cast_without_recasting(sparse):
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 5, generator=gen))
+    copy = BFloat16Copy(p)
+    opt = LazyAdam([{"params": [p], "low_precision_copy": copy}], lr=0.05)
+    first = copy.get()
+    rows = torch.tensor([1, 4, 6])
+    for _ in range(3):
+        g = torch.randn(3, 5, generator=gen)
+        p.grad = torch.sparse_coo_tensor(rows[None], g, (8, 5), check_invariants=True) if sparse else torch.randn(8, 5)
+        opt.step()
+        assert copy.current(), "the optimizer's update kept the copy current"
+        assert copy.get() is first, "no cast of the whole matrix"
+        assert torch.equal(first, p.detach().to(torch.bfloat16))
+
+
+def test_bf16_copy_is_recast_after_a_change_the_optimizer_did_not_make():
+    p = torch.nn.Parameter(torch.randn(8, 5))
+    copy = BFloat16Copy(p)
+    opt = LazyAdam([{"params": [p], "low_precision_copy": copy}], lr=0.05)
+    copy.get()
+    with torch.no_grad():
+        p.mul_(2)  # e.g. a load or an edit: bumps the version counter
+    assert not copy.current()
+    p.grad = torch.randn(8, 5)
+    opt.step()  # a stale copy is not patched row by row
+    assert not copy.current()
+    assert torch.equal(copy.get(), p.detach().to(torch.bfloat16))

@@ -24,22 +24,24 @@ def sort_by_expert(expert: Tensor, n_experts: int) -> tuple[Tensor, list[int]]:
 
 
 def grouped_select_topk(
-    x_sorted: Tensor, W: Tensor, counts: list[int], k: int, matmul_dtype: torch.dtype = torch.float32
+    x_sorted: Tensor, W: Tensor, counts: list[int], k: int, W_selection: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """TopK of ``x_t W_{e_t}ᵀ`` within each token's expert ``e_t``; indices are global latent ids.
 
     ``x_sorted`` holds the tokens grouped by expert, ``counts[e]`` of them for expert ``e`` (see
-    :func:`sort_by_expert`). On CPU in fp32 the matmul and the top-k run fused, tile by tile
+    :func:`sort_by_expert`); the matmul runs on ``W_selection`` (``W`` in a lower precision, e.g.
+    bf16) where given. On CPU in fp32 the matmul and the top-k run fused, tile by tile
     (:func:`switchsae.kernels.native.grouped_select`: pre-activations stay in cache, threads
     share out tiles of uneven experts). Otherwise :func:`expert_products` fills one ``[T, m]``
     buffer and one top-k runs over it. Returns no-grad fp32 ``values`` and ``indices``, both
     ``[T, k]``, in that same order.
     """
+    W_selection = W if W_selection is None else W_selection
     with torch.no_grad():
-        if matmul_dtype == torch.float32 and native.usable(x_sorted, W) and native.fused_selection_available():
-            return native.grouped_select(x_sorted, W, counts, k)
+        if W_selection.dtype == torch.float32 and native.usable(x_sorted, W) and native.fused_selection_available():
+            return native.grouped_select(x_sorted, W_selection, counts, k)
         m = W.shape[0] // len(counts)
-        pre = expert_products(x_sorted, W, counts, matmul_dtype)
+        pre = expert_products(x_sorted, W_selection, counts, W_selection.dtype)
         first_latent = torch.arange(0, W.shape[0], m, device=x_sorted.device)
         offsets = first_latent.repeat_interleave(torch.tensor(counts, device=x_sorted.device))
         return largest_entries(pre, k, x_sorted, W, offsets)

@@ -18,6 +18,14 @@ static inline float bf16_to_float(uint16_t bits) {
     return out;
 }
 
+/* fp32 → bf16 rounded to nearest even, bit for bit as torch's .to(torch.bfloat16) (NaN stays a NaN). */
+static inline uint16_t float_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if (value != value) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 /* One candidate of a top-k selection: a value and its column. */
 typedef struct {
     float value;
@@ -375,9 +383,9 @@ int decode_residual(const float *z, const int64_t *indices, const float *W, cons
     return -failed;
 }
 
-/* One row of Adam (see adam_rows), in place. */
+/* One row of Adam (see adam_rows), in place; low (if not NULL) gets the updated row in bf16. */
 static inline void adam_row(float *p, float *m, float *v, const float *g, int64_t d, float step_size, float beta1,
-                            float beta2, float eps, float bias_correction2_sqrt, int unit_norm) {
+                            float beta2, float eps, float bias_correction2_sqrt, int unit_norm, uint16_t *low) {
     float along = 0, squares = 0;
     if (unit_norm) {
 #pragma omp simd reduction(+: along)
@@ -395,6 +403,8 @@ static inline void adam_row(float *p, float *m, float *v, const float *g, int64_
         const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;
         for (int64_t j = 0; j < d; j++) p[j] /= norm;
     }
+    if (low != NULL)
+        for (int64_t j = 0; j < d; j++) low[j] = float_to_bf16(p[j]);
 }
 
 /* Adam on rows r = rows[i], i < n (rows NULL: r = i) of param/exp_avg/exp_avg_sq ([*, d]) with
@@ -403,10 +413,11 @@ static inline void adam_row(float *p, float *m, float *v, const float *g, int64_
  * with bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t. With unit_norm the rows are unit-norm
  * decoder rows kept on the sphere, all while the row is in cache: the gradient's component
  * along the row is removed first (g ← g − (g · θ) θ) and the updated row is renormalised after
- * (θ ← θ / max(‖θ‖, 1e-12)). */
+ * (θ ← θ / max(‖θ‖, 1e-12)). With low non-NULL, a bf16 copy of param ([*, d]) gets the updated
+ * rows too (a selection matmul's weights, kept current without a cast of the whole matrix). */
 void adam_rows(float *param, float *exp_avg, float *exp_avg_sq, const float *grad, const int64_t *rows,
                int64_t n, int64_t d, float lr, float beta1, float beta2, float eps,
-               float bias_correction1, float bias_correction2_sqrt, int unit_norm) {
+               float bias_correction1, float bias_correction2_sqrt, int unit_norm, uint16_t *low) {
 #pragma omp parallel
     {
         int64_t begin, end;
@@ -414,7 +425,7 @@ void adam_rows(float *param, float *exp_avg, float *exp_avg_sq, const float *gra
         for (int64_t i = begin; i < end; i++) {
             const int64_t r = rows ? rows[i] : i;
             adam_row(param + r * d, exp_avg + r * d, exp_avg_sq + r * d, grad + i * d, d, lr / bias_correction1,
-                     beta1, beta2, eps, bias_correction2_sqrt, unit_norm);
+                     beta1, beta2, eps, bias_correction2_sqrt, unit_norm, low ? low + r * d : NULL);
         }
     }
 }

@@ -166,10 +166,12 @@ def _rows_sum(weights: Tensor, indices: Tensor, W: Tensor, n_bags: int = 64) -> 
     return F.embedding_bag(rows, W, starts, per_sample_weights=row_weights, mode="sum").sum(0)
 
 
-def select_topk(x: Tensor, W: Tensor, k: int, matmul_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Indices and (no-grad, fp32) values of the k largest ``x Wᵀ`` entries per row."""
+def select_topk(x: Tensor, W: Tensor, k: int, W_selection: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Indices and (no-grad, fp32) values of the k largest ``x Wᵀ`` entries per row; the matmul
+    runs on ``W_selection`` (``W`` in a lower precision, e.g. bf16) where given."""
+    W_selection = W if W_selection is None else W_selection
     with torch.no_grad():
-        return largest_entries(torch.mm(x.to(matmul_dtype), W.to(matmul_dtype).t()), k, x, W)
+        return largest_entries(torch.mm(x.to(W_selection.dtype), W_selection.t()), k, x, W)
 
 
 def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:

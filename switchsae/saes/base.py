@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from switchsae.config import SAEConfig
 from switchsae.kernels.sparse import dense_codes, sparse_decode
+from switchsae.optim import BFloat16Copy
 from switchsae.saes.geometric_median import geometric_median
 
 
@@ -78,6 +79,7 @@ class SparseAutoencoder(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))
         #: dtype of the dense selection matmul (bfloat16 is ~3x faster on CPUs with AMX/AVX-512 bf16)
         self.matmul_dtype = torch.float32
+        self._encoder_bf16: BFloat16Copy | None = None
         #: row-sparse weight gradients for the sparse-code (TopK-family) paths, see kernels/sparse.py
         self.sparse_grads = False
 
@@ -146,14 +148,29 @@ class SparseAutoencoder(nn.Module):
         none by default."""
         return {}
 
+    def selection_weights(self) -> Tensor:
+        """``W_enc`` as the no-grad selection matmul reads it: itself in fp32; with a bf16
+        ``matmul_dtype`` a bf16 copy that the optimizer keeps current row by row."""
+        return self.W_enc if self.matmul_dtype == torch.float32 else self._bf16_encoder().get()
+
+    def _bf16_encoder(self) -> BFloat16Copy:
+        if self._encoder_bf16 is None:
+            self._encoder_bf16 = BFloat16Copy(self.W_enc)
+        return self._encoder_bf16
+
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups: with ``unit_norm_decoder`` the decoder sits in a
         ``unit_norm_rows`` group, whose rows :class:`switchsae.optim.LazyAdam` keeps at norm 1
-        (gradient component along each row removed before the step, row renormalised after)."""
-        if not self.unit_norm_decoder:
-            return [{"params": list(self.parameters())}]
-        rest = [p for p in self.parameters() if p is not self.W_dec]
-        return [{"params": rest}, {"params": [self.W_dec], "unit_norm_rows": True}]
+        (gradient component along each row removed before the step, row renormalised after); with
+        a bf16 selection the encoder sits in a group carrying its bf16 copy, which the optimizer
+        rewrites as it updates rows (:class:`switchsae.optim.BFloat16Copy`)."""
+        special = []
+        if self.unit_norm_decoder:
+            special.append({"params": [self.W_dec], "unit_norm_rows": True})
+        if self.matmul_dtype != torch.float32:
+            special.append({"params": [self.W_enc], "low_precision_copy": self._bf16_encoder()})
+        taken = {id(p) for group in special for p in group["params"]}
+        return [{"params": [p for p in self.parameters() if id(p) not in taken]}, *special]
 
     # -- cost -----------------------------------------------------------------------------
     def flops(self) -> dict[str, int]:

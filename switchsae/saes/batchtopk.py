@@ -40,7 +40,8 @@ class BatchTopKSAE(TopKSAE):
         """The batch (training) or threshold (inference) selection; updates ``threshold`` in training."""
         with torch.no_grad():
             centred = x - self.b_pre
-            acts = torch.mm(centred.to(self.matmul_dtype), self.W_enc.to(self.matmul_dtype).t()).relu_()
+            W_selection = self.selection_weights()
+            acts = torch.mm(centred.to(W_selection.dtype), W_selection.t()).relu_()
             keep = self._batch_topk(acts) if self.training else acts > self.threshold
             indices, valid = pack_rows(keep)
             if acts.dtype == torch.float32:

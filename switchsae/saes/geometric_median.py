@@ -1,7 +1,6 @@
 """Geometric median, the paper's initialisation of ``b_pre`` and ``b_r``."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -78,7 +78,7 @@ class SwitchSAE(SparseAutoencoder):
         x_sorted = x.index_select(0, order)
         with torch.no_grad():
             centred = x_sorted - self.b_pre
-        values, indices = grouped_select_topk(centred, self.W_enc, counts, self.cfg.k, self.matmul_dtype)
+        values, indices = grouped_select_topk(centred, self.W_enc, counts, self.cfg.k, self.selection_weights())
         gate = probs.gather(1, expert[:, None]).squeeze(1).index_select(0, order)
         unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
         x_hat = mse = None

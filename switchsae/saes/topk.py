@@ -31,7 +31,7 @@ class TopKSAE(SparseAutoencoder):
         """The no-grad selection on normalised ``x``: ``(indices, values, x − b_pre)``, ``[T, k]`` codes."""
         with torch.no_grad():
             centred = x - self.b_pre
-        values, indices = select_topk(centred, self.W_enc, self.cfg.k, self.matmul_dtype)
+        values, indices = select_topk(centred, self.W_enc, self.cfg.k, self.selection_weights())
         return indices, values, centred
 
     def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:

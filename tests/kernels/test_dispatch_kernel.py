@@ -46,7 +46,7 @@ def test_grouped_select_equals_all_experts_masked_to_minus_infinity(tokens):
 def test_bf16_grouped_selection_returns_exact_fp32_values():
     x, W, expert = _inputs()
     order, counts = sort_by_expert(expert, N_EXPERTS)
-    values, indices = grouped_select_topk(x[order], W, counts, K, torch.bfloat16)
+    values, indices = grouped_select_topk(x[order], W, counts, K, W.to(torch.bfloat16))
     assert bool(((indices // EXPERT_WIDTH) == expert[order][:, None]).all())
     torch.testing.assert_close(values, (W[indices] * x[order][:, None, :]).sum(-1))
 

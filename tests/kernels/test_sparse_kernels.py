@@ -71,7 +71,7 @@ def test_bf16_selection_picks_nearly_the_same_latents_with_fp32_exact_values(gen
     x = torch.randn(256, 64, generator=gen)
     W = torch.randn(512, 64, generator=gen)
     _, idx32 = select_topk(x, W, 16)
-    values, idx16 = select_topk(x, W, 16, torch.bfloat16)
+    values, idx16 = select_topk(x, W, 16, W.to(torch.bfloat16))
     assert values.dtype == torch.float32
     same = (idx16[:, :, None] == idx32[:, None, :]).any(-1).float().mean()
     assert same > 0.9

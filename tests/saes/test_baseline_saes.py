@@ -76,7 +76,7 @@ def test_batchtopk_training_keeps_the_batch_top_t_times_k(make_sae, batch):
     sae = make_sae("batchtopk")
     sae.init_from_data(batch)
     out = sae(batch)
-    T, k, M = batch.shape[0], sae.cfg.k, sae.cfg.width
+    T, k = batch.shape[0], sae.cfg.k
     acts = torch.relu((batch - sae.b_pre) @ sae.W_enc.t()).detach()
     assert int(out.latents.l0().sum()) == T * k
     assert out.latents.values.shape[1] == int(out.latents.l0().max())

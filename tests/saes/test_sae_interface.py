@@ -99,6 +99,24 @@ def test_unit_norm_decoder_rows_stay_unit_norm_through_training_steps(arch, make
     assert [group.get("unit_norm_rows", False) for group in sae.param_groups()] == [False, True]
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "switch", "topk"])
+def test_bf16_selection_reads_a_copy_the_optimizer_keeps_current(arch, make_sae, batch):
+    sae = make_sae(arch)
+    sae.matmul_dtype = torch.bfloat16
+    opt = optimizer_for(sae, TrainConfig())
+    for group in opt.param_groups:
+        group["lr"] = 1e-2
+    copy = sae.selection_weights()
+    for _ in range(3):
+        opt.zero_grad()
+        sae.loss(batch, sae(batch))["loss"].backward()
+        opt.step()
+        assert sae.selection_weights() is copy, "updated row by row, not cast again"
+        assert torch.equal(copy, sae.W_enc.detach().to(torch.bfloat16))
+    sae.load_state_dict({name: t + 1 for name, t in sae.state_dict().items()})
+    assert torch.equal(sae.selection_weights(), sae.W_enc.detach().to(torch.bfloat16)), "a load is noticed"
+
+
 @pytest.mark.parametrize("arch", PER_TOKEN_TOPK)
 def test_per_token_topk_l0_at_most_k(arch, make_sae, batch):
     sae = make_sae(arch)
