@@ -36,9 +36,10 @@ class BFloat16Copy:
     optimizer's row updates instead of a cast of the whole matrix every step (at a million latents
     that cast moves ~3.6 GB per step).
 
-    The copy is valid while the weight's version counter equals the one recorded with it: any
-    change to the weight that did not also update the copy (loading, an in-place edit, an
-    optimizer without it) bumps the counter, and the next :meth:`get` casts the whole weight again.
+    The copy is valid while the weight's version counter and storage are the ones recorded with
+    it: any change to the weight that did not also update the copy (loading, an in-place edit, an
+    optimizer without it, a move to another device) changes one of them, and the next :meth:`get`
+    casts the whole weight again.
     """
 
     def __init__(self, weight: Tensor):
@@ -50,14 +51,15 @@ class BFloat16Copy:
         """The copy, cast afresh if the weight changed behind its back."""
         if not self.current():
             self.copy = self.weight.detach().to(torch.bfloat16)
-            self._stamp()
+            self.mark_current()
         return self.copy
 
     def current(self) -> bool:
         """Whether the copy matches the weight (same version counter, same storage)."""
         return self.copy is not None and (self.version, self.source) == (self.weight._version, self.weight.data_ptr())
 
-    def _stamp(self) -> None:
+    def mark_current(self) -> None:
+        """Record that the copy matches the weight as it is now (after updating both)."""
         self.version, self.source = self.weight._version, self.weight.data_ptr()
 
     def rows_updated(self, rows: Tensor | None) -> None:
@@ -67,7 +69,7 @@ class BFloat16Copy:
                 self.copy.copy_(self.weight)
             else:
                 self.copy.index_copy_(0, rows, self.weight.index_select(0, rows).to(torch.bfloat16))
-        self._stamp()
+        self.mark_current()
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -100,7 +102,7 @@ class LazyAdam(torch.optim.Optimizer):
                                      beta2=group["betas"][1], eps=group["eps"], step=int(state["step"]),
                                      unit_norm=unit_norm, low=None if copy is None else copy.copy)
                     if copy is not None:
-                        copy._stamp()
+                        copy.mark_current()
                 else:
                     _torch_step(full, grad, rows, state["step"], group, unit_norm)
                     if copy is not None:
