@@ -16,8 +16,10 @@ by :class:`GatheredLinear`, whose backward touches only the selected rows:
 instead of a dense ``[T, M]`` gradient matmul. :func:`sparse_decode` is
 ``x̂_t = Σ_j z_tj W_dec[i_tj]``, again an embedding bag, gradients included.
 The references these are tested against are :func:`dense_codes` followed by plain matmuls.
-On CPU the top-k, the weight gradients and the SDDMM run as compiled kernels
-(kernels/native.py); the torch ops here are the fallback and the GPU path.
+:func:`topk_encode` and :func:`sparse_decode` serve ``encode`` and ``decode``; training fuses the
+two with the loss (kernels/core.py), reusing :func:`weight_grad` and :func:`gather_dot`. On CPU
+the top-k, the weight gradients and the SDDMM run as compiled kernels (kernels/native.py); the
+torch ops here are the fallback and the GPU path.
 
 With ``sparse_grad`` the weight gradients are coalesced row-sparse tensors over the latents the
 batch used, so no ``[M, d]`` gradient is ever allocated and a row-sparse optimizer
