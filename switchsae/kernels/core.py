@@ -39,7 +39,9 @@ def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Ten
     ``values`` are the selected pre-activations ``v`` (no grad), ``centred`` is ``x − b`` (no
     grad; the selection computed it); ``sparse_grad`` makes the weight gradients row-sparse.
     """
-    return SparseCore.apply(x, b, W_enc, W_dec, gate, indices, values, centred, sparse_grad)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, b, W_enc, W_dec, gate))
+    return SparseCore.apply(x, b, W_enc, W_dec, gate, indices, values, centred, sparse_grad, differentiable)
 
 
 def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor, value_grads: bool,
@@ -60,11 +62,11 @@ class SparseCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, gate: Tensor | None, indices: Tensor,
-                values: Tensor, centred: Tensor, sparse_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                values: Tensor, centred: Tensor, sparse_grad: bool, differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         z = values.clamp_min(0) if gate is None else values.clamp_min(0) * gate[:, None]
-        x_hat, residual, P, squares, residual_sum = decode_residual(z, indices, W_dec, b, x,
-                                                                    value_grads=any(ctx.needs_input_grad))
+        # the value gradients only where a backward can follow (needs_input_grad ignores no_grad mode)
+        x_hat, residual, P, squares, residual_sum = decode_residual(z, indices, W_dec, b, x, value_grads=differentiable)
         ctx.save_for_backward(W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum)
         ctx.sparse_grad = sparse_grad
         return z, x_hat, squares / x.shape[0]
@@ -102,4 +104,4 @@ class SparseCore(torch.autograd.Function):
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_v, mode="sum") - scale * residual
         if needs_b:
             grad_b = grad_x_hat_sum - (encoder_sum if encoder_sum is not None else _rows_sum(grad_v, indices, W_enc))
-        return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None
+        return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None, None

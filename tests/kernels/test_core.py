@@ -74,3 +74,23 @@ def test_sparse_core_without_grad_needs_no_value_gradients():
         ref = _reference(x, b, W_enc, W_dec, None, indices)
     torch.testing.assert_close(x_hat, ref[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mse, ref[2], rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_core_skips_the_value_gradients_when_no_backward_can_follow(monkeypatch):
+    from switchsae.kernels import core
+
+    calls = []
+    decode = core.decode_residual
+
+    def recording(*args, value_grads):
+        calls.append(value_grads)
+        return decode(*args, value_grads=value_grads)
+
+    monkeypatch.setattr(core, "decode_residual", recording)
+    gen = torch.Generator().manual_seed(2)
+    x, b, W_enc, W_dec, _, indices = _inputs(gen, repeats=False)
+    values = torch.einsum("tkd,td->tk", W_enc[indices], x - b).detach()
+    sparse_core(x, b, W_enc, W_dec, indices, values, (x - b).detach())
+    with torch.no_grad():  # parameters still require grad, but evaluation needs no backward
+        sparse_core(x, b, W_enc, W_dec, indices, values, (x - b).detach())
+    assert calls == [True, False]
