@@ -15,7 +15,8 @@ Forward gathers each token's k decoder rows once for x̂_t, r_t and, while those
     ∂L/∂z_tj = W_dec[i_tj] · g_x̂_t + (2 g_mse / T) P_tj + g_z_tj
     ∂L/∂p_t = Σ_j ∂L/∂z_tj a_tj,        ∂L/∂v_tj = p_t 1[v_tj > 0] ∂L/∂z_tj
     ∂L/∂W_dec[i] = Σ_{tj: i_tj = i} z_tj G_t,      ∂L/∂W_enc[i] = Σ_{tj: i_tj = i} ∂L/∂v_tj (x_t − b)
-    ∂L/∂b = Σ_t G_t − Σ_tj ∂L/∂v_tj W_enc[i_tj],   ∂L/∂x_t = Σ_j ∂L/∂v_tj W_enc[i_tj] − (2 g_mse / T) r_t
+    ∂L/∂b = Σ_t G_t − Σ_tj ∂L/∂v_tj W_enc[i_tj]
+    ∂L/∂x_t = Σ_j ∂L/∂v_tj W_enc[i_tj] − (2 g_mse / T) r_t
 
 When only ``mse`` feeds the loss (training), ``G = (2 g_mse / T) r`` and no ``[T, d]`` pass is
 spent on it: the factor goes onto the ``[T, k]`` decoder weights and onto ``Σ_t r_t``, which the
@@ -33,7 +34,8 @@ from switchsae.kernels.sparse import _rows_sum, gather_dot, weight_grad
 
 
 def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Tensor, values: Tensor,
-                centred: Tensor, gate: Tensor | None = None, sparse_grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                centred: Tensor, gate: Tensor | None = None, sparse_grad: bool = False,
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """``(z, x̂, mse)`` of the formulas above, differentiable in ``x, b, W_enc, W_dec, gate``.
 
     ``values`` are the selected pre-activations ``v`` (no grad), ``centred`` is ``x − b`` (no
@@ -62,7 +64,8 @@ class SparseCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, gate: Tensor | None, indices: Tensor,
-                values: Tensor, centred: Tensor, sparse_grad: bool, differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
+                values: Tensor, centred: Tensor, sparse_grad: bool, differentiable: bool,
+                ) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         z = values.clamp_min(0) if gate is None else values.clamp_min(0) * gate[:, None]
         # the value gradients only where a backward can follow (needs_input_grad ignores no_grad mode)
@@ -98,7 +101,8 @@ class SparseCore(torch.autograd.Function):
         grad_dec = weight_grad(dec_weights, indices, dec_inputs, width, ctx.sparse_grad)[0] if needs_dec else None
         grad_enc = encoder_sum = None
         if needs_enc:  # Σ_tj ∂L/∂v_tj W_enc[i_tj] (for ∂L/∂b) comes with it, from the per-row sums
-            grad_enc, encoder_sum = weight_grad(grad_v, indices, centred, width, ctx.sparse_grad, W_enc if needs_b else None)
+            grad_enc, encoder_sum = weight_grad(grad_v, indices, centred, width, ctx.sparse_grad,
+                                                W_enc if needs_b else None)
         grad_x = grad_b = None
         if needs_x:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_v, mode="sum") - scale * residual
