@@ -35,26 +35,35 @@ from switchsae.kernels.sparse import _rows_sum, gather_dot, weight_grad
 
 def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Tensor, values: Tensor,
                 centred: Tensor, gate: Tensor | None = None, sparse_grad: bool = False,
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                x_hat_rows: Tensor | None = None, x_hat_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """``(z, x̂, mse)`` of the formulas above, differentiable in ``x, b, W_enc, W_dec, gate``.
 
     ``values`` are the selected pre-activations ``v`` (no grad), ``centred`` is ``x − b`` (no
     grad; the selection computed it); ``sparse_grad`` makes the weight gradients row-sparse.
+    ``x̂`` comes out times ``x_hat_scale`` with token ``t`` in row ``x_hat_rows[t]`` (a permutation;
+    row ``t`` if None): a Switch SAE works on tokens grouped by expert and returns the
+    reconstruction in token order and raw units without another pass.
     """
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, b, W_enc, W_dec, gate))
-    return SparseCore.apply(x, b, W_enc, W_dec, gate, indices, values, centred, sparse_grad, differentiable)
+    return SparseCore.apply(x, b, W_enc, W_dec, gate, indices, values, centred, sparse_grad, x_hat_rows,
+                            x_hat_scale, differentiable)
 
 
 def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor, value_grads: bool,
+                    out_rows: Tensor | None = None, out_scale: float = 1.0,
                     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-    """``(x̂, r, P or None, Σ_t ‖r_t‖², Σ_t r_t)``: the compiled one-pass kernel on CPU, else torch ops."""
+    """``(x̂ placed and scaled, r, P or None, Σ_t ‖r_t‖², Σ_t r_t)`` (see native.decode_residual):
+    the compiled one-pass kernel on CPU, else torch ops."""
     if native.usable(z, indices, W, b, x):
-        x_hat, residual, P, squares, residual_sum = native.decode_residual(z, indices, W, b, x, value_grads)
+        x_hat, residual, P, squares, residual_sum = native.decode_residual(z, indices, W, b, x, value_grads,
+                                                                           out_rows, out_scale)
         return x_hat, residual, P, torch.tensor(squares, dtype=torch.float32), residual_sum
     x_hat = F.embedding_bag(indices, W, per_sample_weights=z, mode="sum") + b
     residual = x_hat - x
     P = gather_dot(residual, W, indices) if value_grads else None
+    x_hat = x_hat.mul_(out_scale) if out_rows is None else torch.empty_like(x_hat).index_copy_(0, out_rows,
+                                                                                              x_hat.mul_(out_scale))
     flat = residual.flatten()
     return x_hat, residual, P, flat.dot(flat), residual.sum(0)
 
@@ -64,22 +73,25 @@ class SparseCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, gate: Tensor | None, indices: Tensor,
-                values: Tensor, centred: Tensor, sparse_grad: bool, differentiable: bool,
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                values: Tensor, centred: Tensor, sparse_grad: bool, x_hat_rows: Tensor | None, x_hat_scale: float,
+                differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         z = values.clamp_min(0) if gate is None else values.clamp_min(0) * gate[:, None]
         # the value gradients only where a backward can follow (needs_input_grad ignores no_grad mode)
-        x_hat, residual, P, squares, residual_sum = decode_residual(z, indices, W_dec, b, x, value_grads=differentiable)
-        ctx.save_for_backward(W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum)
-        ctx.sparse_grad = sparse_grad
+        x_hat, residual, P, squares, residual_sum = decode_residual(z, indices, W_dec, b, x, differentiable,
+                                                                    x_hat_rows, x_hat_scale)
+        ctx.save_for_backward(W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum, x_hat_rows)
+        ctx.sparse_grad, ctx.x_hat_scale = sparse_grad, x_hat_scale
         return z, x_hat, squares / x.shape[0]
 
     @staticmethod
     def backward(ctx, g_z: Tensor | None, g_x_hat: Tensor | None, g_mse: Tensor | None):
-        W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum = ctx.saved_tensors
+        W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum, x_hat_rows = ctx.saved_tensors
         needs_x, needs_b, needs_enc, needs_dec, needs_gate = ctx.needs_input_grad[:5]
         n_tokens, width = residual.shape[0], W_enc.shape[0]
         scale = torch.zeros(()) if g_mse is None else 2 * g_mse / n_tokens
+        if g_x_hat is not None:  # back to the rows and units the core works in
+            g_x_hat = (g_x_hat if x_hat_rows is None else g_x_hat.index_select(0, x_hat_rows)) * ctx.x_hat_scale
 
         # ∂L/∂x̂ = g_x̂ + scale·r: kept factored (decoder weights z·scale against r) unless g_x̂ flows too
         if g_x_hat is None:
@@ -108,4 +120,4 @@ class SparseCore(torch.autograd.Function):
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_v, mode="sum") - scale * residual
         if needs_b:
             grad_b = grad_x_hat_sum - (encoder_sum if encoder_sum is not None else _rows_sum(grad_v, indices, W_enc))
-        return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None, None
+        return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None, None, None, None

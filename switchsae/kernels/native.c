@@ -345,11 +345,12 @@ int transposed_product(const int64_t *rows, const float *weights, const float *i
 /* The sparse decoder with its squared error, per token t while its rows are in cache:
  *   x̂_t = b + Σ_j z[t, j] W[i_tj],  r_t = x̂_t − x_t,  and with P non-NULL P[t, j] = W[i_tj] · r_t
  * (the value gradient of ‖r_t‖², up to a factor 2, without a second gather from memory).
- * Writes x_hat and residual ([T, d]); *squares = Σ_t ‖r_t‖², residual_sum[c] = Σ_t r_t[c].
- * Returns -1 if memory ran out, else 0. */
+ * Writes residual ([T, d]) and out_scale · x̂_t to row out_rows[t] of x_hat (row t if out_rows is
+ * NULL: tokens processed in one order, e.g. grouped by expert, reconstructed in another);
+ * *squares = Σ_t ‖r_t‖², residual_sum[c] = Σ_t r_t[c]. Returns -1 if memory ran out, else 0. */
 int decode_residual(const float *z, const int64_t *indices, const float *W, const float *b, const float *x,
-                    int64_t n_tokens, int64_t k, int64_t d, float *x_hat, float *residual, float *P,
-                    double *squares, float *residual_sum) {
+                    int64_t n_tokens, int64_t k, int64_t d, float *x_hat, const int64_t *out_rows, float out_scale,
+                    float *residual, float *P, double *squares, float *residual_sum) {
     int failed = 0;
     double total = 0;
     memset(residual_sum, 0, d * sizeof(float));
@@ -360,7 +361,7 @@ int decode_residual(const float *z, const int64_t *indices, const float *W, cons
         float *partial = calloc(d, sizeof(float));
         failed = partial == NULL;
         for (int64_t t = begin; partial && t < end; t++) {
-            float *o = x_hat + t * d, *r = residual + t * d;
+            float *o = x_hat + (out_rows ? out_rows[t] : t) * d, *r = residual + t * d;
             const float *xt = x + t * d;
             gather_rows(o, b, z + t * k, indices + t * k, W, k, d, 0);
             float squared = 0;
@@ -369,6 +370,7 @@ int decode_residual(const float *z, const int64_t *indices, const float *W, cons
                 r[c] = o[c] - xt[c];
                 squared += r[c] * r[c];
                 partial[c] += r[c];
+                o[c] *= out_scale;
             }
             total += squared;
             if (P != NULL) row_dots(P + t * k, r, indices + t * k, W, k, d);

@@ -41,7 +41,7 @@ SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1
     "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int, _PTR], None),
     "gather_dot": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR], None),
     "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR], ctypes.c_int),
-    "decode_residual": ([_PTR] * 5 + [_I64] * 3 + [_PTR] * 5, ctypes.c_int),
+    "decode_residual": ([_PTR] * 5 + [_I64] * 3 + [_PTR, _PTR, _F32] + [_PTR] * 4, ctypes.c_int),
     "grouped_select": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR], ctypes.c_int),
 }
 
@@ -169,21 +169,27 @@ def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: in
 
 
 def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor, value_grads: bool,
+                    out_rows: Tensor | None = None, out_scale: float = 1.0,
                     ) -> tuple[Tensor, Tensor, Tensor | None, float, Tensor]:
     """``x̂_t = b + Σ_j z_tj W[i_tj]``, ``r = x̂ − x`` and, with ``value_grads``, ``P_tj = W[i_tj] · r_t``,
-    in one pass per token. Returns ``(x̂, r, P or None, Σ_t ‖r_t‖², Σ_t r_t)``."""
+    in one pass per token; ``x̂`` is returned times ``out_scale`` with token ``t`` in row
+    ``out_rows[t]`` (a permutation of the tokens; row ``t`` if None). Returns
+    ``(x̂, r, P or None, Σ_t ‖r_t‖², Σ_t r_t)``."""
     n_tokens, d = x.shape
     _require(indices.ndim == 2 and z.shape == indices.shape and indices.shape[0] == n_tokens
-             and W.shape[1] == d and b.shape == (d,),
-             "decode_residual needs z and indices [T, k], W [M, d], b [d], x [T, d]", z, indices, W, b, x)
+             and W.shape[1] == d and b.shape == (d,) and (out_rows is None or out_rows.shape == (n_tokens,)),
+             "decode_residual needs z and indices [T, k], W [M, d], b [d], x [T, d], out_rows [T]", z, indices, W, b, x)
     _check_rows(indices, W.shape[0])
+    if out_rows is not None:
+        _check_rows(out_rows, n_tokens)
+        out_rows = out_rows.contiguous()
     z, indices, W, b, x = (t.contiguous() for t in (z, indices, W, b, x))
     x_hat, residual, residual_sum = torch.empty(n_tokens, d), torch.empty(n_tokens, d), torch.empty(d)
     P = torch.empty(indices.shape) if value_grads else None
     squares = ctypes.c_double()
     if _library().decode_residual(z.data_ptr(), indices.data_ptr(), W.data_ptr(), b.data_ptr(), x.data_ptr(),
-                                  *indices.shape, d, x_hat.data_ptr(), residual.data_ptr(), _pointer(P),
-                                  ctypes.addressof(squares), residual_sum.data_ptr()):
+                                  *indices.shape, d, x_hat.data_ptr(), _pointer(out_rows), out_scale,
+                                  residual.data_ptr(), _pointer(P), ctypes.addressof(squares), residual_sum.data_ptr()):
         raise MemoryError("decode_residual: no memory for per-thread sums")
     return x_hat, residual, P, squares.value, residual_sum
 

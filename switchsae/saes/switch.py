@@ -82,10 +82,9 @@ class SwitchSAE(SparseAutoencoder):
         gate = probs.gather(1, expert[:, None]).squeeze(1).index_select(0, order)
         unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
         x_hat = mse = None
-        if decode:
+        if decode:  # x̂ comes out in token order and raw units
             z, x_hat, mse = sparse_core(x_sorted, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, gate,
-                                        self.sparse_grads)
-            x_hat = x_hat.index_select(0, unsorted).div_(self.cfg.act_scale)  # in place: one pass less
+                                        self.sparse_grads, x_hat_rows=order, x_hat_scale=1 / self.cfg.act_scale)
         else:
             z = topk_encode(x_sorted, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) * gate[:, None]
         latents = Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted))

@@ -44,8 +44,8 @@ class TopKSAE(SparseAutoencoder):
         x = self._check_input(x)
         indices, values, centred = self._select(x)
         z, x_hat, mse = sparse_core(x, self.b_pre, self.W_enc, self.W_dec, indices, values, centred,
-                                    sparse_grad=self.sparse_grads)
-        return SAEOutput(x_hat.div_(self.cfg.act_scale), Latents(z, indices), mse=mse)  # in place: one pass less
+                                    sparse_grad=self.sparse_grads, x_hat_scale=1 / self.cfg.act_scale)
+        return SAEOutput(x_hat, Latents(z, indices), mse=mse)
 
     def flops(self) -> dict[str, int]:
         """Forward ``2dM`` (encoder) ``+ 2kd`` (sparse decoder).

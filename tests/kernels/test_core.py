@@ -38,7 +38,9 @@ def _reference(x, b, W_enc, W_dec, gate, indices):
 @pytest.mark.parametrize("upstream", ["mse", "x_hat", "z", "all"])
 @pytest.mark.parametrize("gated", [False, True], ids=["topk", "gated"])
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
-def test_sparse_core_equals_dense_reference(upstream, gated, sparse_grad):
+@pytest.mark.parametrize("placed", [False, True], ids=["in-order", "placed-and-scaled"])
+def test_sparse_core_equals_dense_reference(upstream, gated, sparse_grad, placed):
+    """``placed``: x̂ written to permuted rows and scaled, as a Switch SAE asks for."""
     gen = torch.Generator().manual_seed(0)
     x, b, W_enc, W_dec, gate, indices = _inputs(gen, repeats=upstream == "all")
     gate = gate if gated else None
@@ -53,8 +55,12 @@ def test_sparse_core_equals_dense_reference(upstream, gated, sparse_grad):
     inputs = [t for t in (x, b, W_enc, W_dec, gate) if t is not None]
     with torch.no_grad():
         centred = x - b
-    out = sparse_core(x, b, W_enc, W_dec, indices, values, centred, gate, sparse_grad)
-    ref = _reference(x, b, W_enc, W_dec, gate, indices)
+    rows, x_hat_scale = (torch.randperm(T, generator=gen), 0.5) if placed else (None, 1.0)
+    out = sparse_core(x, b, W_enc, W_dec, indices, values, centred, gate, sparse_grad, rows, x_hat_scale)
+    z, x_hat, mse = _reference(x, b, W_enc, W_dec, gate, indices)
+    if placed:
+        x_hat = torch.zeros_like(x_hat).index_add(0, rows, x_hat * x_hat_scale)
+    ref = z, x_hat, mse
     for got, want in zip(out, ref):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     grads = torch.autograd.grad(objective(*out), inputs, allow_unused=True)
@@ -82,9 +88,9 @@ def test_sparse_core_skips_the_value_gradients_when_no_backward_can_follow(monke
     calls = []
     decode = core.decode_residual
 
-    def recording(*args, value_grads):
+    def recording(z, indices, W, b, x, value_grads, *placement):
         calls.append(value_grads)
-        return decode(*args, value_grads=value_grads)
+        return decode(z, indices, W, b, x, value_grads, *placement)
 
     monkeypatch.setattr(core, "decode_residual", recording)
     gen = torch.Generator().manual_seed(2)
