@@ -68,7 +68,7 @@ def test_sparse_core_equals_dense_reference(upstream, gated, sparse_grad, placed
     for name, got, want, tensor in zip(["x", "b", "W_enc", "W_dec", "gate"], grads, ref_grads, inputs):
         got = torch.zeros_like(tensor) if got is None else got.to_dense() if got.is_sparse else got
         want = torch.zeros_like(tensor) if want is None else want
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, msg=name)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sparse_core_without_grad_needs_no_value_gradients():
