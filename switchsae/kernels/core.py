@@ -89,7 +89,7 @@ class SparseCore(torch.autograd.Function):
         W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum, x_hat_rows = ctx.saved_tensors
         needs_x, needs_b, needs_enc, needs_dec, needs_gate = ctx.needs_input_grad[:5]
         n_tokens, width = residual.shape[0], W_enc.shape[0]
-        scale = torch.zeros(()) if g_mse is None else 2 * g_mse / n_tokens
+        scale = torch.zeros((), dtype=residual.dtype) if g_mse is None else 2 * g_mse / n_tokens
         if g_x_hat is not None:  # back to the rows and units the core works in
             g_x_hat = (g_x_hat if x_hat_rows is None else g_x_hat.index_select(0, x_hat_rows)) * ctx.x_hat_scale
 

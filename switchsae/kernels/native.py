@@ -108,7 +108,7 @@ def topk(pre: Tensor, k: int, offsets: Tensor | None = None) -> tuple[Tensor, Te
              *([] if offsets is None else [offsets]))
     pre = pre.contiguous()
     offsets = None if offsets is None else offsets.to(torch.int64).contiguous()
-    values = torch.empty(n_rows, k)
+    values = torch.empty(n_rows, k, dtype=torch.float32)
     indices = torch.empty(n_rows, k, dtype=torch.int64)
     kernel = {torch.float32: _library().topk_f32, torch.bfloat16: _library().topk_bf16}[pre.dtype]
     if kernel(pre.data_ptr(), n_rows, m, k, _pointer(offsets), values.data_ptr(), indices.data_ptr()):
@@ -140,7 +140,7 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
              "gather_dot needs x [T, d], W [M, d], indices [T, k]", x, W, indices)
     _check_rows(indices, W.shape[0])
     x, W, indices = x.contiguous(), W.contiguous(), indices.contiguous()
-    out = torch.empty(indices.shape)
+    out = torch.empty(indices.shape, dtype=torch.float32)
     _library().gather_dot(x.data_ptr(), W.data_ptr(), indices.data_ptr(), *indices.shape, W.shape[1], out.data_ptr())
     return out
 
@@ -160,7 +160,8 @@ def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: in
     # contiguous copies held in locals: the pointers below must outlive the call
     weights, rows, inputs = weights.contiguous(), rows.contiguous(), inputs.contiguous()
     W, W_rows = (None, None) if W is None else (W.contiguous(), None if W_rows is None else W_rows.contiguous())
-    out, W_sum = torch.empty(n_rows, inputs.shape[1]), None if W is None else torch.empty(inputs.shape[1])
+    out = torch.empty(n_rows, inputs.shape[1], dtype=torch.float32)
+    W_sum = None if W is None else torch.empty(inputs.shape[1], dtype=torch.float32)
     if _library().transposed_product(rows.data_ptr(), weights.data_ptr(), inputs.data_ptr(), *rows.shape,
                                      inputs.shape[1], n_rows, out.data_ptr(), _pointer(W), _pointer(W_rows),
                                      _pointer(W_sum)):
@@ -184,8 +185,9 @@ def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor,
         _check_rows(out_rows, n_tokens)
         out_rows = out_rows.contiguous()
     z, indices, W, b, x = (t.contiguous() for t in (z, indices, W, b, x))
-    x_hat, residual, residual_sum = torch.empty(n_tokens, d), torch.empty(n_tokens, d), torch.empty(d)
-    P = torch.empty(indices.shape) if value_grads else None
+    x_hat, residual = torch.empty(n_tokens, d, dtype=torch.float32), torch.empty(n_tokens, d, dtype=torch.float32)
+    residual_sum = torch.empty(d, dtype=torch.float32)
+    P = torch.empty(indices.shape, dtype=torch.float32) if value_grads else None
     squares = ctypes.c_double()
     if _library().decode_residual(z.data_ptr(), indices.data_ptr(), W.data_ptr(), b.data_ptr(), x.data_ptr(),
                                   *indices.shape, d, x_hat.data_ptr(), _pointer(out_rows), out_scale,
@@ -245,7 +247,7 @@ def grouped_select(x: Tensor, W: Tensor, counts: list[int], k: int) -> tuple[Ten
         raise ValueError(f"k = {k} must be in [1, {m}]")
     x, W = x.float().contiguous(), W.float().contiguous()
     starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
-    values = torch.empty(n_tokens, k)
+    values = torch.empty(n_tokens, k, dtype=torch.float32)
     indices = torch.empty(n_tokens, k, dtype=torch.int64)
     tile = max(64, min(256, 2**18 // m))  # tokens per gemm: a [tile, m] buffer of ~1 MiB, and W_e packing amortised
     if _library().grouped_select(_sgemm(), x.data_ptr(), W.data_ptr(), starts.data_ptr(), len(counts), d, m, k,

@@ -221,3 +221,25 @@ def test_mismatched_shapes_are_an_error_before_any_c_code_runs():
     with pytest.raises(ValueError, match="adam_rows needs"):
         native.adam_rows(W, torch.zeros_like(W), torch.zeros_like(W), torch.randn(1, 4), torch.tensor([0, 1]),
                          lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
+
+
+def test_outputs_are_float32_whatever_the_default_dtype():
+    """The kernels write fp32; their output buffers must be fp32 even under set_default_dtype(float64)."""
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(6, 8, generator=gen), torch.randn(10, 8, generator=gen)
+    indices = torch.randint(0, 10, (6, 3), generator=gen)
+    weights, b = torch.randn(6, 3, generator=gen), torch.randn(8, generator=gen)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        dots = native.gather_dot(x, W, indices)
+        product, _ = native.transposed_product(weights, indices, x, 10)
+        values, _ = native.topk(x, 2)
+        x_hat, residual, _, _, _ = native.decode_residual(weights, indices, W, b, x, value_grads=True)
+    finally:
+        torch.set_default_dtype(before)
+    torch.testing.assert_close(dots, (W[indices] * x[:, None]).sum(-1))
+    dense = torch.zeros(6, 10).index_put_((torch.arange(6)[:, None].expand(-1, 3), indices), weights, accumulate=True)
+    torch.testing.assert_close(product, dense.t() @ x)
+    torch.testing.assert_close(values.sort(-1).values, x.topk(2).values.sort(-1).values)
+    torch.testing.assert_close(residual, x_hat - x)
