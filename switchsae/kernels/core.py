@@ -20,8 +20,8 @@ Forward gathers each token's k decoder rows once for x̂_t, r_t and, while those
 
 When only ``mse`` feeds the loss (training), ``G = (2 g_mse / T) r`` and no ``[T, d]`` pass is
 spent on it: the factor goes onto the ``[T, k]`` decoder weights and onto ``Σ_t r_t``, which the
-forward kernel sums as it goes. The reference is :func:`topk_encode` and :func:`sparse_decode`
-followed by the plain squared error (tests/kernels/test_core.py).
+forward kernel sums as it goes. tests/kernels/test_core.py checks values and every gradient
+against the same function written densely for autograd.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from switchsae.kernels import native
-from switchsae.kernels.sparse import _rows_sum, gather_dot, weight_grad
+from switchsae.kernels.sparse import gather_dot, weight_grad, weighted_rows_sum
 
 
 def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Tensor, values: Tensor,
@@ -119,5 +119,6 @@ class SparseCore(torch.autograd.Function):
         if needs_x:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_v, mode="sum") - scale * residual
         if needs_b:
-            grad_b = grad_x_hat_sum - (encoder_sum if encoder_sum is not None else _rows_sum(grad_v, indices, W_enc))
+            encoder_sum = encoder_sum if encoder_sum is not None else weighted_rows_sum(grad_v, indices, W_enc)
+            grad_b = grad_x_hat_sum - encoder_sum
         return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None, None, None, None

@@ -93,7 +93,9 @@ def _transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: i
     if native.usable(weights, rows, inputs):
         return native.transposed_product(weights, rows, inputs, n_rows, rows_of, row_ids)
     product = code_matrix(weights, rows, n_rows).t() @ inputs
-    return product, None if rows_of is None else _rows_sum(weights, rows if row_ids is None else row_ids[rows], rows_of)
+    if rows_of is None:
+        return product, None
+    return product, weighted_rows_sum(weights, rows if row_ids is None else row_ids[rows], rows_of)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -152,12 +154,12 @@ class GatheredLinear(torch.autograd.Function):
         grad_x = F.embedding_bag(indices, W, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[0] else None
         grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_b = -(grad_x.sum(0) if grad_x is not None else _rows_sum(grad, indices, W))
+            grad_b = -(grad_x.sum(0) if grad_x is not None else weighted_rows_sum(grad, indices, W))
         grad_W = weight_grad(grad, indices, centred, W.shape[0], ctx.sparse_grad)[0] if ctx.needs_input_grad[2] else None
         return grad_x, grad_b, grad_W, None, None, None, None
 
 
-def _rows_sum(weights: Tensor, indices: Tensor, W: Tensor, n_bags: int = 64) -> Tensor:
+def weighted_rows_sum(weights: Tensor, indices: Tensor, W: Tensor, n_bags: int = 64) -> Tensor:
     """``Σ_tj weights_tj W[indices_tj]`` → ``[d]``: per-row weight sums first, then one pass over
     the used rows, cut into ``n_bags`` embedding bags (one bag would run on one thread) whose
     sums are added."""
