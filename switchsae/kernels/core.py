@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from switchsae.kernels import native
-from switchsae.kernels.sparse import gather_dot, weight_grad, weighted_rows_sum
+from switchsae.kernels.sparse import encoder_grads, gather_dot, weight_grad
 
 
 def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Tensor, values: Tensor,
@@ -111,14 +111,11 @@ class SparseCore(torch.autograd.Function):
             grad_v = grad_v * gate[:, None]
         W_enc = W_enc.detach()
         grad_dec = weight_grad(dec_weights, indices, dec_inputs, width, ctx.sparse_grad)[0] if needs_dec else None
-        grad_enc = encoder_sum = None
-        if needs_enc:  # Σ_tj ∂L/∂v_tj W_enc[i_tj] (for ∂L/∂b) comes with it, from the per-row sums
-            grad_enc, encoder_sum = weight_grad(grad_v, indices, centred, width, ctx.sparse_grad,
-                                                W_enc if needs_b else None)
+        # Σ_tj ∂L/∂v_tj W_enc[i_tj] (for ∂L/∂b) comes with W_enc's gradient, from the per-row sums
+        grad_enc, encoder_sum = encoder_grads(grad_v, indices, centred, W_enc, ctx.sparse_grad, needs_enc, needs_b)
         grad_x = grad_b = None
         if needs_x:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_v, mode="sum") - scale * residual
         if needs_b:
-            encoder_sum = encoder_sum if encoder_sum is not None else weighted_rows_sum(grad_v, indices, W_enc)
             grad_b = grad_x_hat_sum - encoder_sum
         return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None, None, None, None

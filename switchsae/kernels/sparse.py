@@ -152,11 +152,26 @@ class GatheredLinear(torch.autograd.Function):
         W, indices, centred = ctx.saved_tensors
         W = W.detach()
         grad_x = F.embedding_bag(indices, W, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[0] else None
+        needs_rows_sum = ctx.needs_input_grad[1] and grad_x is None
+        grad_W, rows_sum = encoder_grads(grad, indices, centred, W, ctx.sparse_grad, ctx.needs_input_grad[2],
+                                         needs_rows_sum)
         grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_b = -(grad_x.sum(0) if grad_x is not None else weighted_rows_sum(grad, indices, W))
-        grad_W = weight_grad(grad, indices, centred, W.shape[0], ctx.sparse_grad)[0] if ctx.needs_input_grad[2] else None
+            grad_b = -(grad_x.sum(0) if grad_x is not None else rows_sum)
         return grad_x, grad_b, grad_W, None, None, None, None
+
+
+def encoder_grads(grad: Tensor, indices: Tensor, centred: Tensor, W: Tensor, sparse: bool, needs_W: bool,
+                  needs_rows_sum: bool) -> tuple[Tensor | None, Tensor | None]:
+    """For gathered values ``v_tj = W[i_tj] · centred_t`` with upstream ``grad``: ``∂L/∂W``
+    (:func:`weight_grad`, if ``needs_W``) and ``Σ_tj grad_tj W[i_tj]`` (the bias gradient's
+    part, if ``needs_rows_sum``), both from one bucketing of the entries where both are wanted."""
+    grad_W = rows_sum = None
+    if needs_W:
+        grad_W, rows_sum = weight_grad(grad, indices, centred, W.shape[0], sparse, W if needs_rows_sum else None)
+    if needs_rows_sum and rows_sum is None:
+        rows_sum = weighted_rows_sum(grad, indices, W)
+    return grad_W, rows_sum
 
 
 def weighted_rows_sum(weights: Tensor, indices: Tensor, W: Tensor, n_bags: int = 64) -> Tensor:
