@@ -45,6 +45,11 @@ def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
+def median(items: list, key: Callable) -> object:
+    """The middle item by ``key`` (the upper middle for an even count)."""
+    return sorted(items, key=key)[len(items) // 2]
+
+
 def matmul_peak(d: int, m: int, t: int, dtype: torch.dtype) -> float:
     """Measured GFLOP/s of one ``[t, d] × [d, m]`` matmul (best of 3)."""
     a, b = torch.randn(t, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
@@ -97,7 +102,7 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
         t3 = time.perf_counter()
         if step >= args.warmup:
             steps.append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2})
-    phases = sorted(steps, key=lambda phase: sum(phase.values()))[len(steps) // 2]  # the median step
+    phases = median(steps, key=lambda phase: sum(phase.values()))
     total = sum(phases.values())
     encoder_flops = 2 * args.batch * args.d_model * width // experts
     return {
@@ -134,7 +139,7 @@ def main() -> None:
             runs[spec].append(time_steps(spec, args))
             print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else str(v) for k, v in runs[spec][-1].items()),
                   flush=True)
-    rows = [sorted(results, key=lambda row: row["tok/s"])[len(results) // 2] for results in runs.values()]
+    rows = [median(results, key=lambda row: row["tok/s"]) for results in runs.values()]
     header = list(rows[0])
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
