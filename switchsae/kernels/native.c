@@ -98,7 +98,7 @@ static inline int64_t block_width(int64_t m, int64_t k) {
  *      the top k do;
  *   3. the candidates, entries ≥ τ, collected (branch-free) from the blocks whose maximum
  *      reaches τ;
- *   4. the k largest candidates by quickselect.
+ *   4. the k largest candidates (select_largest).
  * A row with NaNs can leave fewer than k candidates; then all m entries are candidates.
  * `scratch` holds 2m entries. LOAD reads column j as fp32. */
 #define DEFINE_TOPK_ROW(name, type, LOAD)                                                          \
@@ -266,6 +266,16 @@ void gather_dot(const float *x, const float *W, const int64_t *indices, int64_t 
     }
 }
 
+/* sum += partial, one thread at a time, then partial is freed (NULL: nothing to add). For
+ * per-thread [d] partial sums inside a parallel region. */
+static void add_partial(float *sum, float *partial, int64_t d) {
+    if (partial != NULL) {
+#pragma omp critical
+        for (int64_t c = 0; c < d; c++) sum[c] += partial[c];
+    }
+    free(partial);
+}
+
 /* The entries of a [T, k] pattern grouped by row (a counting sort): row i's entries are
  * weight/token[start[i] : start[i + 1]], token being the entry's row of the [T, d] operand. */
 typedef struct {
@@ -331,11 +341,7 @@ int transposed_product(const int64_t *rows, const float *weights, const float *i
             const float *w = W + (W_rows ? W_rows[i] : i) * d;
             for (int64_t col = 0; col < d; col++) partial[col] += c * w[col];
         }
-        if (partial != NULL) {
-#pragma omp critical
-            for (int64_t col = 0; col < d; col++) W_sum[col] += partial[col];
-        }
-        free(partial);
+        add_partial(W_sum, partial, d);
         STREAM_FENCE();
     }
     free_buckets(&bk);
@@ -375,11 +381,7 @@ int decode_residual(const float *z, const int64_t *indices, const float *W, cons
             total += squared;
             if (P != NULL) row_dots(P + t * k, r, indices + t * k, W, k, d);
         }
-        if (partial != NULL) {
-#pragma omp critical
-            for (int64_t c = 0; c < d; c++) residual_sum[c] += partial[c];
-        }
-        free(partial);
+        add_partial(residual_sum, partial, d);
     }
     *squares = total;
     return -failed;
