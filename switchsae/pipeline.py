@@ -23,7 +23,8 @@ def held_out_windows(cache, tokenizer, eval_tokens: int) -> torch.Tensor:
     its held-out split (at least one window).
 
     The cache stores whole windows in corpus order and holds out its last rows, so the windows
-    from ``ceil(n_train / rows_per_window)`` on were never trained on.
+    from ``ceil(n_train / rows_per_window)`` on were never trained on. They are read from the
+    token ids stored with the cache; only caches from before those existed re-tokenise the corpus.
     """
     from switchsae.sources.text import token_windows
 
@@ -31,8 +32,11 @@ def held_out_windows(cache, tokenizer, eval_tokens: int) -> torch.Tensor:
     rows_per_window = manifest["context_length"] - manifest["drop_first"]
     first = -(-cache.n_train // rows_per_window)
     n_windows = max(1, eval_tokens // rows_per_window)
-    stream = token_windows(tokenizer, manifest["corpus"], manifest["context_length"], manifest["text_field"])
-    windows = list(islice(stream, first, first + n_windows))
+    if cache.has_token_ids:
+        windows = list(torch.from_numpy(cache.windows()[first:first + n_windows].astype("int64")))
+    else:
+        stream = token_windows(tokenizer, manifest["corpus"], manifest["context_length"], manifest["text_field"])
+        windows = list(islice(stream, first, first + n_windows))
     if not windows:
         raise ValueError(f"the corpus {manifest['corpus']} has no windows beyond those the SAE was trained on")
     return torch.stack(windows)

@@ -115,35 +115,41 @@ def build_cache(model_name: str, hook: HookPoint | str, corpus: str | Path, n_to
 
 def _fill(out: Path, manifest: dict, model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: HookPoint,
           batch_size: int, progress: bool) -> None:
-    """Run the model over the windows not yet stored and write their rows, shard by shard."""
+    """Run the model over the windows not yet stored and write their rows (and token ids), shard by shard."""
     n_tokens, drop_first = manifest["n_tokens"], manifest["drop_first"]
-    rows_per_window = manifest["context_length"] - drop_first
+    per_window = shards.rows_per_window(manifest)
     done = sum(entry["rows"] for entry in manifest["shards"])
     windows = token_windows(tokenizer, manifest["corpus"], manifest["context_length"], manifest["text_field"])
     pending: list[Tensor] = []
+    pending_windows: list[Tensor] = []
     with tqdm(total=n_tokens, initial=done, unit="tok", disable=not progress, desc=f"caching {hook.name}") as bar:
-        for batch in _batches(islice(windows, done // rows_per_window, None), batch_size):
+        for batch in _batches(islice(windows, done // per_window, None), batch_size):
             rows = capture(model, hook, batch)[:, drop_first:].reshape(-1, manifest["d_model"])
             pending.append(_to_storage(rows, manifest["dtype"], hook).cpu())
+            pending_windows.append(batch)
             buffered = sum(len(p) for p in pending)
             bar.update(min(done + buffered, n_tokens) - bar.n)
             if buffered >= min(manifest["shard_rows"], n_tokens - done):
-                pending, done = _flush(out, manifest, pending, done)
+                pending, pending_windows, done = _flush(out, manifest, pending, pending_windows, done)
             if done >= n_tokens:
                 return
     raise ValueError(f"Corpus {manifest['corpus']} ran out after {done} of the {n_tokens} activation rows "
                      f"asked for; lower n_tokens or use a larger corpus.")
 
 
-def _flush(out: Path, manifest: dict, pending: list[Tensor], done: int) -> tuple[list[Tensor], int]:
-    """Write every full shard (and the final, shorter one) from ``pending``; return what is left."""
-    buffered = torch.cat(pending)
+def _flush(out: Path, manifest: dict, pending: list[Tensor], pending_windows: list[Tensor],
+           done: int) -> tuple[list[Tensor], list[Tensor], int]:
+    """Write every full shard (and the final, shorter one) from ``pending`` with the token windows
+    its rows come from; return what is left."""
+    buffered, windows = torch.cat(pending), torch.cat(pending_windows)
+    per_window = shards.rows_per_window(manifest)
     while buffered.shape[0] >= (size := min(manifest["shard_rows"], manifest["n_tokens"] - done)) > 0:
-        entry = shards.write_shard(out, len(manifest["shards"]), buffered[:size])
+        n_windows = -(-size // per_window)
+        entry = shards.write_shard(out, len(manifest["shards"]), buffered[:size], windows[:n_windows])
         manifest["shards"].append(entry)
         shards.write_manifest(out, manifest)
-        buffered, done = buffered[size:], done + size
-    return [buffered], done
+        buffered, windows, done = buffered[size:], windows[n_windows:], done + size
+    return [buffered], [windows], done
 
 
 class ActivationCache:
@@ -169,6 +175,30 @@ class ActivationCache:
         self._train_segments = self._segments(0, self.n_train)
         row_bytes = self.d_model * self._maps[0].dtype.itemsize
         self._buffer_rows = max(1, shuffle_buffer_bytes // row_bytes)
+        self.has_token_ids = all("windows" in entry for entry in self.manifest["shards"])
+        self._windows: np.ndarray | None = None
+
+    def windows(self) -> np.ndarray:
+        """Token ids of every window the cache's rows come from, ``int32 [n_windows, context_length]``
+        (window ``w`` holds rows ``[w·R, (w+1)·R)``, ``R`` = rows per window)."""
+        if not self.has_token_ids:
+            raise ValueError(f"The activation cache in {self.path} stores no token ids (it was built before "
+                             f"they were stored); rebuild it with `switchsae cache` to get them.")
+        if self._windows is None:
+            self._windows = np.concatenate([shards.open_windows(self.path, entry, self.manifest)
+                                            for entry in self.manifest["shards"]])
+        return self._windows
+
+    def locate(self, rows: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``(window, position)`` of global row ids: position counts from the window's BOS."""
+        rows = np.asarray(rows, dtype=np.int64)
+        per_window = shards.rows_per_window(self.manifest)
+        return rows // per_window, rows % per_window + self.manifest["drop_first"]
+
+    def token_ids(self, rows: np.ndarray | Tensor) -> Tensor:
+        """The token id each of the global rows ``rows`` is the activation of (int64)."""
+        window, position = self.locate(rows)
+        return torch.from_numpy(self.windows()[window, position].astype(np.int64))
 
     def _segments(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
         """Global rows ``[lo, hi)`` as ``(shard, start, stop)`` pieces, one per shard touched."""
@@ -197,8 +227,10 @@ class ActivationCache:
                 current, rows = [], 0
         return groups + [current] if current else groups
 
-    def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
-        """Endless shuffled ``[batch_size, d_model]`` batches; batch ``i`` depends only on ``(seed, i)``."""
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0,
+                      token_ids: bool = False) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
+        """Endless shuffled ``[batch_size, d_model]`` batches; batch ``i`` depends only on ``(seed, i)``.
+        With ``token_ids``, ``(batch, ids)`` pairs: ``ids: [batch_size]`` the token of each row."""
         if batch_size > self.n_train:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.n_train} training rows of the cache "
                              f"in {self.path}.")
@@ -209,15 +241,24 @@ class ActivationCache:
                 if step + count > start_step:
                     rows = self._read(group)
                     order = torch.from_numpy(_rng(seed, epoch, index).permutation(len(rows)))
+                    ids = self.token_ids(self._global_rows(group)) if token_ids else None
                     for j in range(max(0, start_step - step), count):
-                        yield rows[order[j * batch_size:(j + 1) * batch_size]].float()
+                        picked = order[j * batch_size:(j + 1) * batch_size]
+                        yield (rows[picked].float(), ids[picked]) if token_ids else rows[picked].float()
                 step += count
             epoch += 1
 
-    def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
-        """One ordered pass over the held-out rows, in ``[<=batch_size, d_model]`` float32 batches."""
+    def _global_rows(self, segments: list[tuple[int, int, int]]) -> np.ndarray:
+        """The global row ids of ``segments``, in the order :meth:`_read` returns their rows."""
+        return np.concatenate([np.arange(self._offsets[s] + a, self._offsets[s] + b) for s, a, b in segments])
+
+    def eval_batches(self, batch_size: int, token_ids: bool = False) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
+        """One ordered pass over the held-out rows, in ``[<=batch_size, d_model]`` float32 batches
+        (with ``token_ids``, ``(batch, ids)`` pairs)."""
         for start in range(self.n_train, self.n_tokens, batch_size):
-            yield self._read(self._segments(start, min(start + batch_size, self.n_tokens))).float()
+            stop = min(start + batch_size, self.n_tokens)
+            rows = self._read(self._segments(start, stop)).float()
+            yield (rows, self.token_ids(np.arange(start, stop))) if token_ids else rows
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:

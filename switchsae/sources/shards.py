@@ -3,7 +3,14 @@
 A cache is a folder holding ``manifest.json`` and ``shard_00000.bin``, ``shard_00001.bin``, ...
 Each shard is a headerless row-major ``[rows, d_model]`` array, readable with
 ``numpy.memmap``; bfloat16 rows are stored as their raw 16-bit patterns (``int16``), since
-numpy has no bfloat16. Every file is written to a ``.tmp`` name and moved into place with
+numpy has no bfloat16.
+
+Beside each shard, ``windows_00000.bin`` holds the token ids of the windows its rows come from,
+``int32 [ceil(rows / rows_per_window), context_length]`` (the dropped first positions included):
+row ``r`` of the cache is position ``drop_first + r mod rows_per_window`` of window
+``r div rows_per_window``, so rows map back to text without re-tokenising the corpus. Its
+manifest entry names it (``windows``, ``windows_sha256``); caches from before it existed have
+no such entry and read as before, without token ids. Every file is written to a ``.tmp`` name and moved into place with
 ``os.replace``, so a crash never leaves a half-written shard or manifest under its real name.
 """
 from __future__ import annotations
@@ -45,12 +52,27 @@ def _atomic_write(path: Path, data: bytes | memoryview) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(folder: Path, index: int, rows: Tensor) -> dict:
-    """Write ``rows`` (already in the storage dtype) as shard ``index``; return its manifest entry."""
+def windows_name(index: int) -> str:
+    """The file name of the token windows beside shard ``index``."""
+    return f"windows_{index:05d}.bin"
+
+
+def _write_array(path: Path, array: np.ndarray) -> str:
+    """Write ``array``'s raw bytes atomically; return their sha256."""
+    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    _atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_shard(folder: Path, index: int, rows: Tensor, windows: Tensor | None = None) -> dict:
+    """Write ``rows`` (already in the storage dtype) as shard ``index``, and the token ids of the
+    ``windows: [n, context_length]`` they come from beside it; return its manifest entry."""
     array = rows.contiguous().view(torch.int16).numpy() if rows.dtype == torch.bfloat16 else rows.contiguous().numpy()
-    data = memoryview(array).cast("B")
-    _atomic_write(folder / shard_name(index), data)
-    return {"file": shard_name(index), "rows": rows.shape[0], "sha256": hashlib.sha256(data).hexdigest()}
+    entry = {"file": shard_name(index), "rows": rows.shape[0], "sha256": _write_array(folder / shard_name(index), array)}
+    if windows is not None:
+        digest = _write_array(folder / windows_name(index), windows.to(torch.int32).numpy())
+        entry.update(windows=windows_name(index), windows_sha256=digest)
+    return entry
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -81,25 +103,47 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def rows_per_window(manifest: dict) -> int:
+    """Cached rows per token window (its positions after the dropped first ones)."""
+    return manifest["context_length"] - manifest["drop_first"]
+
+
+def windows_in(entry: dict, manifest: dict) -> int:
+    """Number of token windows shard ``entry``'s rows come from (the last one may be partial)."""
+    return -(-entry["rows"] // rows_per_window(manifest))
+
+
 def verify_shards(folder: Path, manifest: dict, checksums: bool = False) -> None:
-    """Check that every listed shard exists with the right size (and, optionally, sha256)."""
+    """Check that every listed shard (and its token windows) exists with the right size and,
+    optionally, sha256."""
     row_bytes = manifest["d_model"] * np.dtype(DTYPES[manifest["dtype"]][1]).itemsize
     for entry in manifest["shards"]:
-        path = Path(folder) / entry["file"]
-        if not path.exists():
-            raise FileNotFoundError(f"Shard {entry['file']} of the cache in {folder} is missing.")
-        size, expected = path.stat().st_size, entry["rows"] * row_bytes
-        if size != expected:
-            raise ValueError(f"Shard {entry['file']} of the cache in {folder} has {size} bytes, "
-                             f"expected {expected}; it is truncated or corrupt.")
-        if checksums and _file_sha256(path) != entry["sha256"]:
-            raise ValueError(f"Shard {entry['file']} of the cache in {folder} fails its sha256 check; it is corrupt.")
+        files = [("Shard", entry["file"], entry["rows"] * row_bytes, entry["sha256"])]
+        if "windows" in entry:
+            files.append(("Token file", entry["windows"], windows_in(entry, manifest) * manifest["context_length"] * 4,
+                          entry["windows_sha256"]))
+        for kind, name, expected, digest in files:
+            path = Path(folder) / name
+            if not path.exists():
+                raise FileNotFoundError(f"{kind} {name} of the cache in {folder} is missing.")
+            size = path.stat().st_size
+            if size != expected:
+                raise ValueError(f"{kind} {name} of the cache in {folder} has {size} bytes, "
+                                 f"expected {expected}; it is truncated or corrupt.")
+            if checksums and _file_sha256(path) != digest:
+                raise ValueError(f"{kind} {name} of the cache in {folder} fails its sha256 check; it is corrupt.")
 
 
 def open_shard(folder: Path, entry: dict, manifest: dict) -> np.memmap:
     """A read-only ``[rows, d_model]`` memory map of one shard, in its raw file dtype."""
     return np.memmap(Path(folder) / entry["file"], dtype=DTYPES[manifest["dtype"]][1], mode="r",
                      shape=(entry["rows"], manifest["d_model"]))
+
+
+def open_windows(folder: Path, entry: dict, manifest: dict) -> np.memmap:
+    """A read-only ``int32 [windows, context_length]`` memory map of the token windows beside a shard."""
+    return np.memmap(Path(folder) / entry["windows"], dtype=np.int32, mode="r",
+                     shape=(windows_in(entry, manifest), manifest["context_length"]))
 
 
 def to_tensor(array: np.ndarray, dtype: str) -> Tensor:

@@ -46,6 +46,53 @@ def test_rows_are_the_hooked_activations_without_the_first_position(built, llama
     torch.testing.assert_close(torch.from_numpy(stored_rows(built)), expected)
 
 
+def test_every_row_knows_its_window_position_and_token(built, llama_dir, wiki_corpus):
+    cache = ActivationCache(built, verify=True)
+    _, tokenizer = load_model(str(llama_dir))
+    windows = take_windows(tokenizer, wiki_corpus, 32, 97)
+    assert cache.has_token_ids and cache.windows().shape == (97, 32)
+    np.testing.assert_array_equal(cache.windows(), windows.numpy())
+    rows = np.array([0, 30, 31, 2999])
+    window, position = cache.locate(rows)
+    assert window.tolist() == [0, 0, 1, 96] and position.tolist() == [1, 31, 1, 24]
+    assert cache.token_ids(rows).tolist() == windows[window, position].tolist()
+
+
+def test_batches_carry_the_token_ids_of_their_rows(built):
+    cache = ActivationCache(built)
+    everything = torch.from_numpy(stored_rows(built))
+    for (x, ids), plain in zip(islice(cache.train_batches(64, seed=3, token_ids=True), 3),
+                               cache.train_batches(64, seed=3)):
+        torch.testing.assert_close(x, plain)
+        rows = [int((everything == row).all(1).nonzero()[0]) for row in x[:5]]
+        assert ids[:5].tolist() == cache.token_ids(np.array(rows)).tolist()
+    x, ids = next(cache.eval_batches(50, token_ids=True))
+    assert ids.tolist() == cache.token_ids(np.arange(cache.n_train, cache.n_train + 50)).tolist()
+
+
+def test_caches_without_token_ids_still_read(built, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(built, old)
+    manifest = shards.read_manifest(old)
+    for entry in manifest["shards"]:
+        (old / entry.pop("windows")).unlink()
+        del entry["windows_sha256"]
+    shards.write_manifest(old, manifest)
+    cache = ActivationCache(old, verify=True)
+    assert not cache.has_token_ids and next(cache.eval_batches(8)).shape == (8, 32)
+    with pytest.raises(ValueError, match="stores no token ids"):
+        cache.token_ids(np.array([0]))
+
+
+def test_damaged_token_file_is_named(built, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built, damaged)
+    path = damaged / "windows_00002.bin"
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="Token file windows_00002.bin .* truncated or corrupt"):
+        ActivationCache(damaged)
+
+
 def test_bf16_storage_rounds_the_same_rows(built, llama_dir, wiki_corpus, tmp_path):
     out = build(llama_dir, wiki_corpus, tmp_path / "bf16", dtype="bf16")
     rows = torch.from_numpy(stored_rows(out)).view(torch.bfloat16)
@@ -57,11 +104,11 @@ def test_interrupted_build_resumes_from_the_last_complete_shard(built, llama_dir
     out = tmp_path / "acts"
     real_write, written = shards.write_shard, []
 
-    def crash_on_third(folder, index, rows):
+    def crash_on_third(folder, index, rows, windows):
         if len(written) == 2:
             raise KeyboardInterrupt
         written.append(index)
-        return real_write(folder, index, rows)
+        return real_write(folder, index, rows, windows)
     monkeypatch.setattr(shards, "write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         build(llama_dir, wiki_corpus, out)
@@ -186,3 +233,15 @@ def test_check_compatible(built):
     with pytest.raises(ValueError, match="model: cache has '.*', asked for 'gpt2'; hook: cache has "
                                          "'blocks.1.hook_resid_post', asked for 'blocks.2.hook_mlp_out'"):
         check_compatible(manifest, "gpt2", HookPoint(2, "mlp_out"))
+
+
+def test_held_out_windows_come_from_the_stored_token_ids(built, llama_dir, wiki_corpus, tmp_path):
+    from switchsae.pipeline import held_out_windows
+
+    _, tokenizer = load_model(str(llama_dir))
+    cache = ActivationCache(built)
+    stored = held_out_windows(cache, tokenizer, 200)
+    cache.has_token_ids = False  # what a cache from before token ids gets: the corpus re-tokenised
+    retokenised = held_out_windows(cache, tokenizer, 200)
+    assert stored.shape == (5, 32) and retokenised.shape == (6, 32)  # the cache ends inside window 97
+    torch.testing.assert_close(stored, retokenised[:5])
