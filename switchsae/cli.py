@@ -6,14 +6,14 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from switchsae.config import ARCHS, SAEConfig, TrainConfig
+from switchsae.config import ARCHS, ROUTERS, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.pipeline import DemoConfig
 from switchsae.sources.hooks import SITES
 
 # Short flag names the issue tracker and the paper use, beside the field names.
 FLAG_ALIASES = {"n_experts": "--experts", "l1_coeff": "--l1", "aux_coeff": "--alpha"}
-# SAEConfig fields the train command fills in itself.
-DERIVED_FIELDS = {"d_model", "act_scale"}
+# SAEConfig fields the train command fills in itself (routing gets flags of its own fields).
+DERIVED_FIELDS = {"d_model", "act_scale", "routing"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: set[str] = frozenset()) -> None:
@@ -32,7 +32,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: s
         default_text = "" if required or f.default is None else f" (default: {f.default})"
         group.add_argument(*names, dest=f.name, type=kind, required=required,
                            default=None if required else f.default, help=help_text + default_text,
-                           choices=ARCHS if f.name == "arch" else None)
+                           choices={"arch": ARCHS, "router": ROUTERS}.get(f.name))
 
 
 def _config_from_args(config_cls: type, args: argparse.Namespace, **extra):
@@ -46,7 +46,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     source = open_activations(args.acts)
     origin = getattr(source, "manifest", {})  # an activation cache names its model and hook
-    sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model,
+    routing = _config_from_args(RoutingConfig, args)
+    sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model, routing=routing,
                                 model_name=args.model_name or origin.get("model", ""),
                                 hook_name=args.hook_name or origin.get("hook", ""))
     train_cfg = _config_from_args(TrainConfig, args)
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p, SAEConfig, skip=DERIVED_FIELDS)
+    _add_config_flags(p, RoutingConfig)
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 

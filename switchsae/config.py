@@ -11,6 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 ARCHS = ("switch", "topk", "batchtopk", "relu", "gated", "jumprelu")
+ROUTERS = ("top1", "top_e", "expert_choice", "hash", "sinkhorn")
 TOPK_FAMILY = ("switch", "topk", "batchtopk")
 L1_FAMILY = ("relu", "gated", "jumprelu")
 
@@ -18,6 +19,38 @@ L1_FAMILY = ("relu", "gated", "jumprelu")
 def opt(default: Any = MISSING, help: str = "") -> Any:
     """A dataclass field with a help text (read by the CLI)."""
     return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How a Switch SAE routes tokens to experts (saes/routing.py); ``cfg.json`` keeps it under ``routing``."""
+
+    router: str = opt("top1", "routing strategy: top1 (the paper), top_e (e experts, one TopK over their latents), "
+                              "expert_choice, hash (by token id), sinkhorn (balanced in training, top1 at inference)")
+    experts_per_token: int = opt(1, "e: experts each token is routed to (top_e)")
+    shared_expert: bool = opt(False, "add one always-on expert of the same width beside the routed ones")
+    capacity_factor: float = opt(1.0, "expert_choice: each expert takes capacity_factor * T / N tokens of a batch")
+    aux_coeff: float = opt(3.0, "load-balancing weight alpha (top1, top_e)")
+    z_loss_coeff: float = opt(0.0, "router z-loss weight: mean(logsumexp(logits)^2) (learned routers)")
+    aux_units: str = opt("raw", "what alpha and the z-loss weight are relative to: raw (the MSE of raw activations, "
+                                "as in the paper, also under --normalize) or normalized (of normalised ones)")
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"Unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}.")
+        if self.experts_per_token < 1:
+            raise ValueError(f"experts_per_token must be a positive integer, got {self.experts_per_token}.")
+        if self.experts_per_token > 1 and self.router != "top_e":
+            raise ValueError(f"experts_per_token={self.experts_per_token} needs router top_e, not {self.router}.")
+        if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            raise ValueError(f"capacity_factor must be a positive number, got {self.capacity_factor}.")
+        if self.aux_coeff < 0 or self.z_loss_coeff < 0:
+            raise ValueError("aux_coeff and z_loss_coeff must be non-negative.")
+        if self.aux_units not in ("raw", "normalized"):
+            raise ValueError(f"aux_units must be raw or normalized, got {self.aux_units!r}.")
+
+
+ROUTING_FIELDS = tuple(f.name for f in fields(RoutingConfig))
 
 
 @dataclass(frozen=True)
@@ -30,7 +63,10 @@ class SAEConfig:
     k: int = opt(32, "active latents per token (TopK family)")
     n_experts: int = opt(1, "number of experts N (Switch only)")
     l1_coeff: float = opt(5.0, "sparsity coefficient lambda (ReLU, Gated: L1; JumpReLU: L0)")
-    aux_coeff: float = opt(3.0, "load-balancing weight alpha (Switch only)")
+    routing: RoutingConfig = opt(RoutingConfig(), "how a Switch SAE routes tokens (RoutingConfig)")
+    auxk_coeff: float = opt(0.0, "AuxK weight: dead latents reconstruct the residual (Gao et al.; TopK family)")
+    auxk_k: int = opt(256, "AuxK: dead latents per token (within its own experts for Switch)")
+    dead_tokens: int = opt(262_144, "AuxK: a latent is dead after this many training tokens without firing")
     jump_threshold: float = opt(0.001, "JumpReLU: initial threshold theta of every latent")
     jump_bandwidth: float = opt(0.001, "JumpReLU: bandwidth epsilon of the straight-through estimator")
     act_scale: float = opt(1.0, "constant the raw activations are multiplied by before encoding (undone on decode)")
@@ -44,25 +80,42 @@ class SAEConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.arch == "switch":
-            if self.width % self.n_experts:
-                raise ValueError(f"width {self.width} is not divisible by n_experts {self.n_experts}.")
+            if self.width % self.n_blocks:
+                raise ValueError(f"width {self.width} is not divisible by the {self.n_blocks} experts"
+                                 f"{' (shared one included)' if self.routing.shared_expert else ''}.")
             if self.k > self.expert_width:
                 raise ValueError(f"k={self.k} exceeds the width of one expert ({self.expert_width} latents).")
+            if self.routing.experts_per_token > self.n_experts:
+                raise ValueError(f"experts_per_token={self.routing.experts_per_token} exceeds n_experts "
+                                 f"{self.n_experts}.")
         elif self.n_experts != 1:
             raise ValueError(f"n_experts applies only to the switch architecture, not {self.arch}.")
+        elif self.routing != RoutingConfig():
+            changed = [name for name in ROUTING_FIELDS if getattr(self.routing, name) != getattr(RoutingConfig(), name)]
+            raise ValueError(f"routing settings ({', '.join(changed)}) apply only to the switch architecture, "
+                             f"not {self.arch}.")
+        if self.auxk_coeff and self.arch not in TOPK_FAMILY:
+            raise ValueError(f"auxk_coeff needs a TopK code ({', '.join(TOPK_FAMILY)}); {self.arch} has none.")
+        if self.auxk_coeff < 0 or self.auxk_k < 1 or self.dead_tokens < 1:
+            raise ValueError("auxk_coeff must be non-negative, auxk_k and dead_tokens positive.")
         if self.arch in TOPK_FAMILY and self.k > self.width:
             raise ValueError(f"k={self.k} exceeds the width {self.width}.")
         if not (self.act_scale > 0 and math.isfinite(self.act_scale)):
             raise ValueError(f"act_scale must be a positive finite number, got {self.act_scale}.")
-        if self.l1_coeff < 0 or self.aux_coeff < 0:
-            raise ValueError("l1_coeff and aux_coeff must be non-negative.")
+        if self.l1_coeff < 0:
+            raise ValueError("l1_coeff must be non-negative.")
         if not (self.jump_threshold > 0 and self.jump_bandwidth > 0):
             raise ValueError("jump_threshold and jump_bandwidth must be positive.")
 
     @property
+    def n_blocks(self) -> int:
+        """Expert blocks of latents: the N routed experts, plus the shared one if there is one."""
+        return self.n_experts + int(self.routing.shared_expert)
+
+    @property
     def expert_width(self) -> int:
-        """Latents per expert, M/N."""
-        return self.width // self.n_experts
+        """Latents per expert, M/N (M/(N+1) with a shared expert)."""
+        return self.width // self.n_blocks
 
     def replace(self, **changes: Any) -> "SAEConfig":
         return dataclasses.replace(self, **changes)
@@ -71,13 +124,32 @@ class SAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_flat(cls, **settings: Any) -> "SAEConfig":
+        """Build from one flat namespace of settings (CLI flags, sweep keys): routing fields go to ``routing``."""
+        routing = {key: settings.pop(key) for key in ROUTING_FIELDS if key in settings}
+        return cls(**settings, routing=RoutingConfig(**routing))
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as one flat dict (routing fields beside the others), as :meth:`from_flat` takes them."""
+        data = self.to_dict()
+        return {**data.pop("routing"), **data}
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
-        """Rebuild from ``cfg.json``; unknown or missing required keys are an error, never ignored."""
+        """Rebuild from ``cfg.json``; unknown or missing required keys are an error, never ignored.
+
+        Files from before routing had its own place name ``aux_coeff`` at the top level and were
+        trained with the auxiliary weights relative to the normalised MSE (``aux_units``)."""
+        data = dict(data)
+        routing = dict(data.pop("routing", {}))
+        if "aux_coeff" in data:
+            routing["aux_coeff"] = data.pop("aux_coeff")
+        routing.setdefault("aux_units", "normalized")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known) + sorted(f"routing.{key}" for key in set(routing) - set(ROUTING_FIELDS))
         if unknown:
             raise ValueError(f"cfg.json has unknown fields {unknown}; it was written by another version or tool.")
-        return cls(**data)
+        return cls(**data, routing=RoutingConfig(**routing))
 
 
 @dataclass(frozen=True)

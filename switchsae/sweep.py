@@ -49,7 +49,7 @@ from typing import Any, Iterator
 
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
-from switchsae.config import ARCHS, L1_FAMILY, TOPK_FAMILY, SAEConfig, TrainConfig
+from switchsae.config import ARCHS, L1_FAMILY, ROUTING_FIELDS, TOPK_FAMILY, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
 from switchsae.toml_lines import key_line
 from switchsae.train import TRAIN_CFG_FILE, settings_differ
@@ -62,15 +62,22 @@ else:  # pragma: no cover - Python 3.10
 ROOT_KEYS = {"acts": "str", "out": "str", "loss_recovered": "bool", "eval_tokens": "int", "train": "table",
              "grid": "array of tables"}
 # SAEConfig fields a grid may set (the rest come from the activations), plus the grid's own keys.
-GRID_FIELDS = {f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "hook_name",
-                                                                              "model_name")}
+GRID_FIELDS = {**{f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "hook_name",
+                                                                                 "model_name", "routing")},
+               **{f.name: f.type for f in fields(RoutingConfig)}}
+# Each grid key's default, for run names (routing fields sit beside the others).
+GRID_DEFAULTS = {f.name: f.default for f in (*fields(SAEConfig), *fields(RoutingConfig))}
 TRAIN_FIELDS = {f.name: f.type for f in fields(TrainConfig)}
 GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS, **TRAIN_FIELDS}
 # The architectures a key means something for; keys not listed apply to all.
-APPLIES = {"n_experts": ("switch",), "aux_coeff": ("switch",), "k": TOPK_FAMILY, "l1_coeff": L1_FAMILY,
+APPLIES = {"n_experts": ("switch",), **dict.fromkeys(ROUTING_FIELDS, ("switch",)), "k": TOPK_FAMILY,
+           "auxk_coeff": TOPK_FAMILY, "auxk_k": TOPK_FAMILY, "dead_tokens": TOPK_FAMILY, "l1_coeff": L1_FAMILY,
            "jump_threshold": ("jumprelu",), "jump_bandwidth": ("jumprelu",)}
 # How run names spell each setting; the first three always appear where they apply, the rest when not default.
-NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "aux_coeff": "alpha", "jump_threshold": "theta",
+NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "router": "", "experts_per_token": "e",
+               "shared_expert": "shared", "capacity_factor": "cap", "aux_coeff": "alpha", "z_loss_coeff": "z",
+               "aux_units": "units_",
+               "auxk_coeff": "auxk", "auxk_k": "kaux", "dead_tokens": "dead", "jump_threshold": "theta",
                "jump_bandwidth": "eps"}
 ALWAYS_NAMED = ("n_experts", "k", "l1_coeff")
 SETTING_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -93,7 +100,7 @@ class RunSpec:
     train: TrainConfig
 
     def sae_config(self, d_model: int, model_name: str = "", hook_name: str = "") -> SAEConfig:
-        return SAEConfig(d_model=d_model, model_name=model_name, hook_name=hook_name, **self.params)
+        return SAEConfig.from_flat(d_model=d_model, model_name=model_name, hook_name=hook_name, **self.params)
 
     def run_dir(self, out: Path) -> Path:
         return out / self.setting / self.name
@@ -154,10 +161,10 @@ def run_name(params: dict[str, Any], train_overrides: dict[str, Any] | None = No
     for key, label in NAME_LABELS.items():
         if arch not in APPLIES[key]:
             continue
-        default = SAEConfig.__dataclass_fields__[key].default
+        default = GRID_DEFAULTS[key]
         value = params.get(key, default)
         if key in ALWAYS_NAMED or value != default:
-            parts.append(f"{label}{value:g}")
+            parts.append(f"{label}{value}" if isinstance(value, (str, bool)) else f"{label}{value:g}")
     parts += [f"{key}_{value}" for key, value in (train_overrides or {}).items()]
     return "-".join(parts)
 
@@ -207,7 +214,7 @@ def _expand_grid(grid: dict, index: int, loc: _Locator, train: TrainConfig) -> l
         params = effective_params(combo)
         overrides = {key: value for key, value in combo.items() if key in TRAIN_FIELDS}
         try:
-            SAEConfig(d_model=ANY_D_MODEL, **params)
+            SAEConfig.from_flat(d_model=ANY_D_MODEL, **params)
             run_train = replace(train, **overrides)
         except ValueError as err:
             combination = ", ".join(f"{key}={value}" for key, value in {**params, **overrides}.items())

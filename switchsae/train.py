@@ -22,7 +22,7 @@ from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, r
 from switchsae.config import TOPK_FAMILY, SAEConfig, TrainConfig, default_lr
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
-from switchsae.saes import SparseAutoencoder, build_sae
+from switchsae.saes import REGISTRY, SparseAutoencoder, build_sae
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, TensorSource
 
@@ -46,17 +46,29 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
     return base_lr * (cfg.steps - step) / decay_steps
 
 
-def batch_stream(source: Batches, cfg: TrainConfig, start_step: int) -> Iterator[Tensor]:
-    """Training batches from step ``start_step`` on.
+def batch_stream(source: Batches, cfg: TrainConfig, start_step: int, token_ids: bool = False) -> Iterator[Tensor]:
+    """Training batches from step ``start_step`` on; with ``token_ids``, ``(batch, ids)`` pairs
+    (the source must store them: an activation cache).
 
     A plain iterable has no notion of steps: it must replay the same stream each time it is
     iterated, and the first ``start_step`` batches are skipped on resume.
     """
     if isinstance(source, Tensor):
         source = TensorSource(source)
+    if token_ids and not getattr(source, "has_token_ids", False):
+        raise ValueError("this SAE routes by token id (hash routing), so it needs activations with stored token "
+                         "ids: an activation cache built by `switchsae cache`; these activations have none.")
     if isinstance(source, ActivationSource):
+        if token_ids:
+            return source.train_batches(cfg.batch_size, cfg.seed, start_step, token_ids=True)
         return source.train_batches(cfg.batch_size, cfg.seed, start_step)
     return itertools.islice(iter(source), start_step, None)
+
+
+def split_batch(batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """``(x, token ids or None)`` of a batch that may carry its rows' token ids."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
 
 
 def activation_scale(x: Tensor) -> float:
@@ -93,12 +105,13 @@ def train_loop(
     tokens_since_fired = state.tokens_since_fired
     if tokens_since_fired is None:
         tokens_since_fired = torch.zeros(sae.cfg.width, dtype=torch.long)
-    tokens_since_fired = tokens_since_fired.to(device)
+    sae.tokens_since_fired = tokens_since_fired.to(device)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"train {sae.cfg.arch}", unit="step")
     started = time.perf_counter() - state.elapsed_s
     for step in range(state.step, cfg.steps):
-        x = next(batches).to(device, non_blocking=True)
-        out = sae(x)
+        x, token_ids = split_batch(next(batches))
+        x = x.to(device, non_blocking=True)
+        out = sae(x, token_ids=None if token_ids is None else token_ids.to(device))
         losses = sae.loss(x, out)
         if not torch.isfinite(losses["loss"]):
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
@@ -108,23 +121,24 @@ def train_loop(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, base_lr)
         opt.step()
-        tokens_since_fired += x.shape[0]
-        tokens_since_fired[out.latents.fired(sae.cfg.width) > 0] = 0
+        sae.record_firing(out.latents, x.shape[0])
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            stats = _batch_stats(x, out, losses)
+            stats = {**_batch_stats(x, out, losses), **sae.batch_stats(out)}
             dead_window = min(done * cfg.batch_size, 1_000_000)
             stats.update(step=done, tokens=done * cfg.batch_size, lr=lr_at(step, cfg, base_lr),
-                         dead_frac=(tokens_since_fired >= dead_window).float().mean().item(),
+                         dead_frac=(sae.tokens_since_fired >= dead_window).float().mean().item(),
                          elapsed_s=time.perf_counter() - started)
             history.append(stats)
             bar.set_postfix(loss=f"{stats['loss']:.4g}", fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}")
         if run_dir is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-            state = TrainState(done, time.perf_counter() - started, history, tokens_since_fired)
+            state = TrainState(done, time.perf_counter() - started, history, sae.tokens_since_fired)
             save_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt, state, cfg.to_dict())
     bar.close()
-    return TrainState(cfg.steps, time.perf_counter() - started, history, tokens_since_fired)
+    final = TrainState(cfg.steps, time.perf_counter() - started, history, sae.tokens_since_fired)
+    sae.tokens_since_fired = None
+    return final
 
 
 def optimizer_for(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -154,13 +168,14 @@ def train(
     start, resumed_cfg = 0, None
     if run_dir is not None and resume:
         start, resumed_cfg = _resume_point(run_dir, sae_cfg, cfg)
-    elif run_dir is not None:
+    batches = batch_stream(source, cfg, start, REGISTRY[sae_cfg.arch].token_ids_needed(sae_cfg))
+    if run_dir is not None and not resume:
         _claim_run_dir(run_dir, force)
     sae = build_sae(resumed_cfg) if resumed_cfg is not None else _initialise(sae_cfg, cfg, batch_stream(source, cfg, 0))
     sae.to(cfg.device)
     sae.matmul_dtype = getattr(torch, cfg.matmul_dtype)
     sae.sparse_grads = cfg.sparse_updates
-    state = train_loop(sae, batch_stream(source, cfg, start), cfg, TrainState(start), run_dir, progress)
+    state = train_loop(sae, batches, cfg, TrainState(start), run_dir, progress)
     if run_dir is not None:
         save_sae(sae, run_dir)
         write_json_atomic(run_dir / TRAIN_CFG_FILE, cfg.to_dict())
@@ -170,7 +185,7 @@ def train(
 
 def _initialise(sae_cfg: SAEConfig, cfg: TrainConfig, batches: Iterator[Tensor]) -> SparseAutoencoder:
     """Seeded init; the first batch sets the normalisation constant and the geometric-median biases."""
-    sample = next(batches)
+    sample, _ = split_batch(next(batches))
     if cfg.normalize:
         sae_cfg = sae_cfg.replace(act_scale=activation_scale(sample))
     sae = build_sae(sae_cfg)
@@ -186,9 +201,9 @@ def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg:
     run does not name (it predates the field) counts as the field's default, which by rule is
     the behaviour from before the field existed.
     """
-    saved_sae = SAEConfig.from_dict(saved_sae).to_dict()
+    saved_sae = SAEConfig.from_dict(saved_sae).flat()
     saved_train = {**TrainConfig().to_dict(), **saved_train}
-    differs = [key for key, value in sae_cfg.to_dict().items() if key != "act_scale" and saved_sae.get(key) != value]
+    differs = [key for key, value in sae_cfg.flat().items() if key != "act_scale" and saved_sae.get(key) != value]
     return sorted(differs + [key for key, value in cfg.to_dict().items() if saved_train.get(key) != value])
 
 

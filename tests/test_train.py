@@ -67,9 +67,13 @@ def test_normalized_training_is_invariant_to_activation_scale(acts):
     assert torch.allclose(large(acts[:50] * 100).x_hat, 100 * small(acts[:50]).x_hat, rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("arch", ["switch", "topk", "relu"])
+@pytest.mark.parametrize("arch", ["switch", "topk", "relu", "switch-auxk", "topk-auxk"])
 def test_resume_equals_uninterrupted(tmp_path, acts, arch):
+    """Also with AuxK, whose dead-latent counter (on the SAE, saved in the checkpoint) shapes the loss."""
+    arch, _, auxk = arch.partition("-")
     cfg = SWITCH if arch == "switch" else SWITCH.replace(arch=arch, n_experts=1)
+    if auxk:
+        cfg = cfg.replace(auxk_coeff=1 / 32, auxk_k=4, dead_tokens=64)
     full = train(cfg, acts, FAST, run_dir=tmp_path / "full", progress=False)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):  # killed while fetching step 9's batch
@@ -126,7 +130,7 @@ def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
 def test_a_setting_older_runs_do_not_name_counts_as_its_default():
     """Runs saved before ``lr_width`` existed were trained with its default, "total"."""
     saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
-    del saved_sae["aux_coeff"], saved_train["lr_width"]
+    del saved_sae["routing"], saved_train["lr_width"]
     assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == []
     assert settings_differ(saved_sae, saved_train, SWITCH, dataclasses.replace(FAST, lr_width="expert")) == ["lr_width"]
 
