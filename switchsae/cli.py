@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an SAE on cached activations")
     p.add_argument("--acts", required=True, help="activations: .safetensors/.npy file or cache folder")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, cfg.json, weights, log)")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, SAE config, weights, log)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-recovered", action="store_true",
                    help="also splice the SAE into the LM: ce_clean, ce_sae, ce_zero, loss_recovered, KL (needs a cache)")
     p.add_argument("--model", default=None,
-                   help="LM for --loss-recovered (default: the one named in cfg.json / the cache); must match the cache")
+                   help="LM for --loss-recovered (default: the one named in the SAE config / the cache); must match the cache")
     p.add_argument("--eval-tokens", type=int, default=32_768, help="tokens for --loss-recovered (default: 32768)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

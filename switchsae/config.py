@@ -22,7 +22,7 @@ def opt(default: Any = MISSING, help: str = "") -> Any:
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """What an SAE is: everything needed to rebuild it from ``cfg.json``."""
+    """What an SAE is: everything needed to rebuild it from its saved config (switchsae/saes/io.py)."""
 
     arch: str = opt(help="architecture: one of switch, topk, batchtopk, relu, gated, jumprelu")
     d_model: int = opt(help="width d of the activations (the model's hidden size)")
@@ -72,11 +72,11 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
-        """Rebuild from ``cfg.json``; unknown or missing required keys are an error, never ignored."""
+        """Rebuild from a saved config; unknown or missing required keys are an error, never ignored."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"cfg.json has unknown fields {unknown}; it was written by another version or tool.")
+            raise ValueError(f"the SAE config has unknown fields {unknown}; it was written by another version or tool.")
         return cls(**data)
 
 
@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = opt(0, "seed for initialisation and batch order")
     checkpoint_every: int = opt(500, "write a checkpoint every this many steps (0: only at the end)")
     log_every: int = opt(50, "log losses every this many steps")
-    normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in cfg.json)")
+    normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in the SAE config)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
     matmul_dtype: str = opt("float32", "dtype of the encoder's selection matmul: float32 or bfloat16 (values and gradients stay fp32)")

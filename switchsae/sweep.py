@@ -50,7 +50,7 @@ from typing import Any, Iterator
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
 from switchsae.config import ARCHS, L1_FAMILY, TOPK_FAMILY, SAEConfig, TrainConfig
-from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
+from switchsae.saes.io import read_cfg_dict, sae_files
 from switchsae.toml_lines import key_line
 from switchsae.train import TRAIN_CFG_FILE, settings_differ
 
@@ -250,8 +250,8 @@ def load_sweep(config_path: str | Path) -> Sweep:
 
 def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
     """``"new"``, ``"resume"`` or ``"done"``; a run folder trained with other settings is an error."""
-    if (run_dir / WEIGHTS_FILE).exists():
-        saved_sae = json.loads((run_dir / CFG_FILE).read_text())
+    if sae_files(run_dir)[1].exists():
+        saved_sae = read_cfg_dict(run_dir)
         saved_train = json.loads((run_dir / TRAIN_CFG_FILE).read_text())
         state = "done"
     elif (run_dir / CHECKPOINT_FILE).exists():

@@ -23,14 +23,16 @@ from switchsae.config import TOPK_FAMILY, SAEConfig, TrainConfig, default_lr
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
 from switchsae.saes import SparseAutoencoder, build_sae
-from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
+from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, TensorSource
 
 Batches = ActivationSource | Tensor | Iterable[Tensor]
 
 
 TRAIN_CFG_FILE = "train_config.json"
-RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, TRAIN_CFG_FILE, "log.jsonl", "metrics.json")
+#: what a run writes (and the legacy names of runs saved before the rename): --force clears them all
+RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, TRAIN_CFG_FILE, "log.jsonl", "metrics.json",
+               LEGACY_WEIGHTS_FILE, LEGACY_CFG_FILE)
 
 
 class TrainingDiverged(RuntimeError):
