@@ -9,7 +9,7 @@ import torch
 
 from switchsae.checkpoint import CHECKPOINT_FILE
 from switchsae.config import SAEConfig, TrainConfig, default_lr
-from switchsae.saes.io import load_sae
+from switchsae.saes.io import LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, load_sae
 from switchsae.sources.activations import TensorSource
 from switchsae.train import TrainingDiverged, activation_scale, lr_at, settings_differ, train
 
@@ -112,6 +112,16 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path, acts):
     with pytest.raises(FileExistsError, match="--resume"):
         train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
     train(SWITCH, acts, FAST, run_dir=tmp_path, force=True, progress=False)
+    assert load_sae(tmp_path).cfg == SWITCH
+
+
+def test_a_run_in_the_legacy_layout_counts_as_a_run_and_force_clears_it(tmp_path, acts):
+    (tmp_path / LEGACY_CFG_FILE).write_text("{}")
+    (tmp_path / LEGACY_WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    train(SWITCH, acts, FAST, run_dir=tmp_path, force=True, progress=False)
+    assert not (tmp_path / LEGACY_CFG_FILE).exists() and not (tmp_path / LEGACY_WEIGHTS_FILE).exists()
     assert load_sae(tmp_path).cfg == SWITCH
 
 
