@@ -54,6 +54,7 @@ def native_saes(gen: torch.Generator) -> dict[str, SAE]:
         "jumprelu": {"architecture": "jumprelu"},
         "gated": {"architecture": "gated"},
         "gated_raw_input": {"architecture": "gated", "apply_b_dec_to_input": False},
+        "switch": {"architecture": "switch", "k": K, "n_experts": 4},
     }
     saes = {}
     for name, spec in specs.items():
@@ -73,6 +74,9 @@ def main(work: Path) -> None:
         report[f"exported/{folder.name}"] = type(sae).__name__
         save_file(outputs(sae, x), str(work / "exported_out" / f"{folder.name}.safetensors"))
         if folder.name == "switch":
+            with torch.no_grad():  # leading dimensions, as a hooked [batch, position, d] activation has them
+                flat = sae(x)
+                report["switch_forward_3d_max_diff"] = (sae(x.view(2, -1, D_IN)).reshape(flat.shape) - flat).abs().max().item()
             try:
                 sae.fold_W_dec_norm()
             except NotImplementedError:

@@ -32,7 +32,7 @@ LOADS_AS = {"relu": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE"
 #: SAEs the worker has SAELens save (saelens_worker.py) → the architecture they import as
 NATIVE = {"standard": "relu", "standard_raw_input": "relu", "topk": "topk", "topk_rescaled": "topk",
           "jumprelu": "jumprelu", "gated": "gated", "gated_raw_input": "gated", "batchtopk": "jumprelu",
-          "batchtopk_checkpoint": "batchtopk"}
+          "batchtopk_checkpoint": "batchtopk", "switch": "switch"}
 #: worst absolute difference allowed, relative to the largest magnitude of the compared tensor
 REL_TOL = 1e-5
 
@@ -86,8 +86,10 @@ def test_our_export_loads_in_saelens_with_our_outputs(work, arch):
     assert_same(mine, theirs, f"export {arch}")
 
 
-def test_saelens_switch_refuses_to_fold_decoder_norms(work):
-    assert json.loads((work / "report.json").read_text())["switch_fold_W_dec_norm"] == "refused"
+def test_saelens_switch_takes_leading_dimensions_and_refuses_to_fold_decoder_norms(work):
+    report = json.loads((work / "report.json").read_text())
+    assert report["switch_forward_3d_max_diff"] == 0
+    assert report["switch_fold_W_dec_norm"] == "refused"
 
 
 @pytest.mark.parametrize("name", NATIVE)
