@@ -97,7 +97,7 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
            "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none",
            "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-                        "model_name": cfg.model_name, "hook_name": cfg.hook_name,
+                        "model_name": cfg.model_name or None, "hook_name": cfg.hook_name or None,  # None: unknown
                         "switchsae": {"arch": cfg.arch, "act_scale": cfg.act_scale}}}
     if cfg.arch in ("topk", "switch"):
         out["k"] = cfg.k
