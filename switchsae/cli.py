@@ -13,7 +13,9 @@ from switchsae.sources.hooks import SITES
 # Short flag names the issue tracker and the paper use, beside the field names.
 FLAG_ALIASES = {"n_experts": "--experts", "l1_coeff": "--l1", "aux_coeff": "--alpha"}
 # SAEConfig fields the train command fills in itself (routing gets flags of its own fields).
-DERIVED_FIELDS = {"d_model", "act_scale", "routing"}
+DERIVED_FIELDS = {"d_model", "act_scale", "unit_scale", "routing"}
+# Formats `switchsae export` / `switchsae import` convert to and from (switchsae/apps/).
+INTEROP_FORMATS = ("saelens",)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: set[str] = frozenset()) -> None:
@@ -111,6 +113,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(args.dir)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from switchsae.apps.saelens import export_saelens
+
+    out = export_saelens(args.run, args.out, acts=args.acts, batch_size=args.batch_size, force=args.force)
+    print(f"wrote {args.format} SAE folder {out}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from switchsae.apps.saelens import import_saelens
+
+    print(f"wrote run folder {import_saelens(args.folder, args.out, force=args.force)}")
+
+
 def format_metrics(metrics: dict) -> str:
     """Metrics as aligned ``name  value`` lines (lists, such as per-expert load, summarised)."""
     lines = []
@@ -129,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an SAE on cached activations")
     p.add_argument("--acts", required=True, help="activations: .safetensors/.npy file or cache folder")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, cfg.json, weights, log)")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, SAE config, weights, log)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -145,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-recovered", action="store_true",
                    help="also splice the SAE into the LM: ce_clean, ce_sae, ce_zero, loss_recovered, KL (needs a cache)")
     p.add_argument("--model", default=None,
-                   help="LM for --loss-recovered (default: the one named in cfg.json / the cache); must match the cache")
+                   help="LM for --loss-recovered (default: the one named in the SAE config / the cache); must match the cache")
     p.add_argument("--eval-tokens", type=int, default=32_768, help="tokens for --loss-recovered (default: 32768)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -192,6 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only validate the file and list its runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="write a trained SAE in another library's format (SAELens)")
+    p.add_argument("run", help="run folder written by `switchsae train` or `switchsae import`")
+    p.add_argument("--format", required=True, choices=INTEROP_FORMATS, help="target format")
+    p.add_argument("--out", required=True, help="folder to write (cfg.json, sae_weights.safetensors)")
+    p.add_argument("--acts", default=None,
+                   help="activations to measure each latent's firing density on (held-out rows) for sparsity.safetensors; "
+                        "without it no sparsity file is written")
+    p.add_argument("--batch-size", type=int, default=4096, help="activations per batch with --acts (default: 4096)")
+    p.add_argument("--force", action="store_true", help="overwrite an SAE already in --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="convert another library's SAE folder (SAELens) into a run folder")
+    p.add_argument("folder", help="SAELens SAE folder (cfg.json, sae_weights.safetensors)")
+    p.add_argument("--format", default="saelens", choices=INTEROP_FORMATS, help="source format (default: saelens)")
+    p.add_argument("--out", required=True, help="run folder to write (then eval, steer, inspect it)")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("report", help="plots and report.md for a sweep's output folder")
     p.add_argument("dir", help="the sweep's out folder (holding <setting>/<run>/metrics.json)")

@@ -23,7 +23,7 @@ def opt(default: Any = MISSING, help: str = "") -> Any:
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How a Switch SAE routes tokens to experts (saes/routing.py); ``cfg.json`` keeps it under ``routing``."""
+    """How a Switch SAE routes tokens to experts (saes/routing.py); the saved config keeps it under ``routing``."""
 
     router: str = opt("top1", "routing strategy: top1 (the paper), top_e (e experts, one TopK over their latents), "
                               "expert_choice, hash (by token id), sinkhorn (balanced in training, top1 at inference)")
@@ -32,8 +32,9 @@ class RoutingConfig:
     capacity_factor: float = opt(1.0, "expert_choice: each expert takes capacity_factor * T / N tokens of a batch")
     aux_coeff: float = opt(3.0, "load-balancing weight alpha (top1, top_e)")
     z_loss_coeff: float = opt(0.0, "router z-loss weight: mean(logsumexp(logits)^2) (learned routers)")
-    aux_units: str = opt("raw", "what alpha and the z-loss weight are relative to: raw (the MSE of raw activations, "
-                                "as in the paper, also under --normalize) or normalized (of normalised ones)")
+    aux_units: str = opt("data", "what alpha and the z-loss weight are relative to: data (the MSE of activations "
+                                 "scaled to mean norm sqrt(d), with or without --normalize) or loss (the MSE in the "
+                                 "units the loss is computed in: raw, or normalised under --normalize; before 0.2)")
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -46,8 +47,8 @@ class RoutingConfig:
             raise ValueError(f"capacity_factor must be a positive number, got {self.capacity_factor}.")
         if self.aux_coeff < 0 or self.z_loss_coeff < 0:
             raise ValueError("aux_coeff and z_loss_coeff must be non-negative.")
-        if self.aux_units not in ("raw", "normalized"):
-            raise ValueError(f"aux_units must be raw or normalized, got {self.aux_units!r}.")
+        if self.aux_units not in ("data", "loss"):
+            raise ValueError(f"aux_units must be data or loss, got {self.aux_units!r}.")
 
 
 ROUTING_FIELDS = tuple(f.name for f in fields(RoutingConfig))
@@ -55,7 +56,7 @@ ROUTING_FIELDS = tuple(f.name for f in fields(RoutingConfig))
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """What an SAE is: everything needed to rebuild it from ``cfg.json``."""
+    """What an SAE is: everything needed to rebuild it from its saved config (switchsae/saes/io.py)."""
 
     arch: str = opt(help="architecture: one of switch, topk, batchtopk, relu, gated, jumprelu")
     d_model: int = opt(help="width d of the activations (the model's hidden size)")
@@ -70,6 +71,8 @@ class SAEConfig:
     jump_threshold: float = opt(0.001, "JumpReLU: initial threshold theta of every latent")
     jump_bandwidth: float = opt(0.001, "JumpReLU: bandwidth epsilon of the straight-through estimator")
     act_scale: float = opt(1.0, "constant the raw activations are multiplied by before encoding (undone on decode)")
+    unit_scale: float = opt(1.0, "the constant c with mean |c x| = sqrt(d) on the first training batch (also without "
+                                 "normalisation): auxiliary weights are relative to the MSE of c x")
     hook_name: str = opt("", "hook point the activations come from, e.g. blocks.10.hook_resid_post")
     model_name: str = opt("", "language model the activations come from")
 
@@ -100,8 +103,9 @@ class SAEConfig:
             raise ValueError("auxk_coeff must be non-negative, auxk_k and dead_tokens positive.")
         if self.arch in TOPK_FAMILY and self.k > self.width:
             raise ValueError(f"k={self.k} exceeds the width {self.width}.")
-        if not (self.act_scale > 0 and math.isfinite(self.act_scale)):
-            raise ValueError(f"act_scale must be a positive finite number, got {self.act_scale}.")
+        for name in ("act_scale", "unit_scale"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}.")
         if self.l1_coeff < 0:
             raise ValueError("l1_coeff must be non-negative.")
         if not (self.jump_threshold > 0 and self.jump_bandwidth > 0):
@@ -136,20 +140,25 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
-        """Rebuild from ``cfg.json``; unknown or missing required keys are an error, never ignored.
+        """Rebuild from a saved config; unknown or missing required keys are an error, never ignored.
 
         Files from before routing had its own place name ``aux_coeff`` at the top level and were
-        trained with the auxiliary weights relative to the normalised MSE (``aux_units``)."""
+        trained with the auxiliary weights relative to the MSE in the loss's own units (``aux_units``)."""
         data = dict(data)
         routing = dict(data.pop("routing", {}))
         if "aux_coeff" in data:
             routing["aux_coeff"] = data.pop("aux_coeff")
-        routing.setdefault("aux_units", "normalized")
+        routing.setdefault("aux_units", "loss")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known) + sorted(f"routing.{key}" for key in set(routing) - set(ROUTING_FIELDS))
         if unknown:
-            raise ValueError(f"cfg.json has unknown fields {unknown}; it was written by another version or tool.")
+            raise ValueError(f"the SAE config has unknown fields {unknown}; it was written by another version or tool.")
         return cls(**data, routing=RoutingConfig(**routing))
+
+
+#: every SAE setting's default in the flat namespace of :meth:`SAEConfig.flat` (required ones absent)
+FLAT_DEFAULTS = {f.name: f.default for f in (*fields(SAEConfig), *fields(RoutingConfig))
+                 if f.default is not MISSING and f.name != "routing"}
 
 
 @dataclass(frozen=True)
@@ -167,7 +176,7 @@ class TrainConfig:
     seed: int = opt(0, "seed for initialisation and batch order")
     checkpoint_every: int = opt(500, "write a checkpoint every this many steps (0: only at the end)")
     log_every: int = opt(50, "log losses every this many steps")
-    normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in cfg.json)")
+    normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in the SAE config)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
     matmul_dtype: str = opt("float32", "dtype of the encoder's selection matmul: float32 or bfloat16 (values and gradients stay fp32)")

@@ -49,8 +49,8 @@ from typing import Any, Iterator
 
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
-from switchsae.config import ARCHS, L1_FAMILY, ROUTING_FIELDS, TOPK_FAMILY, RoutingConfig, SAEConfig, TrainConfig
-from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
+from switchsae.config import ARCHS, FLAT_DEFAULTS, L1_FAMILY, ROUTING_FIELDS, TOPK_FAMILY, RoutingConfig, SAEConfig, TrainConfig
+from switchsae.saes.io import read_cfg_dict, sae_files
 from switchsae.toml_lines import key_line
 from switchsae.train import TRAIN_CFG_FILE, settings_differ
 
@@ -62,11 +62,9 @@ else:  # pragma: no cover - Python 3.10
 ROOT_KEYS = {"acts": "str", "out": "str", "loss_recovered": "bool", "eval_tokens": "int", "train": "table",
              "grid": "array of tables"}
 # SAEConfig fields a grid may set (the rest come from the activations), plus the grid's own keys.
-GRID_FIELDS = {**{f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "hook_name",
+GRID_FIELDS = {**{f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "unit_scale", "hook_name",
                                                                                  "model_name", "routing")},
                **{f.name: f.type for f in fields(RoutingConfig)}}
-# Each grid key's default, for run names (routing fields sit beside the others).
-GRID_DEFAULTS = {f.name: f.default for f in (*fields(SAEConfig), *fields(RoutingConfig))}
 TRAIN_FIELDS = {f.name: f.type for f in fields(TrainConfig)}
 GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS, **TRAIN_FIELDS}
 # The architectures a key means something for; keys not listed apply to all.
@@ -161,7 +159,7 @@ def run_name(params: dict[str, Any], train_overrides: dict[str, Any] | None = No
     for key, label in NAME_LABELS.items():
         if arch not in APPLIES[key]:
             continue
-        default = GRID_DEFAULTS[key]
+        default = FLAT_DEFAULTS[key]
         value = params.get(key, default)
         if key in ALWAYS_NAMED or value != default:
             parts.append(f"{label}{value}" if isinstance(value, (str, bool)) else f"{label}{value:g}")
@@ -257,8 +255,8 @@ def load_sweep(config_path: str | Path) -> Sweep:
 
 def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
     """``"new"``, ``"resume"`` or ``"done"``; a run folder trained with other settings is an error."""
-    if (run_dir / WEIGHTS_FILE).exists():
-        saved_sae = json.loads((run_dir / CFG_FILE).read_text())
+    if sae_files(run_dir)[1].exists():
+        saved_sae = read_cfg_dict(run_dir)
         saved_train = json.loads((run_dir / TRAIN_CFG_FILE).read_text())
         state = "done"
     elif (run_dir / CHECKPOINT_FILE).exists():

@@ -23,14 +23,16 @@ from switchsae.config import TOPK_FAMILY, SAEConfig, TrainConfig, default_lr
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
 from switchsae.saes import REGISTRY, SparseAutoencoder, build_sae
-from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
+from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, TensorSource
 
 Batches = ActivationSource | Tensor | Iterable[Tensor]
 
 
 TRAIN_CFG_FILE = "train_config.json"
-RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, TRAIN_CFG_FILE, "log.jsonl", "metrics.json")
+#: what a run writes (and the legacy names of runs saved before the rename): --force clears them all
+RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, TRAIN_CFG_FILE, "log.jsonl", "metrics.json",
+               LEGACY_WEIGHTS_FILE, LEGACY_CFG_FILE)
 
 
 class TrainingDiverged(RuntimeError):
@@ -186,8 +188,8 @@ def train(
 def _initialise(sae_cfg: SAEConfig, cfg: TrainConfig, batches: Iterator[Tensor]) -> SparseAutoencoder:
     """Seeded init; the first batch sets the normalisation constant and the geometric-median biases."""
     sample, _ = split_batch(next(batches))
-    if cfg.normalize:
-        sae_cfg = sae_cfg.replace(act_scale=activation_scale(sample))
+    scale = activation_scale(sample)
+    sae_cfg = sae_cfg.replace(unit_scale=scale, act_scale=scale if cfg.normalize else sae_cfg.act_scale)
     sae = build_sae(sae_cfg)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     sae.init_from_data(sample)
@@ -197,13 +199,14 @@ def _initialise(sae_cfg: SAEConfig, cfg: TrainConfig, batches: Iterator[Tensor])
 def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg: TrainConfig) -> list[str]:
     """Names of the settings in which a saved run differs from ``sae_cfg``/``cfg``.
 
-    ``act_scale`` is left out: a run computes it itself from its first batch. A setting the saved
+    ``act_scale`` and ``unit_scale`` are left out: a run computes them from its first batch. A setting the saved
     run does not name (it predates the field) counts as the field's default, which by rule is
     the behaviour from before the field existed.
     """
     saved_sae = SAEConfig.from_dict(saved_sae).flat()
     saved_train = {**TrainConfig().to_dict(), **saved_train}
-    differs = [key for key, value in sae_cfg.flat().items() if key != "act_scale" and saved_sae.get(key) != value]
+    differs = [key for key, value in sae_cfg.flat().items() if key not in ("act_scale", "unit_scale")
+               and saved_sae.get(key) != value]
     return sorted(differs + [key for key, value in cfg.to_dict().items() if saved_train.get(key) != value])
 
 

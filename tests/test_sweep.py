@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
+from switchsae.saes.io import WEIGHTS_FILE
 from switchsae.sources.synthetic import synthetic_activations
 from switchsae.sweep import GRID_FIELDS, NAME_LABELS, SweepConfigError, load_sweep, run_lock, run_sweep
 
@@ -111,10 +112,10 @@ def test_sweep_trains_evaluates_gathers_and_resumes(tiny_sweep, tmp_path):
     assert "loss_recovered" not in table[0]
     assert "| matched | switch-M64-N2-k4 | switch |" in (out / "results.md").read_text()
 
-    weights = out / "matched" / "switch-M64-N2-k4" / "sae_weights.safetensors"
+    weights = out / "matched" / "switch-M64-N2-k4" / WEIGHTS_FILE
     stamp = weights.stat().st_mtime_ns
     killed = out / "matched" / "topk-M32-k4"
-    (killed / "sae_weights.safetensors").unlink()  # as if killed after the last checkpoint
+    (killed / WEIGHTS_FILE).unlink()  # as if killed after the last checkpoint
     (killed / "metrics.json").unlink()
     again = run_sweep(tiny_sweep, progress=False)
     assert weights.stat().st_mtime_ns == stamp
@@ -130,7 +131,7 @@ def test_a_run_another_process_holds_is_skipped_and_done_by_a_later_sweep(tiny_s
             assert not again
         rows = run_sweep(tiny_sweep, progress=False)
     assert [r["name"] for r in rows] == ["relu-M32-lam1", "topk-M32-k4"]
-    assert not (held / "sae_weights.safetensors").exists()
+    assert not (held / WEIGHTS_FILE).exists()
     assert [r["name"] for r in run_sweep(tiny_sweep, progress=False)] == [
         "relu-M32-lam1", "switch-M64-N2-k4", "topk-M32-k4"]
 

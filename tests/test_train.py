@@ -9,7 +9,7 @@ import torch
 
 from switchsae.checkpoint import CHECKPOINT_FILE
 from switchsae.config import SAEConfig, TrainConfig, default_lr
-from switchsae.saes.io import load_sae
+from switchsae.saes.io import LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, load_sae
 from switchsae.sources.activations import TensorSource
 from switchsae.train import TrainingDiverged, activation_scale, lr_at, settings_differ, train
 
@@ -116,7 +116,17 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path, acts):
     with pytest.raises(FileExistsError, match="--resume"):
         train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
     train(SWITCH, acts, FAST, run_dir=tmp_path, force=True, progress=False)
-    assert load_sae(tmp_path).cfg == SWITCH
+    assert load_sae(tmp_path).cfg.replace(unit_scale=1.0) == SWITCH  # unit_scale: measured on the first batch
+
+
+def test_a_run_in_the_legacy_layout_counts_as_a_run_and_force_clears_it(tmp_path, acts):
+    (tmp_path / LEGACY_CFG_FILE).write_text("{}")
+    (tmp_path / LEGACY_WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    train(SWITCH, acts, FAST, run_dir=tmp_path, force=True, progress=False)
+    assert not (tmp_path / LEGACY_CFG_FILE).exists() and not (tmp_path / LEGACY_WEIGHTS_FILE).exists()
+    assert load_sae(tmp_path).cfg.replace(unit_scale=1.0) == SWITCH
 
 
 def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
@@ -128,11 +138,14 @@ def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
 
 
 def test_a_setting_older_runs_do_not_name_counts_as_its_default():
-    """Runs saved before ``lr_width`` existed were trained with its default, "total"."""
+    """Runs saved before ``lr_width`` existed were trained with its default, "total"; runs saved before
+    routing had its own place, with the auxiliary weights in the loss's units."""
     saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
     del saved_sae["routing"], saved_train["lr_width"]
-    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == []
-    assert settings_differ(saved_sae, saved_train, SWITCH, dataclasses.replace(FAST, lr_width="expert")) == ["lr_width"]
+    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units"]
+    legacy = SWITCH.replace(routing=SWITCH.routing.__class__(aux_units="loss"))
+    assert settings_differ(saved_sae, saved_train, legacy, FAST) == []
+    assert settings_differ(saved_sae, saved_train, legacy, dataclasses.replace(FAST, lr_width="expert")) == ["lr_width"]
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, acts):

@@ -116,13 +116,10 @@ class Router:
                training: bool) -> Assignment:
         raise NotImplementedError
 
-    def aux_losses(self, a: Assignment, act_scale: float) -> dict[str, Tensor]:
-        """``balance = α N Σ_i f_i P_i`` (where the strategy balances by loss) and ``z_loss``.
-
-        With ``aux_units = raw`` both are multiplied by ``act_scale²``: the reconstruction MSE of
-        normalised activations is ``act_scale²`` times that of raw ones, so the weights keep the
-        paper's meaning (relative to the raw MSE) whether or not activations are normalised."""
-        unit = act_scale**2 if self.cfg.aux_units == "raw" else 1.0
+    def aux_losses(self, a: Assignment, unit: float) -> dict[str, Tensor]:
+        """``balance = α N Σ_i f_i P_i`` (where the strategy balances by loss) and ``z_loss``, both
+        times ``unit`` (``SwitchSAE.aux_unit``: so that the weights are relative to the MSE of
+        activations scaled to mean norm √d whether or not training normalises them)."""
         losses = {}
         if self.balance_loss:
             losses["balance"] = self.cfg.aux_coeff * load_balance_loss(a.probs, a.counts[:self.n_experts]) * unit

@@ -136,7 +136,14 @@ class SwitchSAE(SparseAutoencoder):
     def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         """The router's own terms (load balance, z-loss) and, with ``auxk_coeff``, AuxK within
         each token's experts."""
-        return {**self.router.aux_losses(out.extras["assignment"], self.cfg.act_scale), **self.auxk_terms(x, out)}
+        return {**self.router.aux_losses(out.extras["assignment"], self.aux_unit()), **self.auxk_terms(x, out)}
+
+    def aux_unit(self) -> float:
+        """Factor on the router's loss weights: ``(act_scale / unit_scale)²`` for ``aux_units = data``
+        (the loss's MSE is that times the MSE of ``unit_scale · x``, activations at mean norm √d),
+        1 for ``loss``."""
+        cfg = self.cfg
+        return (cfg.act_scale / cfg.unit_scale) ** 2 if cfg.routing.aux_units == "data" else 1.0
 
     def auxk_groups(self, out: SAEOutput) -> list[tuple[Tensor, range]]:
         """One group per expert block: the tokens routed there and the block's latents."""

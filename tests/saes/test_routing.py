@@ -87,10 +87,10 @@ def test_top1_is_bit_for_bit_what_it_was_before_the_routing_contract():
     """30 training steps of the paper's Switch SAE, against weights and outputs saved by the code
     before routing became a strategy (bit-identical with the compiled kernels on the host that
     saved them; the tolerance covers other hosts' gemm rounding). That code weighted the balance
-    loss against the normalised MSE: ``aux_units = normalized``."""
+    loss against the MSE in the loss's own units: ``aux_units = loss``."""
     ref = load_file(str(Path(__file__).parents[1] / "data" / "switch_top1_reference.safetensors"))
     acts = synthetic_activations(6000, 32, 512, 6, 0.05, 0)
-    cfg = SAEConfig(arch="switch", d_model=32, width=256, k=8, n_experts=8, routing=RoutingConfig(aux_units="normalized"))
+    cfg = SAEConfig(arch="switch", d_model=32, width=256, k=8, n_experts=8, routing=RoutingConfig(aux_units="loss"))
     sae = ss.train(cfg, acts, ss.TrainConfig(steps=30, batch_size=256, normalize=True, log_every=10), progress=False)
     for name, tensor in sae.state_dict().items():
         torch.testing.assert_close(tensor, ref[f"w.{name}"], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
@@ -212,22 +212,22 @@ def test_routing_settings_round_trip_through_cfg_json_and_old_files_still_load()
     old = {key: value for key, value in SAEConfig(arch="switch", d_model=D, width=M, k=K, n_experts=N).to_dict().items()
            if key not in ("routing", "auxk_coeff", "auxk_k", "dead_tokens")}
     old["aux_coeff"] = 1.5  # where files from before the routing contract keep alpha
-    assert SAEConfig.from_dict(old).routing == RoutingConfig(aux_coeff=1.5, aux_units="normalized")
+    assert SAEConfig.from_dict(old).routing == RoutingConfig(aux_coeff=1.5, aux_units="loss")
 
 
 def test_alpha_means_the_same_with_and_without_normalisation(data):
-    """Two SAEs computing the same function of raw ``x``, one on activations scaled by ``s``: with
-    raw units the whole loss scales by ``s²`` (the MSE does, and so the balance term), so training
-    takes the same path; with the legacy normalised units the balance term keeps its size."""
+    """The same SAE on raw activations and on activations normalised by ``c``: with ``aux_units =
+    data`` the whole loss scales by ``c²`` (the MSE does, and so the balance term), so training
+    takes the same path either way; with the legacy ``loss`` units the balance term keeps its size."""
     x, _ = data
-    s = 0.25
+    c = 0.25
     losses = {}
-    for name, units, scale in (("raw", "raw", 1.0), ("scaled", "raw", s), ("legacy", "normalized", s)):
-        sae = make(RoutingConfig(aux_units=units), act_scale=scale)
+    for name, units, scale in (("raw", "data", 1.0), ("normalised", "data", c), ("legacy", "loss", 1.0)):
+        sae = make(RoutingConfig(aux_units=units), act_scale=scale, unit_scale=c)
         with torch.no_grad():
             sae.W_router.div_(scale)  # the same router probabilities on the scaled activations
         sae.init_from_data(x)
         losses[name] = sae.loss(x, sae(x))
     for term in ("mse", "balance", "loss"):
-        torch.testing.assert_close(losses["scaled"][term], s**2 * losses["raw"][term])
-    torch.testing.assert_close(losses["legacy"]["balance"], losses["raw"]["balance"])
+        torch.testing.assert_close(losses["normalised"][term], c**2 * losses["raw"][term])
+    torch.testing.assert_close(losses["legacy"]["balance"], losses["raw"]["balance"] * c**2)
