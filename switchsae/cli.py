@@ -17,7 +17,9 @@ DERIVED_FIELDS = {"d_model", "act_scale"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: set[str] = frozenset()) -> None:
-    """One ``--flag`` per dataclass field, help text from the field's metadata."""
+    """One ``--flag`` per dataclass field, help text from the field's metadata. A flag not given
+    leaves no attribute (``argparse.SUPPRESS``), so the dataclass default applies and the flags a
+    user did give can be told apart."""
     group = parser.add_argument_group(f"{config_cls.__name__} options")
     for f in fields(config_cls):
         if f.name in skip:
@@ -25,13 +27,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: s
         names = [f"--{f.name.replace('_', '-')}"] + ([FLAG_ALIASES[f.name]] if f.name in FLAG_ALIASES else [])
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
-            group.add_argument(*names, dest=f.name, action="store_true", help=help_text)
+            group.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         kind = {"int": int, "float": float, "float | None": float, "str": str}[f.type]
         required = f.default is MISSING
         default_text = "" if required or f.default is None else f" (default: {f.default})"
         group.add_argument(*names, dest=f.name, type=kind, required=required,
-                           default=None if required else f.default, help=help_text + default_text,
+                           default=None if required else argparse.SUPPRESS, help=help_text + default_text,
                            choices=ARCHS if f.name == "arch" else None)
 
 
@@ -40,15 +42,32 @@ def _config_from_args(config_cls: type, args: argparse.Namespace, **extra):
     return config_cls(**{**values, **extra})
 
 
+def _flag(name: str) -> str:
+    """How the help spells the flag of config field ``name``."""
+    return FLAG_ALIASES.get(name, f"--{name.replace('_', '-')}")
+
+
+def _refuse_inapplicable_flags(args: argparse.Namespace) -> None:
+    """Flags given for an architecture that never reads them are an error (sweep files drop such
+    keys per architecture; one run names one architecture, so here they can only be a mistake)."""
+    from switchsae.saes import SETTING_ARCHS, reads_setting
+
+    wrong = [name for name in SETTING_ARCHS if hasattr(args, name) and not reads_setting(args.arch, name)]
+    if wrong:
+        raise ValueError("; ".join(f"{_flag(name)} does not apply to --arch {args.arch} "
+                                   f"(only to {', '.join(SETTING_ARCHS[name])})" for name in wrong))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from switchsae.sources.activations import open_activations
     from switchsae.train import train
 
+    _refuse_inapplicable_flags(args)
     source = open_activations(args.acts)
     origin = getattr(source, "manifest", {})  # an activation cache names its model and hook
     sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model,
-                                model_name=args.model_name or origin.get("model", ""),
-                                hook_name=args.hook_name or origin.get("hook", ""))
+                                model_name=getattr(args, "model_name", "") or origin.get("model", ""),
+                                hook_name=getattr(args, "hook_name", "") or origin.get("hook", ""))
     train_cfg = _config_from_args(TrainConfig, args)
     train(sae_cfg, source, train_cfg, run_dir=args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     print(f"saved {sae_cfg.arch} SAE to {args.out}")

@@ -22,8 +22,9 @@ crossed like the rest; they override ``[train]`` for its runs and appear in the 
 
 A grid gives either ``width`` (every SAE has M latents: fixed width) or ``expert_width``
 (``M = N · M0``: FLOP-matched). Keys that do not apply to an architecture (``n_experts`` and
-``aux_coeff`` outside Switch, ``k`` outside the TopK family, ``l1_coeff`` outside the L1 family)
-are dropped for it, and runs that end up identical are kept once. Several grids may share a
+``aux_coeff`` outside Switch, ``k``, ``matmul_dtype`` and ``sparse_updates`` outside the TopK
+family, ``l1_coeff`` outside the L1 family: each SAE class's ``specific_settings``) are dropped
+for it, and runs that end up identical are kept once; ``switchsae train`` refuses them. Several grids may share a
 name; their runs form one setting.
 
 Every configuration is built before the first run starts, so an unknown key, a value of the
@@ -49,7 +50,8 @@ from typing import Any, Iterator
 
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
-from switchsae.config import ARCHS, L1_FAMILY, TOPK_FAMILY, SAEConfig, TrainConfig
+from switchsae.config import ARCHS, SAEConfig, TrainConfig
+from switchsae.saes import SETTING_ARCHS, reads_setting
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
 from switchsae.toml_lines import key_line
 from switchsae.train import TRAIN_CFG_FILE, settings_differ
@@ -66,9 +68,6 @@ GRID_FIELDS = {f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_mo
                                                                               "model_name")}
 TRAIN_FIELDS = {f.name: f.type for f in fields(TrainConfig)}
 GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS, **TRAIN_FIELDS}
-# The architectures a key means something for; keys not listed apply to all.
-APPLIES = {"n_experts": ("switch",), "aux_coeff": ("switch",), "k": TOPK_FAMILY, "l1_coeff": L1_FAMILY,
-           "jump_threshold": ("jumprelu",), "jump_bandwidth": ("jumprelu",)}
 # How run names spell each setting; the first three always appear where they apply, the rest when not default.
 NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "aux_coeff": "alpha", "jump_threshold": "theta",
                "jump_bandwidth": "eps"}
@@ -152,7 +151,7 @@ def run_name(params: dict[str, Any], train_overrides: dict[str, Any] | None = No
     varies, ``switch-M16384-N16-k32-lr_width_expert-seed_1``: equal names mean equal settings."""
     arch, parts = params["arch"], [params["arch"], f"M{params['width']}"]
     for key, label in NAME_LABELS.items():
-        if arch not in APPLIES[key]:
+        if not reads_setting(arch, key):
             continue
         default = SAEConfig.__dataclass_fields__[key].default
         value = params.get(key, default)
@@ -167,7 +166,7 @@ def effective_params(combo: dict[str, Any]) -> dict[str, Any]:
     architecture; resolve ``expert_width``."""
     arch = combo["arch"]
     params = {key: value for key, value in combo.items()
-              if key != "name" and key not in TRAIN_FIELDS and arch in APPLIES.get(key, ARCHS)}
+              if key != "name" and key not in TRAIN_FIELDS and reads_setting(arch, key)}
     if "expert_width" in params:
         params["width"] = params.pop("expert_width") * params.get("n_experts", 1)
     return params
@@ -190,9 +189,9 @@ def _check_grid(grid: dict, where: str, index: int, loc: _Locator) -> None:
         raise loc.error(f"{where} must give exactly one of width (fixed width) and expert_width "
                         "(width = n_experts * expert_width, FLOP-matched).", "grid", index)
     for key in grid:
-        if key in APPLIES and not set(archs) & set(APPLIES[key]):
+        if key in SETTING_ARCHS and not set(archs) & set(SETTING_ARCHS[key]):
             raise loc.error(f"{key} in {where} applies to none of its architectures ({', '.join(archs)}); "
-                            f"it only means something for {', '.join(APPLIES[key])}.", "grid", index, key)
+                            f"it only means something for {', '.join(SETTING_ARCHS[key])}.", "grid", index, key)
 
 
 def _expand_grid(grid: dict, index: int, loc: _Locator, train: TrainConfig) -> list[RunSpec]:
@@ -205,7 +204,8 @@ def _expand_grid(grid: dict, index: int, loc: _Locator, train: TrainConfig) -> l
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values))
         params = effective_params(combo)
-        overrides = {key: value for key, value in combo.items() if key in TRAIN_FIELDS}
+        overrides = {key: value for key, value in combo.items()
+                     if key in TRAIN_FIELDS and reads_setting(combo["arch"], key)}
         try:
             SAEConfig(d_model=ANY_D_MODEL, **params)
             run_train = replace(train, **overrides)

@@ -19,10 +19,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from switchsae.config import TOPK_FAMILY, SAEConfig, TrainConfig, default_lr
+from switchsae.config import SAEConfig, TrainConfig, default_lr
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
-from switchsae.saes import SparseAutoencoder, build_sae
+from switchsae.saes import SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, TensorSource
 
@@ -148,8 +148,9 @@ def train(
     uninterrupted run would have reached. A run folder that already holds a checkpoint or
     trained weights is never overwritten unless ``force``.
     """
-    if cfg.sparse_updates and sae_cfg.arch not in TOPK_FAMILY:
-        raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense (use one of {', '.join(TOPK_FAMILY)})")
+    if cfg.sparse_updates and not reads_setting(sae_cfg.arch, "sparse_updates"):
+        raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense "
+                         f"(use one of {', '.join(SETTING_ARCHS['sparse_updates'])})")
     run_dir = Path(run_dir) if run_dir is not None else None
     start, resumed_cfg = 0, None
     if run_dir is not None and resume:

@@ -45,6 +45,13 @@ def test_sparsity_keys_apply_per_architecture_and_grids_may_share_a_setting(tmp_
     assert names(path) == ["s/topk-M32-k4", "s/topk-M32-k8", "s/relu-M32-lam1", "s/relu-M32-lam2.5"]
 
 
+def test_training_keys_an_architecture_never_reads_are_dropped_for_it(tmp_path):
+    path = write_sweep(tmp_path, '[[grid]]\nname = "s"\narch = ["topk", "relu"]\nwidth = 32\n'
+                                 'matmul_dtype = ["float32", "bfloat16"]\n')
+    assert names(path) == ["s/topk-M32-k32-matmul_dtype_float32", "s/topk-M32-k32-matmul_dtype_bfloat16",
+                           "s/relu-M32-lam5"]
+
+
 def test_run_names_spell_every_setting_a_grid_can_vary():
     assert set(GRID_FIELDS) - {"arch", "width"} == set(NAME_LABELS)
 
@@ -58,6 +65,8 @@ def test_run_names_spell_every_setting_a_grid_can_vary():
      'k = [4, "8"]\n', 12, "k in \\[\\[grid\\]\\] #2 \\('b'\\) must be of type int"),
     ('[[grid]]\nname = "a"\narch = ["topk", "sitch"]\nwidth = 64\n', 5, "unknown architecture 'sitch'"),
     ('[[grid]]\nname = "a"\narch = "relu"\nwidth = 64\nk = 8\n', 7, "k in .* applies to none"),
+    ('[[grid]]\nname = "a"\narch = "gated"\nwidth = 64\nsparse_updates = true\n', 7,
+     "sparse_updates in .* applies to none.*switch, topk, batchtopk"),
     ('[[grid]]\nname = "a"\narch = "topk"\nwidth = 64\nexpert_width = 8\n', 3, "exactly one of width"),
     ('[train]\nsteps = 0\n[[grid]]\nname = "a"\narch = "topk"\nwidth = 64\n', 3, "\\[train\\] is invalid"),
 ])

@@ -29,6 +29,8 @@ class SwitchSAE(SparseAutoencoder):
     probability (gradient); the loss adds ``α L_aux``. Parameters ``Nd + d + 2Md + d``.
     """
 
+    specific_settings = frozenset({"k", "n_experts", "aux_coeff", "matmul_dtype", "sparse_updates"})
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.W_enc = nn.Parameter(torch.empty(cfg.width, cfg.d_model))
