@@ -33,24 +33,24 @@ naming its line. A run folder holding finished weights is skipped, one holding a
 is resumed; runs are evaluated once (``metrics.json``) and gathered into ``results.csv/.md``.
 
 Several processes may work through the same sweep at once (e.g. one per core, each with
-``OMP_NUM_THREADS=1``): each run folder is locked (``sweep.lock``, an ``flock`` the kernel
-releases if its holder dies) while a process trains and evaluates it, and the others skip it.
+``OMP_NUM_THREADS=1``): each run folder is locked (``run.lock``, an ``flock`` the kernel
+releases if its holder dies; :func:`switchsae.run_folder.run_lock`, which ``train`` takes too)
+while a process trains and evaluates it, and the others skip it.
 """
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
 from switchsae.config import ARCHS, SAEConfig, TrainConfig
+from switchsae.run_folder import run_lock
 from switchsae.saes import SETTING_ARCHS, reads_setting
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
 from switchsae.toml_lines import key_line
@@ -265,25 +265,6 @@ def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(differs)}); "
                          "remove it or point the sweep's out at another folder.")
     return state
-
-
-LOCK_FILE = "sweep.lock"
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking lock on ``run_dir``; yields False if another process has it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_sweep(config_path: str | Path, progress: bool = True) -> list[dict]:

@@ -131,12 +131,16 @@ def test_sweep_trains_evaluates_gathers_and_resumes(tiny_sweep, tmp_path):
     assert [r["fvu"] for r in again] == pytest.approx([r["fvu"] for r in rows])
 
 
-def test_a_run_another_process_holds_is_skipped_and_done_by_a_later_sweep(tiny_sweep, tmp_path):
+def test_a_run_another_process_holds_is_skipped_and_done_by_a_later_sweep(tiny_sweep, tmp_path,
+                                                                         locked_by_another_process):
     held = tmp_path / "out" / "matched" / "switch-M64-N2-k4"
     with run_lock(held) as mine:
         assert mine
-        with run_lock(held) as again:  # a second open file description: as another process sees it
-            assert not again
+        with run_lock(held) as again:  # re-entrant in this process (a sweep's train() takes it again)
+            assert again
+    with locked_by_another_process(held):
+        with run_lock(held) as mine:
+            assert not mine
         rows = run_sweep(tiny_sweep, progress=False)
     assert [r["name"] for r in rows] == ["relu-M32-lam1", "topk-M32-k4"]
     assert not (held / "sae_weights.safetensors").exists()
