@@ -236,13 +236,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except KeyboardInterrupt as err:  # a training run's says what it leaves behind
+        _close_progress_bars()
         print(f"switchsae {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:
         if not expected_failure(err):
             raise
+        _close_progress_bars()
         print(f"switchsae {args.command}: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _close_progress_bars() -> None:
+    """End the bars a failed command left open, so its message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # the set tqdm.write uses for the same purpose
+        bar.close()
 
 
 def expected_failure(err: Exception) -> bool:
@@ -256,7 +266,8 @@ def expected_failure(err: Exception) -> bool:
 
     from switchsae.train import TrainingDiverged
 
-    return isinstance(err, (ValueError, OSError, MemoryError, torch.OutOfMemoryError, SafetensorError, TrainingDiverged))
+    expected = (ValueError, OSError, MemoryError, torch.OutOfMemoryError, SafetensorError, TrainingDiverged)
+    return isinstance(err, expected)
 
 
 def one_line(err: Exception) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import secrets
 import tempfile
 import warnings
 from pathlib import Path
@@ -83,13 +84,14 @@ def cpu_identity() -> tuple[str, str]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder and
-    ``os.replace``: readers (and concurrent writers) never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder
+    (created with the usual umask-based permissions) and ``os.replace``: readers, and concurrent
+    writers, never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
+        with open(tmp, "x") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

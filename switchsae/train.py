@@ -23,8 +23,8 @@ from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, r
 from switchsae.config import SAEConfig, TrainConfig, default_lr
 from switchsae.kernels.autotune import resolve_matmul_dtype
 from switchsae.memory import reuse_freed_memory
-from switchsae.run_folder import RunClaim, claim_run_dir
 from switchsae.optim import LazyAdam
+from switchsae.run_folder import RunClaim, claim_run_dir
 from switchsae.saes import SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
 from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, TensorSource
@@ -80,10 +80,10 @@ class DivergenceGuard:
             raise TrainingDiverged(f"training diverged at step {step}: {' and '.join(bad)} not finite ({terms}) "
                                    f"at lr {self.lr:.3g}")
         if loss > LOSS_GROWTH_LIMIT * self.lowest:
+            largest = max(parts, key=parts.get, default="loss")
             raise TrainingDiverged(
                 f"training diverged at step {step}: the loss is {loss / self.lowest:.3g} times its lowest running "
-                f"average ({self.lowest:.4g}, step {self.lowest_step}), mostly {max(parts, key=parts.get, default='loss')} "
-                f"({terms}) at lr {self.lr:.3g}")
+                f"average ({self.lowest:.4g}, step {self.lowest_step}), mostly {largest} ({terms}) at lr {self.lr:.3g}")
         if track:
             self.average = loss if self.average is None else self.smoothing * self.average + (1 - self.smoothing) * loss
             if self.average < self.lowest:

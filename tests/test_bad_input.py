@@ -17,6 +17,7 @@ from switchsae.cli import main
 
 TRAIN = ["train", "--acts", "{acts}", "--out", "{tmp}/new", "--quiet", "--width", "32", "--steps", "2",
          "--batch-size", "64"]
+TRAIN_ON = ["train", "--out", "{tmp}/new", "--quiet", "--width", "32", "--arch", "topk", "--acts"]  # + activations
 
 CASES = [  # (id, argv, exit code, words the message must contain)
     ("k for relu", [*TRAIN, "--arch", "relu", "--k", "8"], 2, ["--k does not apply to --arch relu"]),
@@ -36,9 +37,9 @@ CASES = [  # (id, argv, exit code, words the message must contain)
     ("seed 2**63", [*TRAIN, "--arch", "topk", "--seed", str(2**63)], 2, ["seed must be an integer in [0, 2**63)"]),
     ("bad matmul dtype", [*TRAIN, "--arch", "topk", "--matmul-dtype", "fp8"], 2, ["matmul_dtype must be auto"]),
     ("cuda without CUDA", [*TRAIN, "--arch", "topk", "--device", "cuda"], 2, ["needs a CUDA GPU"]),
-    ("missing activations", [*TRAIN[:2], "{tmp}/nope.safetensors", *TRAIN[3:], "--arch", "topk"], 2, ["nope.safetensors"]),
-    ("activations not a cache", [*TRAIN[:2], "{tmp}", *TRAIN[3:], "--arch", "topk"], 2, ["has no manifest.json"]),
-    ("activations corrupt", [*TRAIN[:2], "{file}", *TRAIN[3:], "--arch", "topk"], 2, ["plain-file"]),
+    ("missing activations", [*TRAIN_ON, "{tmp}/nope.safetensors"], 2, ["nope.safetensors"]),
+    ("activations not a cache", [*TRAIN_ON, "{tmp}"], 2, ["has no manifest.json"]),
+    ("activations corrupt", [*TRAIN_ON, "{file}"], 2, ["plain-file"]),
     ("out under a file", [*TRAIN, "--arch", "topk", "--out", "{file}/run"], 2,
      ["cannot write to the run folder", "plain-file/run: Not a directory"]),
     ("out is a file", [*TRAIN, "--arch", "topk", "--out", "{file}"], 2, ["cannot write to the run folder"]),

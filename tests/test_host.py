@@ -71,3 +71,6 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
     host.write_text_atomic(path, '{"a": 1}\n')
     assert path.read_text() == '{"a": 1}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["decision.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

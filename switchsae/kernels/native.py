@@ -83,7 +83,8 @@ def _library() -> ctypes.CDLL | None:
 def _build() -> Path:
     """Compile native.c unless this machine's build is cached; the rename makes it atomic."""
     compiler = _compiler()
-    key_parts = [SOURCE.read_text(), _run([*compiler, "--version"]), shlex.join(compiler), *FLAGS, _cpu_features(compiler)]
+    version = _run([*compiler, "--version"])
+    key_parts = [SOURCE.read_text(), version, shlex.join(compiler), *FLAGS, _cpu_features(compiler)]
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:16]
     cache = host.cache_dir("native")
     target = cache / f"native-{platform.machine()}-{key}.so"

@@ -7,7 +7,8 @@ Embedded models ship as PyPI packages holding a quantized GGUF file, so they wor
 
 Reading a GGUF file takes ~20 s, so the first load converts it once to a bfloat16 safetensors
 copy in ``<cache>/models/<name>`` (``$SWITCHSAE_CACHE``, else ``~/.cache/switchsae``, see
-:func:`switchsae.host.cache_dir`), written to a temporary folder and renamed into place; later loads read that copy in about a second.
+:func:`switchsae.host.cache_dir`), written to a temporary folder and renamed into place; later
+loads read that copy in about a second.
 """
 from __future__ import annotations
 
