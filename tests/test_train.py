@@ -74,7 +74,7 @@ def test_resume_equals_uninterrupted(tmp_path, acts, arch):
     full = train(cfg, acts, FAST, run_dir=tmp_path / "full", progress=False)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):  # killed while fetching step 9's batch
-        train(cfg, _InterruptedSource(acts, kill_at=9), FAST, run_dir=killed, progress=False)
+        train(cfg, _InterruptedSource(acts, at=9), FAST, run_dir=killed, progress=False)
     assert _meta(killed)["step"] == "8"
     resumed = train(cfg, acts, FAST, run_dir=killed, resume=True, progress=False)
     for name, tensor in full.state_dict().items():
@@ -95,17 +95,18 @@ def _meta(run_dir):
 
 
 class _InterruptedSource(TensorSource):
-    """A source whose stream raises KeyboardInterrupt when batch ``kill_at`` is requested."""
+    """A source whose stream raises KeyboardInterrupt (:meth:`fail`) when batch ``at`` is requested."""
 
-    def __init__(self, acts, kill_at):
+    def __init__(self, acts, at):
         super().__init__(acts)
-        self.kill_at = kill_at
+        self.at = at
 
     def train_batches(self, batch_size, seed, start_step=0):
         for step, batch in enumerate(super().train_batches(batch_size, seed, start_step), start=start_step):
-            if step == self.kill_at:
-                raise KeyboardInterrupt
-            yield batch
+            yield self.fail(batch) if step == self.at else batch
+
+    def fail(self, batch):
+        raise KeyboardInterrupt
 
 
 def test_auto_matmul_dtype_is_recorded_as_requested_and_a_resume_keeps_the_resolved_one(tmp_path, acts, monkeypatch):
@@ -118,7 +119,7 @@ def test_auto_matmul_dtype_is_recorded_as_requested_and_a_resume_keeps_the_resol
     full = train(SWITCH, acts, cfg, run_dir=tmp_path / "full", progress=False)
     assert full.matmul_dtype == torch.bfloat16
     with pytest.raises(KeyboardInterrupt):
-        train(SWITCH, _InterruptedSource(acts, kill_at=9), cfg, run_dir=tmp_path / "killed", progress=False)
+        train(SWITCH, _InterruptedSource(acts, at=9), cfg, run_dir=tmp_path / "killed", progress=False)
     assert _meta(tmp_path / "killed")["matmul_dtype"] == "bfloat16"
     monkeypatch.setattr(train_module, "resolve_matmul_dtype", lambda requested, device: ("float32", "test"))
     resumed = train(SWITCH, acts, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
@@ -176,16 +177,11 @@ def test_nan_loss_stops_naming_the_terms_and_writes_no_checkpoint_of_diverged_we
     assert not (tmp_path / CHECKPOINT_FILE).exists()
 
 
-class _ExplodingSource(TensorSource):
-    """A source whose batch ``at`` is scaled by ``factor`` (data gone wrong mid-run)."""
+class _ExplodingSource(_InterruptedSource):
+    """A source whose batch ``at`` is scaled by 1e6 instead (data gone wrong mid-run)."""
 
-    def __init__(self, acts, at, factor=1e6):
-        super().__init__(acts)
-        self.at, self.factor = at, factor
-
-    def train_batches(self, batch_size, seed, start_step=0):
-        for step, batch in enumerate(super().train_batches(batch_size, seed, start_step), start=start_step):
-            yield batch * self.factor if step == self.at else batch
+    def fail(self, batch):
+        return batch * 1e6
 
 
 def test_an_exploding_loss_stops_naming_the_step_the_term_and_the_intact_checkpoint(tmp_path, acts):
@@ -225,7 +221,7 @@ def test_a_forced_run_that_fails_before_its_first_checkpoint_leaves_the_old_run_
     if failure == "diverges":
         expected, cfg, source = TrainingDiverged, dataclasses.replace(FAST, lr=1e30), acts
     else:
-        expected, cfg, source = KeyboardInterrupt, FAST, _InterruptedSource(acts, kill_at=2)
+        expected, cfg, source = KeyboardInterrupt, FAST, _InterruptedSource(acts, at=2)
     with pytest.raises(expected, match="before --force is restored"):
         train(SWITCH, source, cfg, run_dir=tmp_path, force=True, progress=False)
     assert _snapshot(tmp_path) == before
@@ -235,7 +231,7 @@ def test_a_forced_run_that_fails_before_its_first_checkpoint_leaves_the_old_run_
 def test_a_forced_run_replaces_the_old_one_once_it_has_a_checkpoint(tmp_path, acts):
     train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
     with pytest.raises(KeyboardInterrupt, match=r"the last checkpoint \(step 4\) is intact"):
-        train(SWITCH, _InterruptedSource(acts, kill_at=6), FAST, run_dir=tmp_path, force=True, progress=False)
+        train(SWITCH, _InterruptedSource(acts, at=6), FAST, run_dir=tmp_path, force=True, progress=False)
     assert _meta(tmp_path)["step"] == "4"
     assert not (tmp_path / "sae_weights.safetensors").exists(), "the old run's outputs are gone"
     assert not (tmp_path / ".replaced").exists()
@@ -254,10 +250,20 @@ def test_a_replaced_run_left_by_a_killed_forced_run_is_restored(tmp_path, acts):
     assert _snapshot(tmp_path) == before
 
 
+def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(monkeypatch, acts):
+    from switchsae.train import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    with pytest.raises(ValueError, match="'cuda:1' does not exist: torch sees 1 CUDA GPU"):
+        train(SWITCH, _InterruptedSource(acts, at=0), dataclasses.replace(FAST, device="cuda:1"), progress=False)
+
+
 def test_the_run_folder_is_checked_writable_before_any_step(tmp_path, acts):
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="cannot write to the run folder .*file/run: Not a directory"):
-        train(SWITCH, _InterruptedSource(acts, kill_at=0), FAST, run_dir=tmp_path / "file" / "run", progress=False)
+        train(SWITCH, _InterruptedSource(acts, at=0), FAST, run_dir=tmp_path / "file" / "run", progress=False)
 
 
 def test_iterator_of_batches_is_accepted(acts):
@@ -276,7 +282,7 @@ def test_sparse_updates_resume_exactly_and_train(tmp_path, acts):
     cfg = TrainConfig(steps=12, batch_size=64, checkpoint_every=4, log_every=2, sparse_updates=True)
     full = train(SWITCH, acts, cfg, run_dir=tmp_path / "full", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train(SWITCH, _InterruptedSource(acts, kill_at=5), cfg, run_dir=tmp_path / "killed", progress=False)
+        train(SWITCH, _InterruptedSource(acts, at=5), cfg, run_dir=tmp_path / "killed", progress=False)
     resumed = train(SWITCH, acts, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
     for name, tensor in full.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
