@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -179,23 +180,31 @@ class TrainConfig:
     normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in the SAE config)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
-    matmul_dtype: str = opt("float32", "dtype of the encoder's selection matmul: float32 or bfloat16 (values and gradients stay fp32)")
+    matmul_dtype: str = opt("auto", "dtype of the TopK family's selection matmul: float32, bfloat16 or auto (the faster on this machine, measured once; values and gradients stay fp32)")
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive integers.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"Adam's {name} must lie in [0, 1), got {getattr(self, name)}.")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"Adam's eps must be a positive finite number, got {self.eps}.")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}.")
         if self.lr_width not in ("total", "expert"):
             raise ValueError(f"lr_width must be total or expert, got {self.lr_width!r}.")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}.")
-        if self.checkpoint_every < 0 or self.log_every < 1:
-            raise ValueError("checkpoint_every must be >= 0 and log_every >= 1.")
-        if self.device.split(":")[0] not in ("cpu", "cuda"):
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 (only at the end) or positive, got {self.checkpoint_every}.")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}.")
-        if self.matmul_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {self.matmul_dtype!r}.")
+        if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be auto, float32 or bfloat16, got {self.matmul_dtype!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -68,10 +68,13 @@ class SparseAutoencoder(nn.Module):
 
     Subclasses set ``unit_norm_decoder`` (decoder rows kept at norm 1 after every step, with the
     gradient's component along each row removed before it; see :meth:`param_groups`) and
-    implement ``_encode``, ``flops`` and optionally ``extra_losses``.
+    ``specific_settings``, and implement ``_encode``, ``flops`` and optionally ``extra_losses``.
     """
 
     unit_norm_decoder: ClassVar[bool] = True
+    #: the architecture-specific settings (SAEConfig and TrainConfig field names) this SAE reads;
+    #: the CLI refuses one given for an architecture that does not read it, sweeps drop it
+    specific_settings: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from switchsae.config import SAEConfig
+from switchsae.host import write_text_atomic
 from switchsae.saes import SparseAutoencoder, build_sae
 
 CFG_FILE = "switchsae_cfg.json"
@@ -25,10 +26,8 @@ LEGACY_WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` atomically (:func:`switchsae.host.write_text_atomic`): readers never see half a file."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from switchsae.config import SAEConfig
+from switchsae.config import ROUTING_FIELDS, SAEConfig
 from switchsae.kernels.core import sparse_core
 from switchsae.kernels.dispatch import combine, dispatch, grouped_select_topk
 from switchsae.kernels.sparse import topk_encode
@@ -33,6 +33,9 @@ class SwitchSAE(SparseAutoencoder):
     is one more block of ``m`` latents (``M = (N + 1)·m``) with gate 1. Parameters
     ``Nd + d + 2Md + d``.
     """
+
+    specific_settings = frozenset({"k", "n_experts", *ROUTING_FIELDS, "auxk_coeff", "auxk_k", "dead_tokens",
+                                   "matmul_dtype", "sparse_updates"})
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

@@ -17,6 +17,8 @@ class TopKSAE(SparseAutoencoder):
     latents per token enter the graph (sparse backward, see :mod:`switchsae.kernels.sparse`).
     """
 
+    specific_settings = frozenset({"k", "auxk_coeff", "auxk_k", "dead_tokens", "matmul_dtype", "sparse_updates"})
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.W_enc = nn.Parameter(torch.empty(cfg.width, cfg.d_model))
