@@ -45,12 +45,15 @@ STUDIES: dict[str, dict[str, dict]] = {
     "lr": {  # the lr law's width for Switch (alpha=0.1 of the alpha study is lr expert), constant lr
         "lr total": {**SWITCH8, "aux_coeff": 0.1, "lr_width": "total"},
         "lr expert, constant": {**SWITCH8, "aux_coeff": 0.1, "lr_width": "expert", "lr_decay_frac": 0.0},
+        "lr 2x expert": {**SWITCH8, "aux_coeff": 0.1, "lr": 8e-4},
+        "lr 4x expert": {**SWITCH8, "aux_coeff": 0.1, "lr": 1.6e-3},
     },
     "auxk": {  # Gao et al.'s dead-latent loss, per expert for Switch
         "switch8 auxk": {**SWITCH8, "aux_coeff": 0.1, "lr_width": "expert", "auxk_coeff": 1 / 32},
         "topk": {**TOPK},
         "topk auxk": {**TOPK, "auxk_coeff": 1 / 32},
         "topk auxk, constant lr": {**TOPK, "auxk_coeff": 1 / 32, "lr_decay_frac": 0.0},
+        "topk lr 2x": {**TOPK, "lr": 8e-4},
     },
     "routing": {  # every strategy FLOP-matched to TopK-4096: e routed experts of 4096/e latents, k = 32
         "top1 8x4096": {**SWITCH8, **RECIPE},
@@ -154,13 +157,15 @@ def main() -> None:
     parser.add_argument("--loss-recovered", action="store_true")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--save", action="store_true", help="keep each trained SAE under OUT/runs/")
+    parser.add_argument("--shuffle-mb", type=int, default=1024, help="the training stream's shuffle buffer (MiB)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "runs.csv"
     rows = list(csv.DictReader(results.open())) if results.exists() else []
-    train_cache, other = ActivationCache(args.train), ActivationCache(args.other)
+    train_cache = ActivationCache(args.train, shuffle_buffer_bytes=args.shuffle_mb << 20)
+    other = ActivationCache(args.other)
     print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"train {args.train}, other domain {args.other}")
     for variant, settings in STUDIES[args.study].items():
