@@ -20,9 +20,9 @@ whichever expert it is routed to; adding ``S`` to the pre-gate ``a_J`` instead w
 ``t`` by ``g_t · S · W_dec[J] / s``.
 
 Forcing expert ``E`` (Switch SAEs only): ``x̂_E`` is the reconstruction with every token routed to
-``E`` (``sae(x, expert=E)``: ``E``'s own TopK, gated as ``SwitchSAE.route`` gates a forced entry,
-``g_t = p_{t,E}``, the router's probability of ``E``, see ``saes/routing.py``), ``x̂`` the normal
-one, and the error term is kept::
+``E`` (``sae(x, expert=E)``: ``E``'s own TopK, gated as ``saes/routing.py``'s ``forced`` gates it, by
+the token's own top-1 probability ``g_t = max_i p_{t,i}``, the scale its code has under top-1
+routing), ``x̂`` the normal one, and the error term is kept::
 
     x' = x̂_E + (x − x̂) [+ S · W_dec[J] / s] = x + (x̂_E − x̂) [+ S · W_dec[J] / s]
 
