@@ -48,12 +48,12 @@ STUDIES: dict[str, dict[str, dict]] = {
         "lr 2x expert": {**SWITCH8, "aux_coeff": 0.1, "lr": 8e-4},
         "lr 4x expert": {**SWITCH8, "aux_coeff": 0.1, "lr": 1.6e-3},
     },
-    "auxk": {  # Gao et al.'s dead-latent loss, per expert for Switch
-        "switch8 auxk": {**SWITCH8, "aux_coeff": 0.1, "lr_width": "expert", "auxk_coeff": 1 / 32},
-        "topk": {**TOPK},
-        "topk auxk": {**TOPK, "auxk_coeff": 1 / 32},
-        "topk auxk, constant lr": {**TOPK, "auxk_coeff": 1 / 32, "lr_decay_frac": 0.0},
+    "auxk": {  # Gao et al.'s dead-latent loss (per expert for Switch), at the lr the lr study found
         "topk lr 2x": {**TOPK, "lr": 8e-4},
+        "switch8 lr 2x auxk": {**SWITCH8, "aux_coeff": 0.1, "lr": 8e-4, "auxk_coeff": 1 / 32},
+        "topk": {**TOPK},
+        "switch4 lr 2x": {**SWITCH8, "width": 4 * M0, "n_experts": 4, "aux_coeff": 0.1, "lr": 8e-4},
+        "topk lr 2x auxk": {**TOPK, "lr": 8e-4, "auxk_coeff": 1 / 32},
     },
     "routing": {  # every strategy FLOP-matched to TopK-4096: e routed experts of 4096/e latents, k = 32
         "top1 8x4096": {**SWITCH8, **RECIPE},
@@ -145,6 +145,30 @@ def summarise(rows: list[dict], study: str) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], study: str, path: Path) -> None:
+    """Bars of FVE in and out of domain per variant, with 95% intervals over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["study"] == study))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(variants)), 4))
+    for offset, (column, label) in enumerate((("fve_in", "held-out, same domain"), ("fve_out", "other domain"))):
+        stats = [t_interval([float(r[column]) for r in rows if r["study"] == study and r["variant"] == v])
+                 for v in variants]
+        ax.bar([i + 0.4 * offset for i in range(len(variants))], [m for m, _ in stats], 0.4,
+               yerr=[h for _, h in stats], capsize=3, label=label)
+    ax.set_xticks([i + 0.2 for i in range(len(variants))], variants, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("FVE")
+    lows = [float(r[c]) for r in rows if r["study"] == study for c in ("fve_in", "fve_out")]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.03))
+    ax.legend(fontsize=8)
+    ax.set_title(f"study {study}: mean and 95% interval over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", required=True, help="activation cache to train on")
@@ -156,6 +180,7 @@ def main() -> None:
     parser.add_argument("--matmul-dtype", default="auto")
     parser.add_argument("--loss-recovered", action="store_true")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--report-only", action="store_true", help="train nothing: the table and plot of OUT/runs.csv")
     parser.add_argument("--save", action="store_true", help="keep each trained SAE under OUT/runs/")
     parser.add_argument("--shuffle-mb", type=int, default=1024, help="the training stream's shuffle buffer (MiB)")
     parser.add_argument("--out", required=True)
@@ -169,7 +194,7 @@ def main() -> None:
     print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"train {args.train}, other domain {args.other}")
     for variant, settings in STUDIES[args.study].items():
-        if args.variants and variant not in args.variants:
+        if args.report_only or (args.variants and variant not in args.variants):
             continue
         for seed in args.seeds:
             if any(r["study"] == args.study and r["variant"] == variant and int(r["seed"]) == seed for r in rows):
@@ -184,6 +209,7 @@ def main() -> None:
             print(f"{variant} seed {seed}: fve in {row['fve_in']:.4f} out {row['fve_out']:.4f} "
                   f"dead {row['dead_in']:.3f} {row['tok_per_s']:.0f} tok/s", flush=True)
     print(summarise(rows, args.study))
+    plot(rows, args.study, out / f"{args.study}.png")
 
 
 if __name__ == "__main__":

@@ -89,17 +89,21 @@ def second_expert_overlap(sae, x_raw: torch.Tensor) -> dict:
     return results
 
 
-def heatmap(shares: np.ndarray, vocabulary: list[str], path: Path, title: str) -> None:
+def heatmap(shares: np.ndarray, overall: np.ndarray, vocabulary: list[str], path: Path, title: str) -> None:
+    """``log2`` of each expert's label share over the label's share of all rows (0: no preference)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    present = overall > 0
+    lift = np.log2(np.maximum(shares[:, present], 1e-6) / overall[present])
+    vocabulary = [v for v, keep in zip(vocabulary, present) if keep]
     fig, ax = plt.subplots(figsize=(max(6, len(vocabulary) * 0.45), 0.4 * shares.shape[0] + 2))
-    image = ax.imshow(shares, aspect="auto", cmap="viridis")
+    image = ax.imshow(lift, aspect="auto", cmap="RdBu_r", vmin=-2, vmax=2)
     ax.set_xticks(range(len(vocabulary)), vocabulary, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("expert")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="share of the expert's tokens")
+    fig.colorbar(image, ax=ax, label="log2(expert's share / overall share)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -126,8 +130,9 @@ def main() -> None:
         report[name] = {"nmi": normalised_mutual_information(experts, labels), "nmi_shuffled": chance,
                         "labels": len(vocabulary), "rows": len(rows)}
         shares = label_shares(experts, labels, sae.cfg.n_experts, len(vocabulary))
-        heatmap(shares, vocabulary, out / "figures" / f"experts_by_{name.split()[1]}.png",
-                f"{name}: share of each expert's tokens (NMI {report[name]['nmi']:.3f})")
+        overall = np.bincount(labels, minlength=len(vocabulary)) / len(labels)
+        heatmap(shares, overall, vocabulary, out / "figures" / f"experts_by_{name.split()[1]}.png",
+                f"{name}: over-representation per expert (NMI {report[name]['nmi']:.3f})")
     wiki = ActivationCache(args.wiki)
     report["second_expert"] = second_expert_overlap(sae, wiki.read(wiki.n_train, min(wiki.n_tokens, wiki.n_train + 8192)))
     (out / "specialisation.json").write_text(json.dumps(report, indent=2) + "\n")
