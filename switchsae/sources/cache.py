@@ -257,8 +257,12 @@ class ActivationCache:
         (with ``token_ids``, ``(batch, ids)`` pairs)."""
         for start in range(self.n_train, self.n_tokens, batch_size):
             stop = min(start + batch_size, self.n_tokens)
-            rows = self._read(self._segments(start, stop)).float()
+            rows = self.rows(start, stop)
             yield (rows, self.token_ids(np.arange(start, stop))) if token_ids else rows
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Global rows ``[start, stop)`` in cache order, float32 ``[stop − start, d_model]``."""
+        return self._read(self._segments(start, stop)).float()
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:

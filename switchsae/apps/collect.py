@@ -1,0 +1,124 @@
+"""Per-feature statistics and examples from one streaming pass of an SAE over batches of whole
+token windows.
+
+For a selected feature ``j`` (its code value ``z_j`` as :meth:`SparseAutoencoder.decode` uses
+it; for Switch SAEs that includes the router gate) over the ``T`` rows read:
+
+    count_j   = #{t : z_tj > 0},          density_j = count_j / T,   mean_j = Σ_t z_tj / count_j
+    hist_j    = :class:`~switchsae.apps.streaming.Pow2Histogram` of the positive z_tj
+    top_j     = the rows with the largest z_tj (with their contexts)
+    samples_j = for each of ``intervals`` equal parts of ``[0, 2^e_j]`` (the histogram's range),
+                a uniform random sample of the rows whose z_tj falls in it: the ``per_interval``
+                smallest of a key ``u_tj ~ U(0, 1)`` drawn per firing. When ``e_j`` grows, kept
+                samples are re-filed into the new parts; a union of bottom-n sketches keeps the
+                bottom n of the union, so the samples stay uniform.
+    router_j  = mean and max of p_{e(j)}(x_t) over the firing rows, ``e(j) = j // (M/N)``
+
+An example's context is ``z_j`` on the rows ``before`` tokens before to ``after`` tokens after it
+in the same window, taken from the batch that holds the example (batches are whole windows), so
+no row is ever encoded twice. Positions without a cached row (the dropped attention sink, the
+window's edges) hold NaN. Memory: ``O(F · (top + intervals · per_interval) · context)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from switchsae.apps.streaming import BestPerSlot, Payload, Pow2Histogram
+from switchsae.saes import Latents
+
+
+def firing_entries(latents: Latents) -> tuple[Tensor, Tensor, Tensor]:
+    """``(row, latent, value)`` of every positive code entry (sparse or dense codes alike)."""
+    if latents.indices is None:
+        row, latent = latents.values.nonzero(as_tuple=True)
+        return row, latent, latents.values[row, latent]
+    fired = latents.values > 0
+    row = torch.arange(fired.shape[0], device=fired.device)[:, None].expand_as(fired)
+    return row[fired], latents.indices[fired], latents.values[fired]
+
+
+class _BatchCodes:
+    """One batch's firing entries (at least one) as sorted keys ``row · F + feature``, to look up ``z``."""
+
+    def __init__(self, row: Tensor, feature: Tensor, value: Tensor, n_features: int):
+        key = row * n_features + feature
+        order = key.argsort()
+        self.keys, self.values, self.n_features = key[order], value[order], n_features
+
+    def at(self, rows: Tensor, features: Tensor) -> Tensor:
+        """``z`` of ``features`` on ``rows`` (same shape; 0 where it did not fire)."""
+        key = rows * self.n_features + features
+        pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
+        return torch.where(self.keys[pos] == key, self.values[pos], 0.0)
+
+
+class FeatureCollector:
+    """Accumulates the statistics of ``features`` (global latent ids) batch by batch; see the module doc."""
+
+    def __init__(self, features: Tensor, width: int, expert_width: int, rows_per_window: int, *, top: int,
+                 intervals: int, per_interval: int, bins: int, before: int, after: int, seed: int = 0):
+        if intervals > bins or bins % intervals:
+            raise ValueError(f"intervals ({intervals}) must divide the number of histogram bins ({bins}).")
+        n = len(features)
+        self.features, self.expert_width, self.rows_per_window = features, expert_width, rows_per_window
+        self.intervals, self.offsets = intervals, torch.arange(-before, after + 1)
+        self.lookup = torch.full((width,), -1, dtype=torch.long)
+        self.lookup[features] = torch.arange(n)
+        self.rows = 0
+        self.count = torch.zeros(n, dtype=torch.long)
+        self.total = torch.zeros(n, dtype=torch.float64)
+        self.prob_total = torch.zeros(n, dtype=torch.float64)
+        self.prob_max = torch.zeros(n)
+        self.hist = Pow2Histogram(n, bins)
+        example = {"row": ((), torch.long, -1), "context": ((len(self.offsets),), torch.float16, float("nan"))}
+        self.top = BestPerSlot(n, top, example)
+        self.samples = BestPerSlot(n * intervals, per_interval, {**example, "value": ((), torch.float32, 0.0)})
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def add(self, first_row: int, latents: Latents, probs: Tensor | None) -> None:
+        """Fold in the codes of global rows ``[first_row, first_row + T)``, ``first_row`` at a
+        window's start; ``probs: [T, N]`` the router probabilities (None without a router)."""
+        n_rows = latents.values.shape[0]
+        row, latent, value = firing_entries(latents)
+        feature = self.lookup[latent]
+        keep = feature >= 0
+        row, latent, feature, value = row[keep], latent[keep], feature[keep], value[keep].float()
+        self.rows += n_rows
+        if value.numel() == 0:
+            return
+        self.count += torch.bincount(feature, minlength=len(self.count))
+        self.total.index_add_(0, feature, value.double())
+        if probs is not None:
+            prob = probs[row, latent // self.expert_width].float()
+            self.prob_total.index_add_(0, feature, prob.double())
+            self.prob_max.scatter_reduce_(0, feature, prob, "amax")
+        self._refile_samples(self.hist.add(feature, value))
+        codes = _BatchCodes(row, feature, value, len(self.count))
+
+        def example(idx: Tensor) -> Payload:
+            return {"row": first_row + row[idx], "context": self._context(codes, row[idx], feature[idx], n_rows),
+                    "value": value[idx]}
+
+        self.top.offer(feature, value, example)
+        key = torch.rand(value.shape, generator=self._generator)
+        self.samples.offer(self._sample_slot(feature, value), -key, example)
+
+    def _sample_slot(self, feature: Tensor, value: Tensor) -> Tensor:
+        return feature * self.intervals + self.hist.bin_of(feature, value, self.intervals)
+
+    def _refile_samples(self, grown: Tensor) -> None:
+        """Move the kept samples of features whose histogram range grew into their new intervals."""
+        if grown.numel() == 0:
+            return
+        slots = (grown[:, None] * self.intervals + torch.arange(self.intervals)).flatten()
+        slot, score, payload = self.samples.take(slots)
+        new_slot = self._sample_slot(slot // self.intervals, payload["value"])
+        self.samples.offer(new_slot, score, lambda idx: {name: t[idx] for name, t in payload.items()})
+
+    def _context(self, codes: _BatchCodes, row: Tensor, feature: Tensor, n_rows: int) -> Tensor:
+        """``z`` of each feature on the rows around each of its examples, NaN outside the window."""
+        around = row[:, None] + self.offsets
+        inside = (around >= 0) & (around < n_rows) & (around // self.rows_per_window == row[:, None] // self.rows_per_window)
+        values = codes.at(around.clamp(0, n_rows - 1), feature[:, None].expand_as(around))
+        return torch.where(inside, values, float("nan")).half()

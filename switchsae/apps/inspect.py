@@ -1,0 +1,134 @@
+"""Feature inspection: one streaming pass of a trained SAE over an activation cache, then the
+feature pages (``switchsae inspect RUN --acts CACHE --out DIR``).
+
+Cost: the pass encodes every row read exactly once, in batches of whole token windows, and keeps
+only bounded per-feature summaries (:mod:`switchsae.apps.collect`); examples' contexts come from
+the batch that holds them, so nothing is re-encoded. After the pass, from the weights alone:
+boosted/suppressed tokens (``F·d·vocab`` multiply-adds) and nearest decoder rows in other experts
+(``F·d·M``, the only term quadratic in the width: skip it with ``neighbours=0``, or inspect a
+subset of features, at a million latents). Nothing ``[tokens, M]`` is ever built.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from switchsae.apps import pages
+from switchsae.apps.collect import FeatureCollector
+from switchsae.apps.config import InspectConfig
+from switchsae.apps.directions import logit_effects, nearest_rows
+from switchsae.apps.records import ContextReader, feature_records, top_tokens, used_tokens
+from switchsae.saes import SAEOutput, SparseAutoencoder
+from switchsae.saes.io import load_sae
+from switchsae.sources.cache import ActivationCache, check_compatible
+from switchsae.sources.models import load_model
+from switchsae.sources.shards import rows_per_window
+
+
+def router_probs(out: SAEOutput) -> Tensor | None:
+    """Router probabilities ``p: [T, N]`` of each token, None for an SAE without a router: the one
+    place inspection reads routing information."""
+    return out.extras.get("router_probs")
+
+
+def parse_features(text: str) -> list[int]:
+    """Latent ids from a list of ids and inclusive ranges, e.g. ``"0-99,512"``."""
+    ids: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"Cannot read the feature list '{text}': expected ids and ranges such as 0-99,512.") from None
+    return ids
+
+
+def select_features(width: int, n_experts: int, features: list[int] | None = None,
+                    expert: int | None = None) -> Tensor:
+    """The latent ids to inspect, ascending: ``features`` (default all), restricted to ``expert``."""
+    selected = torch.arange(width) if features is None else torch.tensor(sorted(set(features)), dtype=torch.long)
+    if len(selected) and not (0 <= int(selected[0]) and int(selected[-1]) < width):
+        bad = next(f for f in selected.tolist() if not 0 <= f < width)
+        raise ValueError(f"Feature {bad} is out of range: the SAE has {width} latents (0..{width - 1}).")
+    if expert is not None:
+        if n_experts < 2:
+            raise ValueError(f"--expert applies to Switch SAEs only; this SAE has no experts.")
+        if not 0 <= expert < n_experts:
+            raise ValueError(f"Expert {expert} is out of range: the SAE has {n_experts} experts (0..{n_experts - 1}).")
+        m = width // n_experts
+        selected = selected[(selected >= expert * m) & (selected < (expert + 1) * m)]
+    if len(selected) == 0:
+        raise ValueError("No features selected: the feature list and the expert have no latent in common.")
+    return selected
+
+
+def open_inputs(run_dir: str | Path, cache_dir: str | Path) -> tuple[SparseAutoencoder, ActivationCache]:
+    """The SAE and cache, checked to belong together and to hold what inspection needs."""
+    sae = load_sae(run_dir)
+    cache = ActivationCache(cache_dir)
+    if cache.d_model != sae.cfg.d_model:
+        raise ValueError(f"The cache in {cache_dir} holds d_model={cache.d_model} activations; the SAE in "
+                         f"{run_dir} expects {sae.cfg.d_model}.")
+    check_compatible(cache.manifest, sae.cfg.model_name or cache.manifest["model"],
+                     sae.cfg.hook_name or cache.manifest["hook"])
+    if not cache.has_token_ids:
+        raise ValueError(f"The activation cache in {cache_dir} stores no token ids (it was built before they "
+                         f"were stored), so examples cannot be shown as text; rebuild it with `switchsae cache`.")
+    return sae, cache
+
+
+@torch.no_grad()
+def collect(sae: SparseAutoencoder, cache: ActivationCache, features: Tensor, cfg: InspectConfig,
+            progress: bool = True) -> FeatureCollector:
+    """The streaming pass: every row read encoded once, batch by batch of whole windows."""
+    per_window = rows_per_window(cache.manifest)
+    batch = max(1, cfg.batch_size // per_window) * per_window
+    n_rows = cache.n_tokens if cfg.tokens == 0 else min(cache.n_tokens, -(-cfg.tokens // per_window) * per_window)
+    collector = FeatureCollector(features, sae.cfg.width, sae.cfg.expert_width, per_window, top=cfg.top,
+                                 intervals=cfg.intervals, per_interval=cfg.per_interval, bins=cfg.bins,
+                                 before=cfg.before, after=cfg.after, seed=cfg.seed)
+    was_training = sae.training
+    sae.eval()
+    for start in tqdm(range(0, n_rows, batch), desc="inspect", unit="batch", disable=not progress):
+        out = sae(cache.rows(start, min(start + batch, n_rows)))
+        collector.add(start, out.latents, router_probs(out))
+    sae.train(was_training)
+    return collector
+
+
+def inspect_run(run_dir: str | Path, cache_dir: str | Path, out: str | Path, cfg: InspectConfig = InspectConfig(),
+                features: list[int] | None = None, expert: int | None = None, progress: bool = True) -> Path:
+    """Inspect the SAE in ``run_dir`` on the cache in ``cache_dir`` and write its feature pages to ``out``."""
+    sae, cache = open_inputs(run_dir, cache_dir)
+    selected = select_features(sae.cfg.width, sae.cfg.n_experts, features, expert)
+    manifest = cache.manifest
+    timings = {}
+    start = time.perf_counter()
+    collector = collect(sae, cache, selected, cfg, progress)
+    timings["pass_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model, tokenizer = load_model(manifest["model"])
+    directions = sae.W_dec.detach()[selected]
+    boost, suppress = logit_effects(directions, model, cfg.logit_tokens)
+    group_width = sae.cfg.expert_width if sae.cfg.n_experts > 1 else 1
+    near = nearest_rows(sae.W_dec, selected, group_width, cfg.neighbours) if cfg.neighbours else None
+    timings["directions_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    contexts = ContextReader(cache.windows(), rows_per_window(manifest), manifest["drop_first"], cfg.before, cfg.after)
+    records = feature_records(collector, contexts, sae.cfg.n_experts, boost, suppress, near)
+    tokens = sorted(used_tokens(records))
+    vocab = dict(zip(tokens, tokenizer.batch_decode([[t] for t in tokens])))
+    index = {"id": [r["id"] for r in records], "expert": [r.get("expert", 0) for r in records],
+             "density": [r["density"] for r in records], "max": [r["max"] for r in records],
+             "top": [top_tokens(r) for r in records], "boost": [[t for t, _ in r["boost"][:3]] for r in records]}
+    timings["records_s"] = time.perf_counter() - start
+    meta = {"run": str(run_dir), "cache": str(cache_dir), "model": manifest["model"], "hook": manifest["hook"],
+            "arch": sae.cfg.arch, "width": sae.cfg.width, "experts": sae.cfg.n_experts, "k": sae.cfg.k,
+            "rows": collector.rows, "features": len(records), "chunk": pages.CHUNK, "config": asdict(cfg),
+            "timings": {name: round(seconds, 3) for name, seconds in timings.items()}}
+    return pages.write_site(out, meta, index, vocab, records)
