@@ -21,6 +21,8 @@ window's edges) hold NaN. Memory: ``O(F · (top + intervals · per_interval) · 
 """
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -29,28 +31,30 @@ from switchsae.saes import Latents
 
 
 def firing_entries(latents: Latents) -> tuple[Tensor, Tensor, Tensor]:
-    """``(row, latent, value)`` of every positive code entry (sparse or dense codes alike)."""
-    if latents.indices is None:
-        row, latent = latents.values.nonzero(as_tuple=True)
-        return row, latent, latents.values[row, latent]
-    fired = latents.values > 0
-    row = torch.arange(fired.shape[0], device=fired.device)[:, None].expand_as(fired)
-    return row[fired], latents.indices[fired], latents.values[fired]
+    """``(row, latent, value)`` of every positive code entry (sparse or dense codes alike), ordered
+    by row and, within a row, by latent."""
+    values, columns = latents.values, latents.values.shape[1]
+    if latents.indices is not None:
+        indices, order = latents.indices.sort(dim=1)
+        values = values.gather(1, order)
+    fired = (values > 0).flatten().nonzero().squeeze(1)
+    latent = fired % columns if latents.indices is None else indices.flatten().index_select(0, fired)
+    return fired // columns, latent, values.flatten().index_select(0, fired)
 
 
 class _BatchCodes:
-    """One batch's firing entries (at least one) as sorted keys ``row · F + feature``, to look up ``z``."""
+    """One batch's firing entries (at least one), ordered by row and feature as
+    :func:`firing_entries` gives them, as keys ``row · F + feature`` (ascending), to look up ``z``."""
 
     def __init__(self, row: Tensor, feature: Tensor, value: Tensor, n_features: int):
-        key = row * n_features + feature
-        order = key.argsort()
-        self.keys, self.values, self.n_features = key[order], value[order], n_features
+        self.keys, self.values, self.n_features = row * n_features + feature, value, n_features
 
     def at(self, rows: Tensor, features: Tensor) -> Tensor:
         """``z`` of ``features`` on ``rows`` (same shape; 0 where it did not fire)."""
-        key = rows * self.n_features + features
+        key = (rows * self.n_features + features).flatten()
         pos = torch.searchsorted(self.keys, key).clamp_(max=len(self.keys) - 1)
-        return torch.where(self.keys[pos] == key, self.values[pos], 0.0)
+        found = self.keys.index_select(0, pos) == key
+        return torch.where(found, self.values.index_select(0, pos), 0.0).view(rows.shape)
 
 
 class FeatureCollector:
@@ -80,25 +84,30 @@ class FeatureCollector:
         """Fold in the codes of global rows ``[first_row, first_row + T)``, ``first_row`` at a
         window's start; ``probs: [T, N]`` the router probabilities (None without a router)."""
         n_rows = latents.values.shape[0]
-        row, latent, value = firing_entries(latents)
-        feature = self.lookup[latent]
-        keep = feature >= 0
-        row, latent, feature, value = row[keep], latent[keep], feature[keep], value[keep].float()
         self.rows += n_rows
+        row, latent, value = firing_entries(latents)
+        feature = self.lookup.index_select(0, latent)
+        keep = (feature >= 0).nonzero().squeeze(1)
+        if len(keep) < len(feature):
+            row, latent, feature, value = (t.index_select(0, keep) for t in (row, latent, feature, value))
         if value.numel() == 0:
             return
+        value = value.float()
         self.count += torch.bincount(feature, minlength=len(self.count))
         self.total.index_add_(0, feature, value.double())
         if probs is not None:
-            prob = probs[row, latent // self.expert_width].float()
+            prob = probs.float().flatten().index_select(0, row * probs.shape[1] + latent // self.expert_width)
             self.prob_total.index_add_(0, feature, prob.double())
             self.prob_max.scatter_reduce_(0, feature, prob, "amax")
         self._refile_samples(self.hist.add(feature, value))
-        codes = _BatchCodes(row, feature, value, len(self.count))
+        @cache
+        def codes() -> _BatchCodes:  # built only if some example of this batch is kept
+            return _BatchCodes(row, feature, value, len(self.count))
 
         def example(idx: Tensor) -> Payload:
-            return {"row": first_row + row[idx], "context": self._context(codes, row[idx], feature[idx], n_rows),
-                    "value": value[idx]}
+            at, of = row.index_select(0, idx), feature.index_select(0, idx)
+            return {"row": first_row + at, "context": self._context(codes(), at, of, n_rows),
+                    "value": value.index_select(0, idx)}
 
         self.top.offer(feature, value, example)
         key = torch.rand(value.shape, generator=self._generator)
@@ -114,11 +123,11 @@ class FeatureCollector:
         slots = (grown[:, None] * self.intervals + torch.arange(self.intervals)).flatten()
         slot, score, payload = self.samples.take(slots)
         new_slot = self._sample_slot(slot // self.intervals, payload["value"])
-        self.samples.offer(new_slot, score, lambda idx: {name: t[idx] for name, t in payload.items()})
+        self.samples.offer(new_slot, score, lambda idx: {name: t.index_select(0, idx) for name, t in payload.items()})
 
     def _context(self, codes: _BatchCodes, row: Tensor, feature: Tensor, n_rows: int) -> Tensor:
         """``z`` of each feature on the rows around each of its examples, NaN outside the window."""
         around = row[:, None] + self.offsets
         inside = (around >= 0) & (around < n_rows) & (around // self.rows_per_window == row[:, None] // self.rows_per_window)
-        values = codes.at(around.clamp(0, n_rows - 1), feature[:, None].expand_as(around))
+        values = codes.at(around.clamp(0, n_rows - 1), feature[:, None])
         return torch.where(inside, values, float("nan")).half()

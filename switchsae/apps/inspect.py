@@ -57,7 +57,7 @@ def select_features(width: int, n_experts: int, features: list[int] | None = Non
         raise ValueError(f"Feature {bad} is out of range: the SAE has {width} latents (0..{width - 1}).")
     if expert is not None:
         if n_experts < 2:
-            raise ValueError(f"--expert applies to Switch SAEs only; this SAE has no experts.")
+            raise ValueError("--expert applies to Switch SAEs only; this SAE has no experts.")
         if not 0 <= expert < n_experts:
             raise ValueError(f"Expert {expert} is out of range: the SAE has {n_experts} experts (0..{n_experts - 1}).")
         m = width // n_experts

@@ -35,15 +35,31 @@ class ContextReader:
         self.windows, self.rows_per_window, self.drop_first = windows, rows_per_window, drop_first
         self.before, self.after = before, after
 
-    def example(self, row: int, value: float, context: Tensor) -> dict:
-        """The record of one example: its row, ``z``, the context's tokens and their ``z``."""
+    def example(self, row: int, value: float, context: np.ndarray) -> dict:
+        """The record of one example: its row, ``z``, the context's tokens and their ``z``
+        (``context``: ``z`` at offsets ``-before..after``, NaN where no row is cached)."""
         window, position = divmod(row, self.rows_per_window)
         position += self.drop_first
-        lo = max(0, position - self.before)
-        hi = min(self.windows.shape[1], position + self.after + 1)
-        acts = context[lo - (position - self.before):hi - (position - self.before)].float().tolist()
-        return {"row": row, "value": rounded(value), "tokens": self.windows[window, lo:hi].tolist(),
-                "acts": [None if a != a else rounded(a) for a in acts], "at": position - lo}
+        first = position - self.before
+        lo, hi = max(0, first), min(self.windows.shape[1], position + self.after + 1)
+        acts = [None if a != a else 0 if a == 0 else float(f"{a:.3g}") for a in context[lo - first:hi - first].tolist()]
+        return {"row": row, "value": rounded(value), "tokens": self.windows[window, lo:hi].tolist(), "acts": acts,
+                "at": position - lo}
+
+
+class _Examples:
+    """The examples a :class:`~switchsae.apps.streaming.BestPerSlot` table holds, read out slot by slot."""
+
+    def __init__(self, scores: Tensor, payload: dict[str, Tensor], contexts: ContextReader):
+        self.filled = (scores > float("-inf")).sum(1).tolist()
+        self.values = (payload["value"] if "value" in payload else scores).tolist()
+        self.rows = payload["row"].tolist()
+        self.context = payload["context"].float().numpy()
+        self.contexts = contexts
+
+    def of(self, slot: int) -> list[dict]:
+        return [self.contexts.example(self.rows[slot][j], self.values[slot][j], self.context[slot, j])
+                for j in range(self.filled[slot])]
 
 
 def feature_records(collector: FeatureCollector, contexts: ContextReader, n_experts: int,
@@ -51,56 +67,31 @@ def feature_records(collector: FeatureCollector, contexts: ContextReader, n_expe
                     near: tuple[Tensor, Tensor] | None) -> list[dict]:
     """One record per collected feature, in the collector's feature order."""
     c = collector
+    count, total, top_score = c.count.tolist(), c.total.tolist(), c.top.scores[:, 0].tolist()
+    prob_total, prob_max = c.prob_total.tolist(), c.prob_max.tolist()
+    hist_counts, exponents = c.hist.counts.tolist(), c.hist.exponent.tolist()
+    top, samples = _Examples(c.top.scores, c.top.payload, contexts), _Examples(c.samples.scores, c.samples.payload, contexts)
+    pairs = {name: (ids.tolist(), values.tolist()) for name, (values, ids) in
+             {"boost": boost, "suppress": suppress, **({"near": near} if near is not None else {})}.items()}
     records = []
     for i, latent in enumerate(c.features.tolist()):
-        count = int(c.count[i])
-        record = {"id": latent, "count": count, "density": rounded(count / max(c.rows, 1)),
-                  "mean": rounded(c.total[i].item() / count) if count else 0.0,
-                  "max": rounded(c.top.scores[i, 0].item()) if count else 0.0}
+        n, edge = count[i], ldexp(1.0, exponents[i])
+        record = {"id": latent, "count": n, "density": rounded(n / max(c.rows, 1)),
+                  "mean": rounded(total[i] / n) if n else 0.0, "max": rounded(top_score[i]) if n else 0.0}
         if n_experts > 1:
             record["expert"] = latent // c.expert_width
-            if count:
-                record["router"] = {"mean": rounded(c.prob_total[i].item() / count), "max": rounded(c.prob_max[i].item())}
-        record["hist"] = _histogram(c, i)
-        record["top"] = _examples(contexts, c.top.scores[i], c.top.payload, i)
-        record["samples"] = _sample_groups(c, contexts, i)
-        record["boost"] = _pairs(boost[1][i], boost[0][i])
-        record["suppress"] = _pairs(suppress[1][i], suppress[0][i])
-        if near is not None:
-            record["near"] = _pairs(near[1][i], near[0][i])
+            if n:
+                record["router"] = {"mean": rounded(prob_total[i] / n), "max": rounded(prob_max[i])}
+        counts = hist_counts[i][:max((b + 1 for b, k in enumerate(hist_counts[i]) if k), default=0)]
+        record["hist"] = {"edge": edge if n else 0.0, "counts": counts}
+        record["top"] = top.of(i)
+        record["samples"] = [{"lo": rounded(edge * part / c.intervals), "hi": rounded(edge * (part + 1) / c.intervals),
+                              "examples": sorted(found, key=lambda e: -e["value"])}
+                             for part in range(c.intervals) if (found := samples.of(i * c.intervals + part))]
+        for name, (ids, values) in pairs.items():
+            record[name] = [[j, rounded(v)] for j, v in zip(ids[i], values[i]) if v > float("-inf")]
         records.append(record)
     return records
-
-
-def _pairs(ids: Tensor, values: Tensor) -> list[list]:
-    return [[int(j), rounded(v)] for j, v in zip(ids.tolist(), values.tolist()) if v > float("-inf")]
-
-
-def _histogram(c: FeatureCollector, i: int) -> dict:
-    counts = c.hist.counts[i].tolist()
-    while counts and counts[-1] == 0:
-        counts.pop()
-    return {"edge": ldexp(1.0, int(c.hist.exponent[i])) if counts else 0.0, "counts": counts}
-
-
-def _examples(contexts: ContextReader, scores: Tensor, payload: dict[str, Tensor], slot: int) -> list[dict]:
-    values = payload["value"][slot] if "value" in payload else scores
-    return [contexts.example(int(payload["row"][slot, j]), float(values[j]), payload["context"][slot, j])
-            for j in range(len(scores)) if scores[j] > float("-inf")]
-
-
-def _sample_groups(c: FeatureCollector, contexts: ContextReader, i: int) -> list[dict]:
-    """The kept samples of feature ``i``, one group per interval that has any, lowest first."""
-    edge = ldexp(1.0, int(c.hist.exponent[i]))
-    groups = []
-    for part in range(c.intervals):
-        slot = i * c.intervals + part
-        examples = _examples(contexts, c.samples.scores[slot], c.samples.payload, slot)
-        if examples:
-            examples.sort(key=lambda e: -e["value"])
-            groups.append({"lo": rounded(edge * part / c.intervals), "hi": rounded(edge * (part + 1) / c.intervals),
-                           "examples": examples})
-    return groups
 
 
 def top_tokens(record: dict, n: int = 3) -> list[int]:

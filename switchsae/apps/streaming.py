@@ -45,35 +45,38 @@ class BestPerSlot:
     def offer(self, slots: Tensor, scores: Tensor, payload_of: Callable[[Tensor], Payload]) -> None:
         """Offer candidates ``(slots[i], scores[i])``; ``payload_of(idx)`` gives the payload tensors
         (``[len(idx), *shape]``, at least those of the tables) of the candidates ``idx``."""
-        idx = (scores > self.scores[slots, -1]).nonzero().squeeze(1)
+        idx = (scores > self.scores[:, -1].index_select(0, slots)).nonzero().squeeze(1)
         if idx.numel() == 0:
             return
-        idx = idx[scores[idx].argsort(descending=True)]
-        idx = idx[slots[idx].argsort(stable=True)]
-        rank = _rank_within(slots[idx])
-        idx, rank = idx[rank < self.n], rank[rank < self.n]
-        touched, group = torch.unique_consecutive(slots[idx], return_inverse=True)
-        place = (group, rank)
-        candidate = self.scores.new_full((len(touched), self.n), float("-inf")).index_put_(place, scores[idx])
-        best, pick = torch.cat([self.scores[touched], candidate], 1).topk(self.n, dim=1)
-        self.scores[touched] = best
-        rows = torch.arange(len(touched))[:, None]
+        idx = idx.index_select(0, scores.index_select(0, idx).argsort(descending=True))
+        idx = idx.index_select(0, slots.index_select(0, idx).argsort(stable=True))
+        rank = _rank_within(slots.index_select(0, idx))
+        kept = (rank < self.n).nonzero().squeeze(1)
+        idx, rank = idx.index_select(0, kept), rank.index_select(0, kept)
+        touched, group = torch.unique_consecutive(slots.index_select(0, idx), return_inverse=True)
+        place = group * self.n + rank  # flat position in a [len(touched), n] table
+        offered = self.scores.new_full((len(touched) * self.n,), float("-inf")).index_copy_(0, place, scores.index_select(0, idx))
+        merged = torch.cat([self.scores.index_select(0, touched), offered.view(-1, self.n)], 1)
+        best, pick = merged.topk(self.n, dim=1)
+        self.scores.index_copy_(0, touched, best)
         payload = payload_of(idx)
         for name, table in self.payload.items():
-            new = payload[name]
-            offered = table.new_full((len(touched), self.n, *table.shape[2:]), self._fill[name]).index_put_(place, new)
-            table[touched] = torch.cat([table[touched], offered], 1)[rows, pick]
+            shape = table.shape[2:]
+            new = table.new_full((len(touched) * self.n, *shape), self._fill[name]).index_copy_(0, place, payload[name])
+            both = torch.cat([table.index_select(0, touched), new.view(len(touched), self.n, *shape)], 1)
+            table.index_copy_(0, touched, both.gather(1, pick.view(*pick.shape, *[1] * len(shape)).expand(-1, -1, *shape)))
 
     def take(self, slots: Tensor) -> tuple[Tensor, Tensor, Payload]:
         """Remove every entry of ``slots`` and return them as ``(slot, score, payload)`` candidates."""
-        scores = self.scores[slots]
-        filled = scores > float("-inf")
-        slot = slots[:, None].expand_as(scores)[filled]
-        payload = {name: table[slots][filled] for name, table in self.payload.items()}
-        self.scores[slots] = float("-inf")
+        scores = self.scores.index_select(0, slots)
+        filled = (scores > float("-inf")).flatten().nonzero().squeeze(1)
+        slot = slots.index_select(0, filled // self.n)
+        payload = {name: table.index_select(0, slots).flatten(0, 1).index_select(0, filled)
+                   for name, table in self.payload.items()}
+        self.scores.index_fill_(0, slots, float("-inf"))
         for name, table in self.payload.items():
-            table[slots] = self._fill[name]
-        return slot, scores[filled], payload
+            table.index_fill_(0, slots, self._fill[name])
+        return slot, scores.flatten().index_select(0, filled), payload
 
 
 class Pow2Histogram:
@@ -98,8 +101,8 @@ class Pow2Histogram:
 
     def bin_of(self, rows: Tensor, values: Tensor, n_bins: int) -> Tensor:
         """Bin of each value among ``n_bins`` equal bins over ``[0, 2^e_row]`` (current exponents)."""
-        scaled = torch.ldexp(values.float(), -self.exponent[rows].to(torch.float32)) * n_bins
-        return scaled.floor().long().clamp_(0, n_bins - 1)
+        scaled = torch.ldexp(values.float(), -self.exponent.index_select(0, rows).to(torch.float32)) * n_bins
+        return scaled.floor_().long().clamp_(0, n_bins - 1)
 
     def add(self, rows: Tensor, values: Tensor) -> Tensor:
         """Count ``values`` (all > 0) into their ``rows``; return the rows whose range grew."""
@@ -108,9 +111,10 @@ class Pow2Histogram:
         grown_exp = self.exponent.scatter_reduce(0, rows, needed.clamp(min=self.EMPTY + 1), "amax")
         grown = (grown_exp > self.exponent).nonzero().squeeze(1)
         if grown.numel():
-            shift = (grown_exp[grown] - self.exponent[grown]).clamp(max=31)
+            shift = (grown_exp.index_select(0, grown) - self.exponent.index_select(0, grown)).clamp(max=31)
             merged = torch.arange(self.n_bins)[None, :] >> shift[:, None]
-            self.counts[grown] = torch.zeros_like(self.counts[grown]).scatter_add_(1, merged.long(), self.counts[grown])
+            old = self.counts.index_select(0, grown)
+            self.counts.index_copy_(0, grown, torch.zeros_like(old).scatter_add_(1, merged.long(), old))
             self.exponent = grown_exp
         flat = rows * self.n_bins + self.bin_of(rows, values, self.n_bins)
         self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))

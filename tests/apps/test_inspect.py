@@ -6,15 +6,16 @@ import shutil
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from switchsae.apps import pages
+from switchsae.apps.collect import firing_entries
 from switchsae.apps.config import InspectConfig
 from switchsae.apps.directions import final_norm
 from switchsae.apps.inspect import parse_features, select_features
 from switchsae.cli import main
+from switchsae.saes import Latents
 from switchsae.saes.io import load_sae, save_sae
 from switchsae.sources import shards
 from switchsae.sources.cache import ActivationCache
@@ -218,3 +219,22 @@ def test_every_inspect_setting_is_read():
         assert f.metadata.get("help")
     with pytest.raises(ValueError, match="top must be a positive integer"):
         InspectConfig(top=0)
+
+
+def test_sparse_and_dense_codes_give_the_same_entries():
+    values = torch.tensor([[0.5, 0.0, 2.0], [1.0, 3.0, 0.0]])
+    indices = torch.tensor([[7, 1, 2], [4, 0, 3]])
+    row, latent, value = firing_entries(Latents(values, indices))
+    assert (row.tolist(), latent.tolist(), value.tolist()) == ([0, 0, 1, 1], [2, 7, 0, 4], [2.0, 0.5, 3.0, 1.0])
+    dense = Latents(values.new_zeros(2, 8).scatter_(1, indices, values))
+    assert [t.tolist() for t in firing_entries(dense)] == [row.tolist(), latent.tolist(), value.tolist()]
+
+
+def test_an_sae_without_experts_gets_pages_without_expert_fields(tmp_path, tiny_cache):
+    run = tmp_path / "topk"
+    main(["train", "--acts", str(tiny_cache), "--arch", "topk", "--width", "32", "--k", "4", "--steps", "5",
+          "--batch-size", "256", "--out", str(run), "--quiet"])
+    main(["inspect", str(run), "--acts", str(tiny_cache), "--out", str(tmp_path / "p"), "--tokens", "2000", "--quiet"])
+    record = pages.load_record(tmp_path / "p", 5)
+    assert "expert" not in record and "router" not in record
+    assert len(record["near"]) == 5 and 5 not in [j for j, _ in record["near"]]

@@ -6,6 +6,7 @@ it closes, and flags that keep it off the network.
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -20,9 +21,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 def missing() -> str | None:
     """Why headless Chromium cannot run here (a sentence), or None if it can."""
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "the selenium package is not installed (pip install -e '.[test]')."
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         return "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)."
