@@ -8,7 +8,7 @@ rescored exactly in fp32 and the best ``n`` of those kept.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -18,28 +18,39 @@ BLOCK_ELEMENTS = 2**24
 RESCORE_MARGIN = 8
 
 
+def _blocks(queries: Tensor, keys: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``(span, queries[span] · keysᵀ)`` block by block, the products in bf16 (for ranking only)."""
+    keys_bf16 = keys.bfloat16()
+    block = max(1, BLOCK_ELEMENTS // keys.shape[0])
+    for start in range(0, queries.shape[0], block):
+        span = slice(start, start + block)
+        yield span, queries[span].bfloat16() @ keys_bf16.t()
+
+
+def _rescored(queries: Tensor, keys: Tensor, candidates: Tensor, n: int, largest: bool = True,
+              mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The ``n`` best of ``candidates: [Q, C]`` (key ids) by their exact fp32 products with ``queries``."""
+    exact = torch.einsum("qd,qcd->qc", queries, keys[candidates])
+    if mask is not None:
+        exact.masked_fill_(mask.gather(1, candidates), float("-inf"))
+    best, pick = exact.topk(n, dim=1, largest=largest)
+    return best, candidates.gather(1, pick)
+
+
 def top_products(queries: Tensor, keys: Tensor, n: int,
                  excluded: Callable[[slice], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """``(values, indices)``, ``[Q, n]`` each: the ``n`` largest ``queries[q] · keys[i]`` per query, in
     descending order, skipping the keys ``excluded(block)[q - block.start, i]`` marks True."""
     queries, keys = queries.float(), keys.float()
-    n = min(n, keys.shape[0])
-    keys_bf16 = keys.bfloat16()
-    block = max(1, BLOCK_ELEMENTS // keys.shape[0])
+    n, wide = min(n, keys.shape[0]), min(n + RESCORE_MARGIN, keys.shape[0])
     values, indices = [], []
-    for start in range(0, queries.shape[0], block):
-        span = slice(start, start + block)
-        ranked = queries[span].bfloat16() @ keys_bf16.t()
+    for span, ranked in _blocks(queries, keys):
         mask = excluded(span) if excluded is not None else None
         if mask is not None:
             ranked.masked_fill_(mask, float("-inf"))
-        candidates = ranked.topk(min(n + RESCORE_MARGIN, keys.shape[0]), dim=1).indices
-        exact = torch.einsum("qd,qcd->qc", queries[span], keys[candidates])
-        if mask is not None:
-            exact.masked_fill_(mask.gather(1, candidates), float("-inf"))
-        best, pick = exact.topk(n, dim=1)
+        best, ids = _rescored(queries[span], keys, ranked.topk(wide, dim=1).indices, n, mask=mask)
         values.append(best)
-        indices.append(candidates.gather(1, pick))
+        indices.append(ids)
     return torch.cat(values), torch.cat(indices)
 
 
@@ -65,14 +76,19 @@ def logit_effects(directions: Tensor, model: nn.Module, n: int) -> tuple[tuple[T
     would add the same vector for every feature. Returns ``((boost_values, boost_ids),
     (suppress_values, suppress_ids))``, each ``[F, n]``, suppressions most negative first.
     """
-    W_U = model.get_output_embeddings().weight.detach()
+    W_U = model.get_output_embeddings().weight.detach().float()
     norm = final_norm(model)
     v = directions.to(W_U.dtype)
     if norm is not None:
         v = norm(v) - norm(torch.zeros_like(v[:1]))
-    boost = top_products(v, W_U, n)
-    lowest, ids = top_products(-v, W_U, n)
-    return boost, (-lowest, ids)
+    wide = min(n + RESCORE_MARGIN, W_U.shape[0])
+    high, low = [], []
+    for span, ranked in _blocks(v, W_U):  # one product per block serves both ends
+        high.append(_rescored(v[span], W_U, ranked.topk(wide, dim=1).indices, n))
+        low.append(_rescored(v[span], W_U, ranked.topk(wide, dim=1, largest=False).indices, n, largest=False))
+    boost_values, boost_ids = (torch.cat(part) for part in zip(*high))
+    suppress_values, suppress_ids = (torch.cat(part) for part in zip(*low))
+    return (boost_values, boost_ids), (suppress_values, suppress_ids)
 
 
 @torch.no_grad()

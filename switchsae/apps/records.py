@@ -9,7 +9,10 @@ A record (numbers rounded to 4 significant digits)::
     samples: [{lo, hi, examples}]          one group per non-empty interval [lo, hi) of z
     boost, suppress: [[token id, Δlogit]]  see directions.logit_effects
     near: [[latent id, cos]]               see directions.nearest_rows
-    example = {row, value, tokens: [token ids], acts: [z or null], at: index of the example's token}
+    example = [row, value, at, tokens, others]   (a list: the pages hold ~26 per feature)
+        row: the cache row, value: its z, tokens: token ids of the context, at: the example's index
+        in tokens, others: [[i, z_i]] for the other context tokens where z_i ≠ 0, z_i = null where
+        no row is cached (the attention sink, the cache's end)
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import numpy as np
 from torch import Tensor
 
 from switchsae.apps.collect import FeatureCollector
+
+
+ROW, VALUE, AT, TOKENS, OTHERS = range(5)  # the fields of an example
 
 
 def rounded(x: float) -> float:
@@ -35,16 +41,17 @@ class ContextReader:
         self.windows, self.rows_per_window, self.drop_first = windows, rows_per_window, drop_first
         self.before, self.after = before, after
 
-    def example(self, row: int, value: float, context: np.ndarray) -> dict:
-        """The record of one example: its row, ``z``, the context's tokens and their ``z``
-        (``context``: ``z`` at offsets ``-before..after``, NaN where no row is cached)."""
+    def example(self, row: int, value: float, context: np.ndarray) -> list:
+        """The record of one example (see the module doc); ``context`` holds ``z`` at offsets
+        ``-before..after`` of the row, NaN where no row is cached."""
         window, position = divmod(row, self.rows_per_window)
         position += self.drop_first
         first = position - self.before
         lo, hi = max(0, first), min(self.windows.shape[1], position + self.after + 1)
-        acts = [None if a != a else 0 if a == 0 else float(f"{a:.3g}") for a in context[lo - first:hi - first].tolist()]
-        return {"row": row, "value": rounded(value), "tokens": self.windows[window, lo:hi].tolist(), "acts": acts,
-                "at": position - lo}
+        at = position - lo
+        others = [[i, None if z != z else float(f"{z:.3g}")]
+                  for i, z in enumerate(context[lo - first:hi - first].tolist()) if i != at and z != 0]
+        return [row, rounded(value), at, self.windows[window, lo:hi].tolist(), others]
 
 
 class _Examples:
@@ -57,7 +64,7 @@ class _Examples:
         self.context = payload["context"].float().numpy()
         self.contexts = contexts
 
-    def of(self, slot: int) -> list[dict]:
+    def of(self, slot: int) -> list[list]:
         return [self.contexts.example(self.rows[slot][j], self.values[slot][j], self.context[slot, j])
                 for j in range(self.filled[slot])]
 
@@ -86,7 +93,7 @@ def feature_records(collector: FeatureCollector, contexts: ContextReader, n_expe
         record["hist"] = {"edge": edge if n else 0.0, "counts": counts}
         record["top"] = top.of(i)
         record["samples"] = [{"lo": rounded(edge * part / c.intervals), "hi": rounded(edge * (part + 1) / c.intervals),
-                              "examples": sorted(found, key=lambda e: -e["value"])}
+                              "examples": sorted(found, key=lambda e: -e[VALUE])}
                              for part in range(c.intervals) if (found := samples.of(i * c.intervals + part))]
         for name, (ids, values) in pairs.items():
             record[name] = [[j, rounded(v)] for j, v in zip(ids[i], values[i]) if v > float("-inf")]
@@ -94,9 +101,18 @@ def feature_records(collector: FeatureCollector, contexts: ContextReader, n_expe
     return records
 
 
+def example_acts(example: list) -> list[float | None]:
+    """``z`` of every context token of an example (None where no row is cached)."""
+    acts: list[float | None] = [0.0] * len(example[TOKENS])
+    acts[example[AT]] = example[VALUE]
+    for i, z in example[OTHERS]:
+        acts[i] = z
+    return acts
+
+
 def top_tokens(record: dict, n: int = 3) -> list[int]:
     """The ``n`` tokens the feature fires on most often among its top examples."""
-    counts = Counter(example["tokens"][example["at"]] for example in record["top"])
+    counts = Counter(example[TOKENS][example[AT]] for example in record["top"])
     return [token for token, _ in counts.most_common(n)]
 
 
@@ -105,6 +121,6 @@ def used_tokens(records: list[dict]) -> set[int]:
     ids: set[int] = set()
     for record in records:
         for example in record["top"] + [e for group in record["samples"] for e in group["examples"]]:
-            ids.update(example["tokens"])
+            ids.update(example[TOKENS])
         ids.update(token for token, _ in record["boost"] + record["suppress"])
     return ids

@@ -11,6 +11,7 @@ import torch
 
 from switchsae.apps import pages
 from switchsae.apps.collect import firing_entries
+from switchsae.apps.records import ROW, TOKENS, VALUE, example_acts
 from switchsae.apps.config import InspectConfig
 from switchsae.apps.directions import final_norm
 from switchsae.apps.inspect import parse_features, select_features
@@ -83,7 +84,7 @@ def test_top_examples_are_the_strongest_firings_with_their_contexts(records, den
     for r in records:
         column = z[:, r["id"]]
         expected = column.topk(min(10, r["count"])).values
-        assert [e["value"] for e in r["top"]] == pytest.approx(expected.tolist(), rel=1e-3)
+        assert [e[VALUE] for e in r["top"]] == pytest.approx(expected.tolist(), rel=1e-3)
         for e in r["top"]:
             _check_context(e, r["id"], column, windows, per_window, cache)
             checked += 1
@@ -92,11 +93,11 @@ def test_top_examples_are_the_strongest_firings_with_their_contexts(records, den
 
 def _check_context(example, feature, column, windows, per_window, cache):
     """Tokens are the window's, the example's token is the row's, and every shade is z on that row."""
-    row, at = example["row"], example["at"]
+    row, _, at, tokens, _ = example
     window, position = row // per_window, row % per_window + 1
-    assert example["tokens"] == windows[window, position - at:position - at + len(example["tokens"])].tolist()
-    assert example["tokens"][at] == int(cache.token_ids([row])[0])
-    for offset, act in enumerate(example["acts"]):
+    assert tokens == windows[window, position - at:position - at + len(tokens)].tolist()
+    assert tokens[at] == int(cache.token_ids([row])[0])
+    for offset, act in enumerate(example_acts(example)):
         cached = window * per_window + position - at + offset - 1
         if position - at + offset < 1 or cached >= len(column):  # the attention sink, the cache's end
             assert act is None
@@ -115,8 +116,8 @@ def test_interval_samples_are_real_firings_inside_their_intervals(records, dense
         for g, count in zip(r["samples"], per_interval[per_interval > 0].tolist()):
             assert g["hi"] - g["lo"] == pytest.approx(r["hist"]["edge"] / 8) and len(g["examples"]) == min(2, count)
             for e in g["examples"]:
-                assert g["lo"] <= e["value"] < g["hi"] * (1 + 1e-3)
-                assert e["value"] == pytest.approx(column[e["row"]].item(), rel=1e-3)
+                assert g["lo"] <= e[VALUE] < g["hi"] * (1 + 1e-3)
+                assert e[VALUE] == pytest.approx(column[e[ROW]].item(), rel=1e-3)
                 _check_context(e, r["id"], column, windows, per_window, cache)
 
 
@@ -143,7 +144,7 @@ def test_index_vocab_and_meta_describe_the_records(pages_dir, records, tiny_cach
     index, vocab = pages.read_data(pages_dir, pages.INDEX), pages.read_data(pages_dir, pages.VOCAB)
     meta = pages.read_data(pages_dir, pages.META)
     assert index["id"] == [r["id"] for r in records] and index["density"] == [r["density"] for r in records]
-    assert all(str(t) in vocab for r in records for e in r["top"] for t in e["tokens"])
+    assert all(str(t) in vocab for r in records for e in r["top"] for t in e[TOKENS])
     assert meta["rows"] == ActivationCache(tiny_cache).n_tokens and meta["experts"] == 4
     assert pages.load_record(pages_dir, 37) == records[37]
     assert all((pages_dir / name).is_file() for name in pages.SITE_FILES)

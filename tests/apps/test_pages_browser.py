@@ -14,6 +14,7 @@ import pytest
 
 from switchsae.apps import pages
 from switchsae.apps.pages import headless
+from switchsae.apps.records import example_acts
 
 pytestmark = pytest.mark.skipif(headless.missing() is not None, reason=f"no headless browser: {headless.missing()}")
 
@@ -126,13 +127,14 @@ def test_feature_view_and_back_to_the_index(browser, site, pages_dir, data):
     heading = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "main h1"))
     assert heading.text.startswith(f"Feature {feature}") and f"expert {record['expert']}" in heading.text
     top = record["top"][0]
+    _, _, at, tokens, _ = top
     first = browser.find_element(By.CSS_SELECTOR, "#top .ex .ctx")
-    assert first.get_attribute("textContent") == "".join(shown(t, vocab) for t in top["tokens"])
+    assert first.get_attribute("textContent") == "".join(shown(t, vocab) for t in tokens)
     hit = first.find_element(By.CSS_SELECTOR, ".hit").get_attribute("textContent")
-    assert hit == shown(top["tokens"][top["at"]], vocab)
+    assert hit == shown(tokens[at], vocab)
     shades = [alpha(span.value_of_css_property("background-color")) for span in first.find_elements(By.CSS_SELECTOR, ".tok")]
-    assert shades == pytest.approx([min(1, (a or 0) / record["max"]) for a in top["acts"]], abs=0.006)
-    assert shades[top["at"]] == 1
+    assert shades == pytest.approx([min(1, (a or 0) / record["max"]) for a in example_acts(top)], abs=0.006)
+    assert shades[at] == 1
     assert len(browser.find_elements(By.CSS_SELECTOR, "svg#hist rect")) == len(record["hist"]["counts"])
     assert len(browser.find_elements(By.CSS_SELECTOR, "ol.logits li")) == 20
     browser.find_element(By.ID, "back").click()

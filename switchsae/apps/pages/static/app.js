@@ -152,14 +152,16 @@ const SWITCHSAE = (() => {
       <text x="2" y="10">${peak}</text></svg>`;
   }
 
-  function example(e, peak) {
-    const spans = e.tokens.map((t, k) => {
-      const a = e.acts[k], alpha = a === null ? 0 : Math.min(1, a / peak);
+  function example([, value, at, tokens, others], peak) {  // see switchsae/apps/records.py
+    const acts = tokens.map((_, k) => (k === at ? value : 0));
+    for (const [k, a] of others) acts[k] = a;
+    const spans = tokens.map((t, k) => {
+      const a = acts[k], alpha = a === null ? 0 : Math.min(1, a / peak);
       const tip = `${tokenText(t)}: ${a === null ? "not cached" : fmt(a)}`;
-      return `<span class="tok${k === e.at ? " hit" : ""}" style="background:rgba(255,120,0,${alpha.toFixed(2)})" ` +
+      return `<span class="tok${k === at ? " hit" : ""}" style="background:rgba(255,120,0,${alpha.toFixed(2)})" ` +
         `title="${esc(tip)}">${esc(tokenText(t))}</span>`;
     }).join("");
-    return `<div class="ex"><span class="val">${fmt(e.value)}</span><span class="ctx">${spans}</span></div>`;
+    return `<div class="ex"><span class="val">${fmt(value)}</span><span class="ctx">${spans}</span></div>`;
   }
 
   function tokenList(pairs) {
