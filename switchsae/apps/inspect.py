@@ -22,7 +22,7 @@ from switchsae.apps import pages
 from switchsae.apps.collect import FeatureCollector
 from switchsae.apps.config import InspectConfig
 from switchsae.apps.directions import logit_effects, nearest_rows
-from switchsae.apps.records import ContextReader, feature_records, top_tokens, used_tokens
+from switchsae.apps.records import ContextReader, feature_records
 from switchsae.saes import SAEOutput, SparseAutoencoder
 from switchsae.saes.io import load_sae
 from switchsae.sources.cache import ActivationCache, check_compatible
@@ -118,17 +118,10 @@ def inspect_run(run_dir: str | Path, cache_dir: str | Path, out: str | Path, cfg
     group_width = sae.cfg.expert_width if sae.cfg.n_experts > 1 else 1
     near = nearest_rows(sae.W_dec, selected, group_width, cfg.neighbours) if cfg.neighbours else None
     timings["directions_s"] = time.perf_counter() - start
-    start = time.perf_counter()
     contexts = ContextReader(cache.windows(), rows_per_window(manifest), manifest["drop_first"], cfg.before, cfg.after)
     records = feature_records(collector, contexts, sae.cfg.n_experts, boost, suppress, near)
-    tokens = sorted(used_tokens(records))
-    vocab = dict(zip(tokens, tokenizer.batch_decode([[t] for t in tokens])))
-    index = {"id": [r["id"] for r in records], "expert": [r.get("expert", 0) for r in records],
-             "density": [r["density"] for r in records], "max": [r["max"] for r in records],
-             "top": [top_tokens(r) for r in records], "boost": [[t for t, _ in r["boost"][:3]] for r in records]}
-    timings["records_s"] = time.perf_counter() - start
     meta = {"run": str(run_dir), "cache": str(cache_dir), "model": manifest["model"], "hook": manifest["hook"],
             "arch": sae.cfg.arch, "width": sae.cfg.width, "experts": sae.cfg.n_experts, "k": sae.cfg.k,
-            "rows": collector.rows, "features": len(records), "chunk": pages.CHUNK, "config": asdict(cfg),
+            "rows": collector.rows, "config": asdict(cfg),
             "timings": {name: round(seconds, 3) for name, seconds in timings.items()}}
-    return pages.write_site(out, meta, index, vocab, records)
+    return pages.write_site(out, meta, records, lambda ids: tokenizer.batch_decode([[t] for t in ids]))

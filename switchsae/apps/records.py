@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from math import ldexp
+from typing import Iterator
 
 import numpy as np
 from torch import Tensor
@@ -26,6 +27,7 @@ from switchsae.apps.collect import FeatureCollector
 
 
 ROW, VALUE, AT, TOKENS, OTHERS = range(5)  # the fields of an example
+RECORD_BLOCK = 4096
 
 
 def rounded(x: float) -> float:
@@ -71,17 +73,26 @@ class _Examples:
 
 def feature_records(collector: FeatureCollector, contexts: ContextReader, n_experts: int,
                     boost: tuple[Tensor, Tensor], suppress: tuple[Tensor, Tensor],
-                    near: tuple[Tensor, Tensor] | None) -> list[dict]:
-    """One record per collected feature, in the collector's feature order."""
-    c = collector
-    count, total, top_score = c.count.tolist(), c.total.tolist(), c.top.scores[:, 0].tolist()
-    prob_total, prob_max = c.prob_total.tolist(), c.prob_max.tolist()
-    hist_counts, exponents = c.hist.counts.tolist(), c.hist.exponent.tolist()
-    top, samples = _Examples(c.top.scores, c.top.payload, contexts), _Examples(c.samples.scores, c.samples.payload, contexts)
-    pairs = {name: (ids.tolist(), values.tolist()) for name, (values, ids) in
-             {"boost": boost, "suppress": suppress, **({"near": near} if near is not None else {})}.items()}
+                    near: tuple[Tensor, Tensor] | None) -> Iterator[dict]:
+    """One record per collected feature, in the collector's feature order (``RECORD_BLOCK``
+    features' tensors at a time turned into Python objects, so a million features fit)."""
+    directions = {"boost": boost, "suppress": suppress, **({"near": near} if near is not None else {})}
+    for start in range(0, len(collector.features), RECORD_BLOCK):
+        yield from _records(collector, contexts, n_experts, directions, slice(start, start + RECORD_BLOCK))
+
+
+def _records(c: FeatureCollector, contexts: ContextReader, n_experts: int,
+             directions: dict[str, tuple[Tensor, Tensor]], span: slice) -> list[dict]:
+    """The records of the features ``span`` (positions in the collector)."""
+    count, total, top_score = c.count[span].tolist(), c.total[span].tolist(), c.top.scores[span, 0].tolist()
+    prob_total, prob_max = c.prob_total[span].tolist(), c.prob_max[span].tolist()
+    hist_counts, exponents = c.hist.counts[span].tolist(), c.hist.exponent[span].tolist()
+    top = _Examples(c.top.scores[span], {name: t[span] for name, t in c.top.payload.items()}, contexts)
+    slots = slice(span.start * c.intervals, span.stop * c.intervals)
+    samples = _Examples(c.samples.scores[slots], {name: t[slots] for name, t in c.samples.payload.items()}, contexts)
+    pairs = {name: (ids[span].tolist(), values[span].tolist()) for name, (values, ids) in directions.items()}
     records = []
-    for i, latent in enumerate(c.features.tolist()):
+    for i, latent in enumerate(c.features[span].tolist()):
         n, edge = count[i], ldexp(1.0, exponents[i])
         record = {"id": latent, "count": n, "density": rounded(n / max(c.rows, 1)),
                   "mean": rounded(total[i] / n) if n else 0.0, "max": rounded(top_score[i]) if n else 0.0}
@@ -116,11 +127,16 @@ def top_tokens(record: dict, n: int = 3) -> list[int]:
     return [token for token, _ in counts.most_common(n)]
 
 
-def used_tokens(records: list[dict]) -> set[int]:
+def index_entry(record: dict) -> dict:
+    """What the pages' index lists of a feature: id, expert (0 without experts), density, max
+    activation, its top tokens and its 3 most boosted tokens."""
+    return {"id": record["id"], "expert": record.get("expert", 0), "density": record["density"], "max": record["max"],
+            "top": top_tokens(record), "boost": [token for token, _ in record["boost"][:3]]}
+
+
+def used_tokens(record: dict) -> set[int]:
     """Every token id a record shows (contexts, boosted and suppressed tokens)."""
-    ids: set[int] = set()
-    for record in records:
-        for example in record["top"] + [e for group in record["samples"] for e in group["examples"]]:
-            ids.update(example[TOKENS])
-        ids.update(token for token, _ in record["boost"] + record["suppress"])
+    ids = {token for token, _ in record["boost"] + record["suppress"]}
+    for example in record["top"] + [e for group in record["samples"] for e in group["examples"]]:
+        ids.update(example[TOKENS])
     return ids

@@ -18,7 +18,11 @@ from __future__ import annotations
 import json
 import shutil
 from importlib import resources
+from itertools import islice
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from switchsae.apps.records import index_entry, used_tokens
 
 CHUNK = 256
 META, INDEX, VOCAB = "meta", "index", "vocab"
@@ -61,9 +65,17 @@ def load_record(folder: str | Path, feature: int) -> dict:
     return read_data(folder, chunk_name(position // CHUNK))[position % CHUNK]
 
 
-def write_site(out: str | Path, meta: dict, index: dict, vocab: dict[int, str], records: list[dict]) -> Path:
-    """Write the pages into ``out`` (replacing earlier pages there; a folder holding anything else is
-    refused). The site is built beside it and moved into place, so ``out`` is never half written."""
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def write_site(out: str | Path, meta: dict, records: Iterable[dict], token_text: Callable[[list[int]], list[str]]) -> Path:
+    """Write the pages of ``records`` (in id order, streamed: CHUNK at a time in memory) into ``out``;
+    ``token_text`` turns token ids into the text shown. Earlier pages in ``out`` are replaced; a
+    folder holding anything else is refused. The site is built beside ``out`` and moved into
+    place, so ``out`` is never half written."""
     out = Path(out)
     if out.exists() and not is_pages(out) and any(out.iterdir()):
         raise ValueError(f"{out} already holds files that are not feature pages; choose an empty or new folder.")
@@ -73,11 +85,20 @@ def write_site(out: str | Path, meta: dict, index: dict, vocab: dict[int, str], 
     static = resources.files(__package__) / "static"
     for name in SITE_FILES:
         (staging / name).write_bytes((static / name).read_bytes())
-    for chunk in range(0, max(len(records), 1), CHUNK):
-        _write_data(staging, chunk_name(chunk // CHUNK), records[chunk:chunk + CHUNK])
+    index: dict[str, list] = {}
+    tokens: set[int] = set()
+    for number, chunk in enumerate(_chunks(records, CHUNK)):
+        _write_data(staging, chunk_name(number), chunk)
+        for record in chunk:
+            for column, value in index_entry(record).items():
+                index.setdefault(column, []).append(value)
+            tokens |= used_tokens(record)
+    if not index:
+        raise ValueError("There are no feature records to write.")
+    ids = sorted(tokens)
     _write_data(staging, INDEX, index)
-    _write_data(staging, VOCAB, {str(token): text for token, text in sorted(vocab.items())})
-    _write_data(staging, META, meta)
+    _write_data(staging, VOCAB, dict(zip(map(str, ids), token_text(ids))))
+    _write_data(staging, META, {**meta, "features": len(index["id"]), "chunk": CHUNK})
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

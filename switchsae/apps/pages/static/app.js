@@ -125,7 +125,7 @@ const SWITCHSAE = (() => {
       <td>${fmt(index.density[i])}</td><td>${fmt(index.max[i])}</td>
       <td class="tokens">${chips(index.top[i])}</td><td class="tokens">${chips(index.boost[i])}</td></tr>`).join("");
     view.querySelector("#features tbody").innerHTML = body;
-    view.querySelector("#count").textContent = `${rows.length} of ${index.id.length} features`;
+    view.querySelector("#count").textContent = `${rows.length.toLocaleString("en")} of ${index.id.length.toLocaleString("en")} features`;
     view.querySelector("#page").textContent = `page ${st.page + 1} of ${pages}`;
     view.querySelector("#prev").disabled = st.page === 0;
     view.querySelector("#next").disabled = st.page >= pages - 1;
@@ -178,7 +178,7 @@ const SWITCHSAE = (() => {
 
   function featureHtml(r) {
     const at = position.get(r.id), prev = index.id[at - 1], next = index.id[at + 1];
-    const stats = [["density", fmt(r.density)], ["fires on", `${r.count} of ${meta.rows} tokens`], ["max act", fmt(r.max)],
+    const stats = [["density", fmt(r.density)], ["fires on", `${r.count.toLocaleString("en")} of ${meta.rows.toLocaleString("en")} tokens`], ["max act", fmt(r.max)],
                    ["mean act", fmt(r.mean)]];
     if (r.router) stats.push(["router p (mean / max)", `${fmt(r.router.mean)} / ${fmt(r.router.max)}`]);
     const samples = r.samples.map((g) => `<h3>${fmt(g.lo)} – ${fmt(g.hi)}</h3>${g.examples.map((e) => example(e, r.max)).join("")}`);
@@ -201,7 +201,7 @@ const SWITCHSAE = (() => {
     view.dataset.view = "feature";
     const ticket = ++shown, at = position.get(Number(text));
     if (at === undefined) {
-      view.innerHTML = `<p class="error">Feature ${esc(text)} is not in these pages; they hold ${index.id.length} features ` +
+      view.innerHTML = `<p class="error">Feature ${esc(text)} is not in these pages; they hold ${index.id.length.toLocaleString("en")} features ` +
         `(ids ${index.id[0]} to ${index.id[index.id.length - 1]}).</p><p><a id="back" href="#${lastIndexHash}">← all features</a></p>`;
       return;
     }
@@ -233,8 +233,9 @@ const SWITCHSAE = (() => {
     position = new Map(index.id.map((id, i) => [id, i]));
     searchable = index.id.map((_, i) => "\u0001" + index.top[i].concat(index.boost[i])
       .map((t) => tokenText(t).trim().toLowerCase()).join("\u0001") + "\u0001");
-    document.getElementById("run").textContent = `${meta.arch} SAE · ${meta.width} latents` +
-      (meta.experts > 1 ? ` · ${meta.experts} experts` : "") + ` · k ${meta.k} · ${meta.model} ${meta.hook} · ${meta.rows} tokens`;
+    document.getElementById("run").textContent = `${meta.arch} SAE · ${meta.width.toLocaleString("en")} latents` +
+      (meta.experts > 1 ? ` · ${meta.experts} experts` : "") + ` · k ${meta.k} · ${meta.model} ${meta.hook} · ` +
+      `${meta.rows.toLocaleString("en")} tokens`;
     window.addEventListener("hashchange", route);
     route();
     document.body.dataset.readyMs = performance.now().toFixed(1);
