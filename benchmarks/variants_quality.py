@@ -18,9 +18,9 @@ from switchsae.sources.activations import open_activations
 from switchsae.train import train
 
 VARIANTS = {
-    "fp32, dense Adam": {},
+    "fp32, dense Adam": {"matmul_dtype": "float32"},
     "bf16 selection": {"matmul_dtype": "bfloat16"},
-    "sparse updates (lazy Adam)": {"sparse_updates": True},
+    "sparse updates (lazy Adam)": {"matmul_dtype": "float32", "sparse_updates": True},
 }
 
 

@@ -2,7 +2,8 @@
 
 Tensors: ``sae/<param>``, ``adam/<param>/<exp_avg|exp_avg_sq|step>`` and
 ``train/tokens_since_fired``. Metadata (strings):
-``step``, ``elapsed_s``, the SAE and training configs, and the log so far. The file is written
+``step``, ``elapsed_s``, the SAE and training configs, the selection matmul's dtype as the run
+resolved it, and the log so far. The file is written
 to a temporary name, fsynced and renamed over the old one, so a run killed at any moment leaves
 either the previous checkpoint or the new one, never a torn file.
 """
@@ -48,6 +49,7 @@ def save_checkpoint(
         "elapsed_s": repr(state.elapsed_s),
         "sae_cfg": json.dumps(sae.cfg.to_dict()),
         "train_cfg": json.dumps(train_cfg),
+        "matmul_dtype": str(sae.matmul_dtype).removeprefix("torch."),  # as resolved (``auto``), for resume
         "history": json.dumps(state.history or []),
     }
     tmp = path.with_name(path.name + ".tmp")

@@ -7,18 +7,22 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from switchsae.apps.config import InspectConfig
-from switchsae.config import ARCHS, SAEConfig, TrainConfig
+from switchsae.config import ARCHS, ROUTERS, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.pipeline import DemoConfig
 from switchsae.sources.hooks import SITES
 
 # Short flag names the issue tracker and the paper use, beside the field names.
 FLAG_ALIASES = {"n_experts": "--experts", "l1_coeff": "--l1", "aux_coeff": "--alpha"}
-# SAEConfig fields the train command fills in itself.
-DERIVED_FIELDS = {"d_model", "act_scale"}
+# SAEConfig fields the train command fills in itself (routing gets flags of its own fields).
+DERIVED_FIELDS = {"d_model", "act_scale", "unit_scale", "routing"}
+# Formats `switchsae export` / `switchsae import` convert to and from (switchsae/apps/).
+INTEROP_FORMATS = ("saelens",)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: set[str] = frozenset()) -> None:
-    """One ``--flag`` per dataclass field, help text from the field's metadata."""
+    """One ``--flag`` per dataclass field, help text from the field's metadata. A flag not given
+    leaves no attribute (``argparse.SUPPRESS``), so the dataclass default applies and the flags a
+    user did give can be told apart."""
     group = parser.add_argument_group(f"{config_cls.__name__} options")
     for f in fields(config_cls):
         if f.name in skip:
@@ -26,14 +30,25 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: s
         names = [f"--{f.name.replace('_', '-')}"] + ([FLAG_ALIASES[f.name]] if f.name in FLAG_ALIASES else [])
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
-            group.add_argument(*names, dest=f.name, action="store_true", help=help_text)
+            group.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         kind = {"int": int, "float": float, "float | None": float, "str": str}[f.type]
         required = f.default is MISSING
         default_text = "" if required or f.default is None else f" (default: {f.default})"
         group.add_argument(*names, dest=f.name, type=kind, required=required,
-                           default=None if required else f.default, help=help_text + default_text,
-                           choices=ARCHS if f.name == "arch" else None)
+                           default=None if required else argparse.SUPPRESS, help=help_text + default_text,
+                           choices={"arch": ARCHS, "router": ROUTERS}.get(f.name))
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _config_from_args(config_cls: type, args: argparse.Namespace, **extra):
@@ -41,16 +56,34 @@ def _config_from_args(config_cls: type, args: argparse.Namespace, **extra):
     return config_cls(**{**values, **extra})
 
 
+def _flag(name: str) -> str:
+    """How the help spells the flag of config field ``name``."""
+    return FLAG_ALIASES.get(name, f"--{name.replace('_', '-')}")
+
+
+def _refuse_inapplicable_flags(args: argparse.Namespace) -> None:
+    """Flags given for an architecture that never reads them are an error (sweep files drop such
+    keys per architecture; one run names one architecture, so here they can only be a mistake)."""
+    from switchsae.saes import SETTING_ARCHS, reads_setting
+
+    wrong = [name for name in SETTING_ARCHS if hasattr(args, name) and not reads_setting(args.arch, name)]
+    if wrong:
+        raise ValueError("; ".join(f"{_flag(name)} does not apply to --arch {args.arch} "
+                                   f"(only to {', '.join(SETTING_ARCHS[name])})" for name in wrong))
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from switchsae.sources.activations import open_activations
     from switchsae.train import train
 
+    _refuse_inapplicable_flags(args)
+    train_cfg = _config_from_args(TrainConfig, args)
     source = open_activations(args.acts)
     origin = getattr(source, "manifest", {})  # an activation cache names its model and hook
-    sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model,
-                                model_name=args.model_name or origin.get("model", ""),
-                                hook_name=args.hook_name or origin.get("hook", ""))
-    train_cfg = _config_from_args(TrainConfig, args)
+    routing = _config_from_args(RoutingConfig, args)
+    sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model, routing=routing,
+                                model_name=getattr(args, "model_name", "") or origin.get("model", ""),
+                                hook_name=getattr(args, "hook_name", "") or origin.get("hook", ""))
     train(sae_cfg, source, train_cfg, run_dir=args.out, resume=args.resume, force=args.force, progress=not args.quiet)
     print(f"saved {sae_cfg.arch} SAE to {args.out}")
 
@@ -134,6 +167,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(args.dir)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from switchsae.apps.saelens import export_saelens
+
+    out = export_saelens(args.run, args.out, acts=args.acts, batch_size=args.batch_size, force=args.force)
+    print(f"wrote {args.format} SAE folder {out}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from switchsae.apps.saelens import import_saelens
+
+    print(f"wrote run folder {import_saelens(args.folder, args.out, force=args.force)}")
+
+
 def format_metrics(metrics: dict) -> str:
     """Metrics as aligned ``name  value`` lines (lists, such as per-expert load, summarised)."""
     lines = []
@@ -152,23 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an SAE on cached activations")
     p.add_argument("--acts", required=True, help="activations: .safetensors/.npy file or cache folder")
-    p.add_argument("--out", required=True, help="run folder (checkpoint, cfg.json, weights, log)")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, SAE config, weights, log)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p, SAEConfig, skip=DERIVED_FIELDS)
+    _add_config_flags(p, RoutingConfig)
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics of a trained SAE on held-out activations")
     p.add_argument("run", help="run folder written by `switchsae train`")
     p.add_argument("--acts", required=True, help="activations: .safetensors/.npy file or cache folder")
-    p.add_argument("--batch-size", type=int, default=4096, help="activations per batch (default: 4096)")
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="activations per batch (default: 4096)")
     p.add_argument("--loss-recovered", action="store_true",
                    help="also splice the SAE into the LM: ce_clean, ce_sae, ce_zero, loss_recovered, KL (needs a cache)")
     p.add_argument("--model", default=None,
-                   help="LM for --loss-recovered (default: the one named in cfg.json / the cache); must match the cache")
-    p.add_argument("--eval-tokens", type=int, default=32_768, help="tokens for --loss-recovered (default: 32768)")
+                   help="LM for --loss-recovered (default: the one named in the SAE config / the cache); must match the cache")
+    p.add_argument("--eval-tokens", type=positive_int, default=32_768, help="tokens for --loss-recovered (default: 32768)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -180,22 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="wiki-vital",
                    help="text file/folder, .jsonl, .parquet, hf:NAME, or wiki-vital (default: wiki-vital)")
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF rows (default: text)")
-    p.add_argument("--tokens", type=int, required=True, help="activation rows to cache")
+    p.add_argument("--tokens", type=positive_int, required=True, help="activation rows to cache")
     p.add_argument("--out", required=True, help="cache folder (an interrupted build resumes)")
-    p.add_argument("--context-length", type=int, default=128, help="tokens per window, BOS included (default: 128)")
+    p.add_argument("--context-length", type=positive_int, default=128, help="tokens per window, BOS included (default: 128)")
     p.add_argument("--drop-first", type=int, default=1,
                    help="leave out the first positions of each window, the attention sink (default: 1)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="storage dtype (default: bf16)")
     p.add_argument("--model-dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
                    help="dtype the LM runs in (default: fp32)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="windows per forward pass (default: 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", help="the whole path on the embedded SmolLM2 and Wikipedia text")
     p.add_argument("--out", default="runs/demo", help="output folder; every stage resumes (default: runs/demo)")
-    p.add_argument("--tokens", type=int, default=DemoConfig.tokens, help=f"tokens to cache (default: {DemoConfig.tokens})")
-    p.add_argument("--steps", type=int, default=DemoConfig.steps, help=f"training steps per SAE (default: {DemoConfig.steps})")
+    p.add_argument("--tokens", type=positive_int, default=DemoConfig.tokens, help=f"tokens to cache (default: {DemoConfig.tokens})")
+    p.add_argument("--steps", type=positive_int, default=DemoConfig.steps, help=f"training steps per SAE (default: {DemoConfig.steps})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -216,10 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write synthetic activations with a known sparse dictionary")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--tokens", type=int, default=100_000, help="rows (default: 100000)")
-    p.add_argument("--d-model", type=int, default=576, help="activation width (default: 576)")
-    p.add_argument("--features", type=int, default=4096, help="ground-truth dictionary size (default: 4096)")
-    p.add_argument("--active", type=int, default=16, help="ground-truth features per row (default: 16)")
+    p.add_argument("--tokens", type=positive_int, default=100_000, help="rows (default: 100000)")
+    p.add_argument("--d-model", type=positive_int, default=576, help="activation width (default: 576)")
+    p.add_argument("--features", type=positive_int, default=4096, help="ground-truth dictionary size (default: 4096)")
+    p.add_argument("--active", type=positive_int, default=16, help="ground-truth features per row (default: 16)")
     p.add_argument("--noise", type=float, default=0.05, help="Gaussian noise scale (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=cmd_synth)
@@ -229,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only validate the file and list its runs; train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="write a trained SAE in another library's format (SAELens)")
+    p.add_argument("run", help="run folder written by `switchsae train` or `switchsae import`")
+    p.add_argument("--format", required=True, choices=INTEROP_FORMATS, help="target format")
+    p.add_argument("--out", required=True, help="folder to write (cfg.json, sae_weights.safetensors)")
+    p.add_argument("--acts", default=None,
+                   help="activations to measure each latent's firing density on (held-out rows) for sparsity.safetensors; "
+                        "without it no sparsity file is written")
+    p.add_argument("--batch-size", type=int, default=4096, help="activations per batch with --acts (default: 4096)")
+    p.add_argument("--force", action="store_true", help="overwrite an SAE already in --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="convert another library's SAE folder (SAELens) into a run folder")
+    p.add_argument("folder", help="SAELens SAE folder (cfg.json, sae_weights.safetensors)")
+    p.add_argument("--format", default="saelens", choices=INTEROP_FORMATS, help="source format (default: saelens)")
+    p.add_argument("--out", required=True, help="run folder to write (then eval, steer, inspect it)")
+    p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("report", help="plots and report.md for a sweep's output folder")
     p.add_argument("dir", help="the sweep's out folder (holding <setting>/<run>/metrics.json)")
@@ -244,9 +309,50 @@ def main(argv: list[str] | None = None) -> None:
         hf_logging.disable_progress_bar()  # the model loader's own "Loading weights" bar
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"switchsae {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a training run's says what it leaves behind
+        _close_progress_bars()
+        print(f"switchsae {args.command}: interrupted" + (f"; {err}" if str(err) else ""), file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        if not expected_failure(err):
+            raise
+        _close_progress_bars()
+        print(f"switchsae {args.command}: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _close_progress_bars() -> None:
+    """End the bars a failed command left open, so its message starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # the set tqdm.write uses for the same purpose
+        bar.close()
+
+
+def expected_failure(err: Exception) -> bool:
+    """Whether ``err`` is a problem with the input or the machine (reported in one line) rather
+    than a bug (which keeps its traceback): bad values, files and folders (missing, corrupt,
+    unwritable, read-only, full), a missing optional package, no memory, a diverged run."""
+    if isinstance(err, ImportError):
+        return not (err.name or "").startswith("switchsae")  # our own broken import is a bug
+    import torch
+    from safetensors import SafetensorError
+
+    from switchsae.train import TrainingDiverged
+
+    expected = (ValueError, OSError, MemoryError, torch.OutOfMemoryError, SafetensorError, TrainingDiverged)
+    return isinstance(err, expected)
+
+
+def one_line(err: Exception) -> str:
+    """The message of an expected failure on one line; an OS error as ``path: reason``, a missing
+    package with how to install it."""
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.filename}: {err.strerror}"
+    elif isinstance(err, ImportError) and err.name and "pip install" not in text:
+        text = f"{text} (an optional package: pip install {err.name.partition('.')[0]})"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

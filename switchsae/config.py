@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 ARCHS = ("switch", "topk", "batchtopk", "relu", "gated", "jumprelu")
+ROUTERS = ("top1", "top_e", "expert_choice", "hash", "sinkhorn")
 TOPK_FAMILY = ("switch", "topk", "batchtopk")
 L1_FAMILY = ("relu", "gated", "jumprelu")
 
@@ -21,8 +23,41 @@ def opt(default: Any = MISSING, help: str = "") -> Any:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """How a Switch SAE routes tokens to experts (saes/routing.py); the saved config keeps it under ``routing``."""
+
+    router: str = opt("top1", "routing strategy: top1 (the paper), top_e (e experts, one TopK over their latents), "
+                              "expert_choice, hash (by token id), sinkhorn (balanced in training, top1 at inference)")
+    experts_per_token: int = opt(1, "e: experts each token is routed to (top_e)")
+    shared_expert: bool = opt(False, "add one always-on expert of the same width beside the routed ones")
+    capacity_factor: float = opt(1.0, "expert_choice: each expert takes capacity_factor * T / N tokens of a batch")
+    aux_coeff: float = opt(3.0, "load-balancing weight alpha (top1, top_e)")
+    z_loss_coeff: float = opt(0.0, "router z-loss weight: mean(logsumexp(logits)^2) (learned routers)")
+    aux_units: str = opt("data", "what alpha and the z-loss weight are relative to: data (the MSE of activations "
+                                 "scaled to mean norm sqrt(d), with or without --normalize) or loss (the MSE in the "
+                                 "units the loss is computed in: raw, or normalised under --normalize; before 0.2)")
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"Unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}.")
+        if self.experts_per_token < 1:
+            raise ValueError(f"experts_per_token must be a positive integer, got {self.experts_per_token}.")
+        if self.experts_per_token > 1 and self.router != "top_e":
+            raise ValueError(f"experts_per_token={self.experts_per_token} needs router top_e, not {self.router}.")
+        if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+            raise ValueError(f"capacity_factor must be a positive number, got {self.capacity_factor}.")
+        if self.aux_coeff < 0 or self.z_loss_coeff < 0:
+            raise ValueError("aux_coeff and z_loss_coeff must be non-negative.")
+        if self.aux_units not in ("data", "loss"):
+            raise ValueError(f"aux_units must be data or loss, got {self.aux_units!r}.")
+
+
+ROUTING_FIELDS = tuple(f.name for f in fields(RoutingConfig))
+
+
+@dataclass(frozen=True)
 class SAEConfig:
-    """What an SAE is: everything needed to rebuild it from ``cfg.json``."""
+    """What an SAE is: everything needed to rebuild it from its saved config (switchsae/saes/io.py)."""
 
     arch: str = opt(help="architecture: one of switch, topk, batchtopk, relu, gated, jumprelu")
     d_model: int = opt(help="width d of the activations (the model's hidden size)")
@@ -30,10 +65,15 @@ class SAEConfig:
     k: int = opt(32, "active latents per token (TopK family)")
     n_experts: int = opt(1, "number of experts N (Switch only)")
     l1_coeff: float = opt(5.0, "sparsity coefficient lambda (ReLU, Gated: L1; JumpReLU: L0)")
-    aux_coeff: float = opt(3.0, "load-balancing weight alpha (Switch only)")
+    routing: RoutingConfig = opt(RoutingConfig(), "how a Switch SAE routes tokens (RoutingConfig)")
+    auxk_coeff: float = opt(0.0, "AuxK weight: dead latents reconstruct the residual (Gao et al.; TopK family)")
+    auxk_k: int = opt(256, "AuxK: dead latents per token (within its own experts for Switch)")
+    dead_tokens: int = opt(262_144, "AuxK: a latent is dead after this many training tokens without firing")
     jump_threshold: float = opt(0.001, "JumpReLU: initial threshold theta of every latent")
     jump_bandwidth: float = opt(0.001, "JumpReLU: bandwidth epsilon of the straight-through estimator")
     act_scale: float = opt(1.0, "constant the raw activations are multiplied by before encoding (undone on decode)")
+    unit_scale: float = opt(1.0, "the constant c with mean |c x| = sqrt(d) on the first training batch (also without "
+                                 "normalisation): auxiliary weights are relative to the MSE of c x")
     hook_name: str = opt("", "hook point the activations come from, e.g. blocks.10.hook_resid_post")
     model_name: str = opt("", "language model the activations come from")
 
@@ -44,25 +84,43 @@ class SAEConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.arch == "switch":
-            if self.width % self.n_experts:
-                raise ValueError(f"width {self.width} is not divisible by n_experts {self.n_experts}.")
+            if self.width % self.n_blocks:
+                raise ValueError(f"width {self.width} is not divisible by the {self.n_blocks} experts"
+                                 f"{' (shared one included)' if self.routing.shared_expert else ''}.")
             if self.k > self.expert_width:
                 raise ValueError(f"k={self.k} exceeds the width of one expert ({self.expert_width} latents).")
+            if self.routing.experts_per_token > self.n_experts:
+                raise ValueError(f"experts_per_token={self.routing.experts_per_token} exceeds n_experts "
+                                 f"{self.n_experts}.")
         elif self.n_experts != 1:
             raise ValueError(f"n_experts applies only to the switch architecture, not {self.arch}.")
+        elif self.routing != RoutingConfig():
+            changed = [name for name in ROUTING_FIELDS if getattr(self.routing, name) != getattr(RoutingConfig(), name)]
+            raise ValueError(f"routing settings ({', '.join(changed)}) apply only to the switch architecture, "
+                             f"not {self.arch}.")
+        if self.auxk_coeff and self.arch not in TOPK_FAMILY:
+            raise ValueError(f"auxk_coeff needs a TopK code ({', '.join(TOPK_FAMILY)}); {self.arch} has none.")
+        if self.auxk_coeff < 0 or self.auxk_k < 1 or self.dead_tokens < 1:
+            raise ValueError("auxk_coeff must be non-negative, auxk_k and dead_tokens positive.")
         if self.arch in TOPK_FAMILY and self.k > self.width:
             raise ValueError(f"k={self.k} exceeds the width {self.width}.")
-        if not (self.act_scale > 0 and math.isfinite(self.act_scale)):
-            raise ValueError(f"act_scale must be a positive finite number, got {self.act_scale}.")
-        if self.l1_coeff < 0 or self.aux_coeff < 0:
-            raise ValueError("l1_coeff and aux_coeff must be non-negative.")
+        for name in ("act_scale", "unit_scale"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}.")
+        if self.l1_coeff < 0:
+            raise ValueError("l1_coeff must be non-negative.")
         if not (self.jump_threshold > 0 and self.jump_bandwidth > 0):
             raise ValueError("jump_threshold and jump_bandwidth must be positive.")
 
     @property
+    def n_blocks(self) -> int:
+        """Expert blocks of latents: the N routed experts, plus the shared one if there is one."""
+        return self.n_experts + int(self.routing.shared_expert)
+
+    @property
     def expert_width(self) -> int:
-        """Latents per expert, M/N."""
-        return self.width // self.n_experts
+        """Latents per expert, M/N (M/(N+1) with a shared expert)."""
+        return self.width // self.n_blocks
 
     def replace(self, **changes: Any) -> "SAEConfig":
         return dataclasses.replace(self, **changes)
@@ -71,13 +129,37 @@ class SAEConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_flat(cls, **settings: Any) -> "SAEConfig":
+        """Build from one flat namespace of settings (CLI flags, sweep keys): routing fields go to ``routing``."""
+        routing = {key: settings.pop(key) for key in ROUTING_FIELDS if key in settings}
+        return cls(**settings, routing=RoutingConfig(**routing))
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as one flat dict (routing fields beside the others), as :meth:`from_flat` takes them."""
+        data = self.to_dict()
+        return {**data.pop("routing"), **data}
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
-        """Rebuild from ``cfg.json``; unknown or missing required keys are an error, never ignored."""
+        """Rebuild from a saved config; unknown or missing required keys are an error, never ignored.
+
+        Files from before routing had its own place name ``aux_coeff`` at the top level and were
+        trained with the auxiliary weights relative to the MSE in the loss's own units (``aux_units``)."""
+        data = dict(data)
+        routing = dict(data.pop("routing", {}))
+        if "aux_coeff" in data:
+            routing["aux_coeff"] = data.pop("aux_coeff")
+        routing.setdefault("aux_units", "loss")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known) + sorted(f"routing.{key}" for key in set(routing) - set(ROUTING_FIELDS))
         if unknown:
-            raise ValueError(f"cfg.json has unknown fields {unknown}; it was written by another version or tool.")
-        return cls(**data)
+            raise ValueError(f"the SAE config has unknown fields {unknown}; it was written by another version or tool.")
+        return cls(**data, routing=RoutingConfig(**routing))
+
+
+#: every SAE setting's default in the flat namespace of :meth:`SAEConfig.flat` (required ones absent)
+FLAT_DEFAULTS = {f.name: f.default for f in (*fields(SAEConfig), *fields(RoutingConfig))
+                 if f.default is not MISSING and f.name != "routing"}
 
 
 @dataclass(frozen=True)
@@ -95,26 +177,34 @@ class TrainConfig:
     seed: int = opt(0, "seed for initialisation and batch order")
     checkpoint_every: int = opt(500, "write a checkpoint every this many steps (0: only at the end)")
     log_every: int = opt(50, "log losses every this many steps")
-    normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in cfg.json)")
+    normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in the SAE config)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
-    matmul_dtype: str = opt("float32", "dtype of the encoder's selection matmul: float32 or bfloat16 (values and gradients stay fp32)")
+    matmul_dtype: str = opt("auto", "dtype of the TopK family's selection matmul: float32, bfloat16 or auto (the faster on this machine, measured once; values and gradients stay fp32)")
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive integers.")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"Adam's {name} must lie in [0, 1), got {getattr(self, name)}.")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"Adam's eps must be a positive finite number, got {self.eps}.")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}.")
         if self.lr_width not in ("total", "expert"):
             raise ValueError(f"lr_width must be total or expert, got {self.lr_width!r}.")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}.")
-        if self.checkpoint_every < 0 or self.log_every < 1:
-            raise ValueError("checkpoint_every must be >= 0 and log_every >= 1.")
-        if self.device.split(":")[0] not in ("cpu", "cuda"):
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 (only at the end) or positive, got {self.checkpoint_every}.")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}.")
-        if self.matmul_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {self.matmul_dtype!r}.")
+        if self.matmul_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be auto, float32 or bfloat16, got {self.matmul_dtype!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -49,8 +49,8 @@ class MetricSums:
         self.sum_sq_norm += x.pow(2).sum().item()
         self.l0 += sae_out.latents.l0().sum().item()
         self.fired += sae_out.latents.fired(self.width).cpu()
-        if "expert" in sae_out.extras:
-            self.expert_tokens += torch.bincount(sae_out.extras["expert"], minlength=self.n_experts).cpu()
+        if "assignment" in sae_out.extras:  # routed experts only (a shared expert takes every token)
+            self.expert_tokens += sae_out.extras["assignment"].tokens_per_expert()[:self.n_experts]
 
     def result(self) -> dict[str, float]:
         if self.tokens == 0:
@@ -84,14 +84,16 @@ def expert_load_stats(counts: Tensor) -> dict:
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, batches: Iterable[Tensor], progress: bool = True) -> dict:
-    """Metrics of ``sae`` over every batch in ``batches``, plus FLOPs per token (SPEC §2)."""
+    """Metrics of ``sae`` over every batch in ``batches`` (tensors, or ``(x, token ids)`` pairs),
+    plus FLOPs per token (SPEC §2)."""
     was_training = sae.training
     sae.eval()
     sums = MetricSums(sae.cfg.width, sae.cfg.n_experts)
     device = sae.W_dec.device
-    for x in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+        x, token_ids = batch if isinstance(batch, tuple) else (batch, None)
         x = x.to(device)
-        sums.add(x, sae(x))
+        sums.add(x, sae(x, token_ids=None if token_ids is None else token_ids.to(device)))
     sae.train(was_training)
     flops = sae.flops()
     return {**sums.result(), "flops_per_token": flops["forward"], "train_flops_per_token": flops["train"]}

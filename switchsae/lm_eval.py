@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from switchsae.sources.hooks import HookPoint, patched
 
 
-def _splice(replace: Callable[[Tensor], Tensor], drop_first: int) -> Callable[[Tensor], Tensor]:
-    """A patch function applying ``replace`` to ``[rows, d]`` float32 rows at positions >= drop_first."""
+def _splice(replace: Callable[[Tensor, Tensor], Tensor], drop_first: int, ids: Tensor) -> Callable[[Tensor], Tensor]:
+    """A patch function applying ``replace`` to ``[rows, d]`` float32 rows at positions >= drop_first
+    (with the token ids of those rows, from the ``[batch, seq]`` windows ``ids``)."""
     def patch(act: Tensor) -> Tensor:
         out = act.clone()
         tail = act[:, drop_first:]
-        rows = replace(tail.reshape(-1, tail.shape[-1]).float())
+        rows = replace(tail.reshape(-1, tail.shape[-1]).float(), ids[:, drop_first:].reshape(-1))
         out[:, drop_first:] = rows.reshape(tail.shape).to(act.dtype)
         return out
     return patch
@@ -44,19 +45,18 @@ def _ce_sum(log_probs: Tensor, targets: Tensor) -> float:
     return -log_probs.gather(-1, targets.unsqueeze(-1)).sum().item()
 
 
-def loss_recovered(model: nn.Module, hook: HookPoint | str, reconstruct: Callable[[Tensor], Tensor],
+def loss_recovered(model: nn.Module, hook: HookPoint | str, reconstruct: Callable[[Tensor, Tensor], Tensor],
                    windows: Tensor, batch_size: int = 4, drop_first: int = 1,
                    progress: bool = False) -> dict[str, float]:
     """Clean, SAE-patched and zero-ablated next-token loss of ``model`` on ``[n, seq]`` token ``windows``.
 
-    ``reconstruct`` maps float32 ``[rows, d_model]`` activations to their reconstruction.
+    ``reconstruct`` maps float32 ``[rows, d_model]`` activations and the rows' token ids ``[rows]``
+    to their reconstruction.
     Returns ce_clean, ce_sae, ce_zero, loss_recovered, kl_sae, kl_zero and n_predictions.
     """
     if windows.ndim != 2 or windows.shape[1] < drop_first + 2:
         raise ValueError(f"windows must be [n, seq] token ids with seq >= drop_first + 2, "
                          f"got shape {tuple(windows.shape)}.")
-    sae_patch = _splice(reconstruct, drop_first)
-    zero_patch = _splice(torch.zeros_like, drop_first)
     totals = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0)
     count = 0
     device = next(model.parameters()).device
@@ -66,7 +66,9 @@ def loss_recovered(model: nn.Module, hook: HookPoint | str, reconstruct: Callabl
             targets = ids[:, drop_first + 1:]
             clean = _log_probs(model, ids, drop_first)
             totals["ce_clean"] += _ce_sum(clean, targets)
-            for name, patch in (("sae", sae_patch), ("zero", zero_patch)):
+            patches = {"sae": _splice(reconstruct, drop_first, ids),
+                       "zero": _splice(lambda rows, _: torch.zeros_like(rows), drop_first, ids)}
+            for name, patch in patches.items():
                 with patched(model, hook, patch):
                     log_probs = _log_probs(model, ids, drop_first)
                 totals[f"ce_{name}"] += _ce_sum(log_probs, targets)

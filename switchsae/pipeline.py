@@ -72,7 +72,8 @@ def evaluate_run(
     source = open_activations(acts) if isinstance(acts, (str, Path)) else acts
     if source.d_model != sae.cfg.d_model:
         raise ValueError(f"activations have d_model={source.d_model} but the SAE expects {sae.cfg.d_model}")
-    metrics = evaluate(sae, source.eval_batches(batch_size), progress=progress)
+    batches = source.eval_batches(batch_size, token_ids=True) if sae.needs_token_ids else source.eval_batches(batch_size)
+    metrics = evaluate(sae, batches, progress=progress)
     if loss_recovered:
         if not hasattr(source, "manifest"):
             raise ValueError("loss recovered needs an activation cache folder (it names the model, hook and corpus)")

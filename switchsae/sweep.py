@@ -22,8 +22,9 @@ crossed like the rest; they override ``[train]`` for its runs and appear in the 
 
 A grid gives either ``width`` (every SAE has M latents: fixed width) or ``expert_width``
 (``M = N · M0``: FLOP-matched). Keys that do not apply to an architecture (``n_experts`` and
-``aux_coeff`` outside Switch, ``k`` outside the TopK family, ``l1_coeff`` outside the L1 family)
-are dropped for it, and runs that end up identical are kept once. Several grids may share a
+``aux_coeff`` outside Switch, ``k``, ``matmul_dtype`` and ``sparse_updates`` outside the TopK
+family, ``l1_coeff`` outside the L1 family: each SAE class's ``specific_settings``) are dropped
+for it, and runs that end up identical are kept once; ``switchsae train`` refuses them. Several grids may share a
 name; their runs form one setting.
 
 Every configuration is built before the first run starts, so an unknown key, a value of the
@@ -32,25 +33,26 @@ naming its line. A run folder holding finished weights is skipped, one holding a
 is resumed; runs are evaluated once (``metrics.json``) and gathered into ``results.csv/.md``.
 
 Several processes may work through the same sweep at once (e.g. one per core, each with
-``OMP_NUM_THREADS=1``): each run folder is locked (``sweep.lock``, an ``flock`` the kernel
-releases if its holder dies) while a process trains and evaluates it, and the others skip it.
+``OMP_NUM_THREADS=1``): each run folder is locked (``run.lock``, an ``flock`` the kernel
+releases if its holder dies; :func:`switchsae.run_folder.run_lock`, which ``train`` takes too)
+while a process trains and evaluates it, and the others skip it.
 """
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
-from switchsae.config import ARCHS, L1_FAMILY, TOPK_FAMILY, SAEConfig, TrainConfig
-from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE
+from switchsae.config import ARCHS, FLAT_DEFAULTS, ROUTING_FIELDS, RoutingConfig, SAEConfig, TrainConfig
+from switchsae.run_folder import run_lock
+from switchsae.saes import SETTING_ARCHS, reads_setting
+from switchsae.saes.io import read_cfg_dict, sae_files
 from switchsae.toml_lines import key_line
 from switchsae.train import TRAIN_CFG_FILE, settings_differ
 
@@ -62,15 +64,16 @@ else:  # pragma: no cover - Python 3.10
 ROOT_KEYS = {"acts": "str", "out": "str", "loss_recovered": "bool", "eval_tokens": "int", "train": "table",
              "grid": "array of tables"}
 # SAEConfig fields a grid may set (the rest come from the activations), plus the grid's own keys.
-GRID_FIELDS = {f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "hook_name",
-                                                                              "model_name")}
+GRID_FIELDS = {**{f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "unit_scale", "hook_name",
+                                                                                 "model_name", "routing")},
+               **{f.name: f.type for f in fields(RoutingConfig)}}
 TRAIN_FIELDS = {f.name: f.type for f in fields(TrainConfig)}
 GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS, **TRAIN_FIELDS}
-# The architectures a key means something for; keys not listed apply to all.
-APPLIES = {"n_experts": ("switch",), "aux_coeff": ("switch",), "k": TOPK_FAMILY, "l1_coeff": L1_FAMILY,
-           "jump_threshold": ("jumprelu",), "jump_bandwidth": ("jumprelu",)}
 # How run names spell each setting; the first three always appear where they apply, the rest when not default.
-NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "aux_coeff": "alpha", "jump_threshold": "theta",
+NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "router": "", "experts_per_token": "e",
+               "shared_expert": "shared", "capacity_factor": "cap", "aux_coeff": "alpha", "z_loss_coeff": "z",
+               "aux_units": "units_",
+               "auxk_coeff": "auxk", "auxk_k": "kaux", "dead_tokens": "dead", "jump_threshold": "theta",
                "jump_bandwidth": "eps"}
 ALWAYS_NAMED = ("n_experts", "k", "l1_coeff")
 SETTING_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -93,7 +96,7 @@ class RunSpec:
     train: TrainConfig
 
     def sae_config(self, d_model: int, model_name: str = "", hook_name: str = "") -> SAEConfig:
-        return SAEConfig(d_model=d_model, model_name=model_name, hook_name=hook_name, **self.params)
+        return SAEConfig.from_flat(d_model=d_model, model_name=model_name, hook_name=hook_name, **self.params)
 
     def run_dir(self, out: Path) -> Path:
         return out / self.setting / self.name
@@ -152,12 +155,12 @@ def run_name(params: dict[str, Any], train_overrides: dict[str, Any] | None = No
     varies, ``switch-M16384-N16-k32-lr_width_expert-seed_1``: equal names mean equal settings."""
     arch, parts = params["arch"], [params["arch"], f"M{params['width']}"]
     for key, label in NAME_LABELS.items():
-        if arch not in APPLIES[key]:
+        if not reads_setting(arch, key):
             continue
-        default = SAEConfig.__dataclass_fields__[key].default
+        default = FLAT_DEFAULTS[key]
         value = params.get(key, default)
         if key in ALWAYS_NAMED or value != default:
-            parts.append(f"{label}{value:g}")
+            parts.append(f"{label}{value}" if isinstance(value, (str, bool)) else f"{label}{value:g}")
     parts += [f"{key}_{value}" for key, value in (train_overrides or {}).items()]
     return "-".join(parts)
 
@@ -167,7 +170,7 @@ def effective_params(combo: dict[str, Any]) -> dict[str, Any]:
     architecture; resolve ``expert_width``."""
     arch = combo["arch"]
     params = {key: value for key, value in combo.items()
-              if key != "name" and key not in TRAIN_FIELDS and arch in APPLIES.get(key, ARCHS)}
+              if key != "name" and key not in TRAIN_FIELDS and reads_setting(arch, key)}
     if "expert_width" in params:
         params["width"] = params.pop("expert_width") * params.get("n_experts", 1)
     return params
@@ -190,9 +193,9 @@ def _check_grid(grid: dict, where: str, index: int, loc: _Locator) -> None:
         raise loc.error(f"{where} must give exactly one of width (fixed width) and expert_width "
                         "(width = n_experts * expert_width, FLOP-matched).", "grid", index)
     for key in grid:
-        if key in APPLIES and not set(archs) & set(APPLIES[key]):
+        if key in SETTING_ARCHS and not set(archs) & set(SETTING_ARCHS[key]):
             raise loc.error(f"{key} in {where} applies to none of its architectures ({', '.join(archs)}); "
-                            f"it only means something for {', '.join(APPLIES[key])}.", "grid", index, key)
+                            f"it only means something for {', '.join(SETTING_ARCHS[key])}.", "grid", index, key)
 
 
 def _expand_grid(grid: dict, index: int, loc: _Locator, train: TrainConfig) -> list[RunSpec]:
@@ -205,9 +208,10 @@ def _expand_grid(grid: dict, index: int, loc: _Locator, train: TrainConfig) -> l
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values))
         params = effective_params(combo)
-        overrides = {key: value for key, value in combo.items() if key in TRAIN_FIELDS}
+        overrides = {key: value for key, value in combo.items()
+                     if key in TRAIN_FIELDS and reads_setting(combo["arch"], key)}
         try:
-            SAEConfig(d_model=ANY_D_MODEL, **params)
+            SAEConfig.from_flat(d_model=ANY_D_MODEL, **params)
             run_train = replace(train, **overrides)
         except ValueError as err:
             combination = ", ".join(f"{key}={value}" for key, value in {**params, **overrides}.items())
@@ -250,8 +254,8 @@ def load_sweep(config_path: str | Path) -> Sweep:
 
 def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig) -> str:
     """``"new"``, ``"resume"`` or ``"done"``; a run folder trained with other settings is an error."""
-    if (run_dir / WEIGHTS_FILE).exists():
-        saved_sae = json.loads((run_dir / CFG_FILE).read_text())
+    if sae_files(run_dir)[1].exists():
+        saved_sae = read_cfg_dict(run_dir)
         saved_train = json.loads((run_dir / TRAIN_CFG_FILE).read_text())
         state = "done"
     elif (run_dir / CHECKPOINT_FILE).exists():
@@ -265,25 +269,6 @@ def check_existing_run(run_dir: Path, sae_cfg: SAEConfig, train_cfg: TrainConfig
         raise ValueError(f"{run_dir} holds a run with other settings ({', '.join(differs)}); "
                          "remove it or point the sweep's out at another folder.")
     return state
-
-
-LOCK_FILE = "sweep.lock"
-
-
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[bool]:
-    """Hold an exclusive, non-blocking lock on ``run_dir``; yields False if another process has it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_sweep(config_path: str | Path, progress: bool = True) -> list[dict]:

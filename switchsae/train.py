@@ -10,31 +10,96 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from switchsae.config import TOPK_FAMILY, SAEConfig, TrainConfig, default_lr
+from switchsae.config import SAEConfig, TrainConfig, default_lr
+from switchsae.kernels.autotune import resolve_matmul_dtype
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
-from switchsae.saes import SparseAutoencoder, build_sae
-from switchsae.saes.io import CFG_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
+from switchsae.run_folder import RunClaim, claim_run_dir
+from switchsae.saes import REGISTRY, SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
+from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, TensorSource
 
 Batches = ActivationSource | Tensor | Iterable[Tensor]
 
 
 TRAIN_CFG_FILE = "train_config.json"
-RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, TRAIN_CFG_FILE, "log.jsonl", "metrics.json")
+#: what a run writes (and the legacy names of runs saved before the rename): --force clears them all
+RUN_OUTPUTS = (CHECKPOINT_FILE, WEIGHTS_FILE, CFG_FILE, TRAIN_CFG_FILE, "log.jsonl", "metrics.json",
+               LEGACY_WEIGHTS_FILE, LEGACY_CFG_FILE)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint is left untouched."""
+    """The loss stopped meaning anything (see :class:`DivergenceGuard`); the last checkpoint,
+    written before it happened, is left untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says what the run leaves behind."""
+
+
+#: a run stops once its loss exceeds this multiple of the lowest running average it reached
+LOSS_GROWTH_LIMIT = 1e4
+
+
+class DivergenceGuard:
+    """Stops a run whose loss has diverged: a loss term that is NaN or infinite, or a total loss
+    above ``LOSS_GROWTH_LIMIT`` times the lowest value its running average (an exponential moving
+    average over ~10 steps, so one easy batch does not lower the bar) has reached.
+
+    The rule is relative because no absolute bound fits every run: the loss is in the
+    activations' units, and untrained Gated and JumpReLU SAEs start at FVU far above 1e3
+    (measured: 6.6e4 at M/d = 512). A healthy run's loss falls from its start and never rises
+    1e4-fold; one at a hopeless learning rate (``--lr 1e6``) passes 1e20 within a few steps.
+    Before each checkpoint the weights about to be saved are checked on the step's batch too
+    (:meth:`check_weights`), so a checkpoint never holds weights that have already diverged.
+    """
+
+    smoothing = 0.9
+
+    def __init__(self, lr: float):
+        self.lr = lr
+        self.average: float | None = None
+        self.lowest, self.lowest_step = math.inf, 0
+
+    def check(self, step: int, losses: dict[str, Tensor], track: bool = True) -> None:
+        """Raise :class:`TrainingDiverged` if the loss terms of ``step`` have diverged; with
+        ``track``, fold the loss into the running average."""
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        loss, terms = values["loss"], ", ".join(f"{name}={value:.4g}" for name, value in values.items())
+        parts = {name: value for name, value in values.items() if name != "loss"}
+        if not math.isfinite(loss):
+            bad = [name for name, value in parts.items() if not math.isfinite(value)] or ["loss"]
+            raise TrainingDiverged(f"training diverged at step {step}: {' and '.join(bad)} not finite ({terms}) "
+                                   f"at lr {self.lr:.3g}")
+        if loss > LOSS_GROWTH_LIMIT * self.lowest:
+            largest = max(parts, key=parts.get, default="loss")
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the loss is {loss / self.lowest:.3g} times its lowest running "
+                f"average ({self.lowest:.4g}, step {self.lowest_step}), mostly {largest} ({terms}) at lr {self.lr:.3g}")
+        if track:
+            self.average = loss if self.average is None else self.smoothing * self.average + (1 - self.smoothing) * loss
+            if self.average < self.lowest:
+                self.lowest, self.lowest_step = self.average, step
+
+    def check_weights(self, sae: SparseAutoencoder, x: Tensor, step: int, token_ids: Tensor | None = None) -> None:
+        """:meth:`check` on the loss of batch ``x`` under the current weights, computed in eval mode
+        without gradients, so nothing the next step or a resume reads changes."""
+        was_training = sae.training
+        sae.eval()
+        with torch.no_grad():
+            losses = sae.loss(x, sae(x, token_ids=token_ids))
+        sae.train(was_training)
+        self.check(step, losses, track=False)
 
 
 def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
@@ -46,17 +111,29 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float) -> float:
     return base_lr * (cfg.steps - step) / decay_steps
 
 
-def batch_stream(source: Batches, cfg: TrainConfig, start_step: int) -> Iterator[Tensor]:
-    """Training batches from step ``start_step`` on.
+def batch_stream(source: Batches, cfg: TrainConfig, start_step: int, token_ids: bool = False) -> Iterator[Tensor]:
+    """Training batches from step ``start_step`` on; with ``token_ids``, ``(batch, ids)`` pairs
+    (the source must store them: an activation cache).
 
     A plain iterable has no notion of steps: it must replay the same stream each time it is
     iterated, and the first ``start_step`` batches are skipped on resume.
     """
     if isinstance(source, Tensor):
         source = TensorSource(source)
+    if token_ids and not getattr(source, "has_token_ids", False):
+        raise ValueError("this SAE routes by token id (hash routing), so it needs activations with stored token "
+                         "ids: an activation cache built by `switchsae cache`; these activations have none.")
     if isinstance(source, ActivationSource):
+        if token_ids:
+            return source.train_batches(cfg.batch_size, cfg.seed, start_step, token_ids=True)
         return source.train_batches(cfg.batch_size, cfg.seed, start_step)
     return itertools.islice(iter(source), start_step, None)
+
+
+def split_batch(batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """``(x, token ids or None)`` of a batch that may carry its rows' token ids."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
 
 
 def activation_scale(x: Tensor) -> float:
@@ -80,8 +157,10 @@ def train_loop(
     state: TrainState,
     run_dir: Path | None = None,
     progress: bool = True,
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> TrainState:
-    """Run steps ``state.step .. cfg.steps - 1``; checkpoint to ``run_dir`` every ``checkpoint_every``."""
+    """Run steps ``state.step .. cfg.steps - 1``; checkpoint to ``run_dir`` every ``checkpoint_every``
+    (then call ``on_checkpoint(step)``); stop with :class:`TrainingDiverged` (:class:`DivergenceGuard`)."""
     base_lr = cfg.lr or default_lr(sae.cfg.width if cfg.lr_width == "total" else sae.cfg.expert_width)
     opt = optimizer_for(sae, cfg)
     if run_dir is not None and state.step > 0:
@@ -93,38 +172,42 @@ def train_loop(
     tokens_since_fired = state.tokens_since_fired
     if tokens_since_fired is None:
         tokens_since_fired = torch.zeros(sae.cfg.width, dtype=torch.long)
-    tokens_since_fired = tokens_since_fired.to(device)
+    sae.tokens_since_fired = tokens_since_fired.to(device)
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"train {sae.cfg.arch}", unit="step")
     started = time.perf_counter() - state.elapsed_s
+    guard = DivergenceGuard(base_lr)
     for step in range(state.step, cfg.steps):
-        x = next(batches).to(device, non_blocking=True)
-        out = sae(x)
+        x, token_ids = split_batch(next(batches))
+        x = x.to(device, non_blocking=True)
+        out = sae(x, token_ids=None if token_ids is None else token_ids.to(device))
         losses = sae.loss(x, out)
-        if not torch.isfinite(losses["loss"]):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise TrainingDiverged(f"loss is not finite at step {step} ({terms}); the last checkpoint is intact; try a lower --lr")
+        guard.check(step, losses)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, base_lr)
         opt.step()
-        tokens_since_fired += x.shape[0]
-        tokens_since_fired[out.latents.fired(sae.cfg.width) > 0] = 0
+        sae.record_firing(out.latents, x.shape[0])
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            stats = _batch_stats(x, out, losses)
+            stats = {**_batch_stats(x, out, losses), **sae.batch_stats(out)}
             dead_window = min(done * cfg.batch_size, 1_000_000)
             stats.update(step=done, tokens=done * cfg.batch_size, lr=lr_at(step, cfg, base_lr),
-                         dead_frac=(tokens_since_fired >= dead_window).float().mean().item(),
+                         dead_frac=(sae.tokens_since_fired >= dead_window).float().mean().item(),
                          elapsed_s=time.perf_counter() - started)
             history.append(stats)
             bar.set_postfix(loss=f"{stats['loss']:.4g}", fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}")
         if run_dir is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
-            state = TrainState(done, time.perf_counter() - started, history, tokens_since_fired)
+            guard.check_weights(sae, x, done, None if token_ids is None else token_ids.to(device))
+            state = TrainState(done, time.perf_counter() - started, history, sae.tokens_since_fired)
             save_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt, state, cfg.to_dict())
+            if on_checkpoint is not None:
+                on_checkpoint(done)
     bar.close()
-    return TrainState(cfg.steps, time.perf_counter() - started, history, tokens_since_fired)
+    final = TrainState(cfg.steps, time.perf_counter() - started, history, sae.tokens_since_fired)
+    sae.tokens_since_fired = None
+    return final
 
 
 def optimizer_for(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -145,34 +228,77 @@ def train(
     """Train an SAE of ``sae_cfg`` on ``source``; with ``run_dir``, checkpoint and save it there.
 
     ``resume`` continues a killed run from its last checkpoint and ends in exactly the state an
-    uninterrupted run would have reached. A run folder that already holds a checkpoint or
-    trained weights is never overwritten unless ``force``.
+    uninterrupted run would have reached. The run folder is locked, checked writable before the
+    first step, and a run already in it is never overwritten unless ``force``; a forced run
+    replaces it only once it has written its first checkpoint (:mod:`switchsae.run_folder`).
+    A diverged run raises :class:`TrainingDiverged`, Ctrl-C :class:`TrainingInterrupted`; both
+    messages say what the run leaves behind.
     """
-    if cfg.sparse_updates and sae_cfg.arch not in TOPK_FAMILY:
-        raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense (use one of {', '.join(TOPK_FAMILY)})")
+    if cfg.sparse_updates and not reads_setting(sae_cfg.arch, "sparse_updates"):
+        raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense "
+                         f"(use one of {', '.join(SETTING_ARCHS['sparse_updates'])})")
+    check_device(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
-    start, resumed_cfg = 0, None
-    if run_dir is not None and resume:
-        start, resumed_cfg = _resume_point(run_dir, sae_cfg, cfg)
-    elif run_dir is not None:
-        _claim_run_dir(run_dir, force)
+    batch_stream(source, cfg, 0, REGISTRY[sae_cfg.arch].token_ids_needed(sae_cfg))  # refuses a source without ids
+    with claim_run_dir(run_dir, RUN_OUTPUTS, CHECKPOINT_FILE, resume=resume, force=force) as claim:
+        try:
+            sae, state = _train_claimed(claim, sae_cfg, source, cfg, resume, progress)
+            if run_dir is not None:
+                save_sae(sae, run_dir)
+                write_json_atomic(run_dir / TRAIN_CFG_FILE, cfg.to_dict())
+                (run_dir / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history or []))
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err}; {claim.outcome()}") from None
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(claim.outcome()) from None
+    return sae
+
+
+def _train_claimed(claim: RunClaim, sae_cfg: SAEConfig, source: Batches, cfg: TrainConfig, resume: bool,
+                   progress: bool) -> tuple[SparseAutoencoder, TrainState]:
+    """Build (or reload) the SAE and run the loop in the claimed run folder."""
+    start, resumed_cfg, matmul_dtype = 0, None, None
+    if claim.run_dir is not None and resume:
+        start, resumed_cfg, matmul_dtype = _resume_point(claim.run_dir, sae_cfg, cfg)
+        claim.checkpointed(start)
     sae = build_sae(resumed_cfg) if resumed_cfg is not None else _initialise(sae_cfg, cfg, batch_stream(source, cfg, 0))
     sae.to(cfg.device)
-    sae.matmul_dtype = getattr(torch, cfg.matmul_dtype)
+    sae.matmul_dtype = getattr(torch, matmul_dtype or _matmul_dtype(sae.cfg.arch, cfg, progress))
     sae.sparse_grads = cfg.sparse_updates
-    state = train_loop(sae, batch_stream(source, cfg, start), cfg, TrainState(start), run_dir, progress)
-    if run_dir is not None:
-        save_sae(sae, run_dir)
-        write_json_atomic(run_dir / TRAIN_CFG_FILE, cfg.to_dict())
-        (run_dir / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history or []))
-    return sae
+    state = train_loop(sae, batch_stream(source, cfg, start, sae.needs_token_ids), cfg, TrainState(start), claim.run_dir, progress,
+                       on_checkpoint=claim.checkpointed)
+    return sae, state
+
+
+def _matmul_dtype(arch: str, cfg: TrainConfig, progress: bool) -> str:
+    """The selection matmul's dtype for a new run: float32 where the architecture has no selection
+    matmul, else ``cfg.matmul_dtype`` with ``auto`` resolved (and the choice printed with ``progress``)."""
+    if not reads_setting(arch, "matmul_dtype"):
+        return "float32"
+    dtype, reason = resolve_matmul_dtype(cfg.matmul_dtype, cfg.device)
+    if cfg.matmul_dtype == "auto" and progress:
+        print(f"switchsae: --matmul-dtype auto chose {dtype} ({reason})", file=sys.stderr)
+    return dtype
+
+
+def check_device(device: str) -> None:
+    """Fail before any work when this torch cannot train on ``device``."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise ValueError(f"device {device!r} needs a CUDA GPU, but {why} (torch {torch.__version__}); "
+                         "use --device cpu or install a CUDA build of torch")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def _initialise(sae_cfg: SAEConfig, cfg: TrainConfig, batches: Iterator[Tensor]) -> SparseAutoencoder:
     """Seeded init; the first batch sets the normalisation constant and the geometric-median biases."""
-    sample = next(batches)
-    if cfg.normalize:
-        sae_cfg = sae_cfg.replace(act_scale=activation_scale(sample))
+    sample, _ = split_batch(next(batches))
+    scale = activation_scale(sample)
+    sae_cfg = sae_cfg.replace(unit_scale=scale, act_scale=scale if cfg.normalize else sae_cfg.act_scale)
     sae = build_sae(sae_cfg)
     sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     sae.init_from_data(sample)
@@ -182,32 +308,26 @@ def _initialise(sae_cfg: SAEConfig, cfg: TrainConfig, batches: Iterator[Tensor])
 def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg: TrainConfig) -> list[str]:
     """Names of the settings in which a saved run differs from ``sae_cfg``/``cfg``.
 
-    ``act_scale`` is left out: a run computes it itself from its first batch. A setting the saved
+    ``act_scale`` and ``unit_scale`` are left out: a run computes them from its first batch. A setting the saved
     run does not name (it predates the field) counts as the field's default, which by rule is
-    the behaviour from before the field existed.
+    the behaviour from before the field existed. ``matmul_dtype = "auto"`` matches any saved
+    value: the saved run resolved it when it started, and a resume reuses that choice.
     """
-    saved_sae = SAEConfig.from_dict(saved_sae).to_dict()
+    saved_sae = SAEConfig.from_dict(saved_sae).flat()
     saved_train = {**TrainConfig().to_dict(), **saved_train}
-    differs = [key for key, value in sae_cfg.to_dict().items() if key != "act_scale" and saved_sae.get(key) != value]
-    return sorted(differs + [key for key, value in cfg.to_dict().items() if saved_train.get(key) != value])
+    differs = [key for key, value in sae_cfg.flat().items() if key not in ("act_scale", "unit_scale")
+               and saved_sae.get(key) != value]
+    return sorted(differs + [key for key, value in cfg.to_dict().items() if saved_train.get(key) != value
+                             and (key, value) != ("matmul_dtype", "auto")])
 
 
-def _resume_point(run_dir: Path, sae_cfg: SAEConfig, cfg: TrainConfig) -> tuple[int, SAEConfig]:
-    """The checkpointed step and SAE config, after checking the run being continued is this one."""
+def _resume_point(run_dir: Path, sae_cfg: SAEConfig, cfg: TrainConfig) -> tuple[int, SAEConfig, str]:
+    """The checkpointed step, SAE config and selection matmul dtype (as resolved when the run
+    started: a resume never measures again), after checking the run being continued is this one."""
     meta = read_checkpoint_meta(run_dir / CHECKPOINT_FILE)
-    saved_sae = json.loads(meta["sae_cfg"])
-    differs = settings_differ(saved_sae, json.loads(meta["train_cfg"]), sae_cfg, cfg)
+    saved_sae, saved_train = json.loads(meta["sae_cfg"]), json.loads(meta["train_cfg"])
+    differs = settings_differ(saved_sae, saved_train, sae_cfg, cfg)
     if differs:
         raise ValueError(f"cannot resume {run_dir}: settings differ from the checkpoint in {differs}")
-    return int(meta["step"]), SAEConfig.from_dict(saved_sae)
-
-
-def _claim_run_dir(run_dir: Path, force: bool) -> None:
-    """Apply the never-overwrite rule: a folder holding a run is only cleared with ``force``."""
-    outputs = [run_dir / name for name in RUN_OUTPUTS]
-    if any(path.exists() for path in outputs):
-        if not force:
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or --force to overwrite it")
-        for path in outputs:
-            path.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    matmul_dtype = meta.get("matmul_dtype") or saved_train.get("matmul_dtype", "float32")  # older: as requested
+    return int(meta["step"]), SAEConfig.from_dict(saved_sae), matmul_dtype

@@ -1,7 +1,12 @@
 """Shared fixtures: tiny synthetic activations and configs."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -28,3 +33,26 @@ def kernel_backend(request, monkeypatch) -> str:
     elif not native.available():
         pytest.skip("compiled kernels unavailable here (no C compiler)")
     return request.param
+
+
+@pytest.fixture
+def locked_by_another_process():
+    """``with locked_by_another_process(run_dir):`` a real second process holds the run's lock."""
+    return _locked_by_another_process
+
+
+@contextlib.contextmanager
+def _locked_by_another_process(run_dir: Path) -> Iterator[None]:
+    """A bare interpreter (no torch) holds ``run_dir``'s run lock while the block runs."""
+    from switchsae.run_folder import LOCK_FILE
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = ("import fcntl, sys\nf = open(sys.argv[1], 'w')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+              "print('locked', flush=True)\nsys.stdin.read()\n")
+    with subprocess.Popen([sys.executable, "-c", holder, str(run_dir / LOCK_FILE)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout.readline() == "locked\n"
+        try:
+            yield
+        finally:
+            process.stdin.close()  # the holder exits, and the kernel releases its lock

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
+from switchsae.saes.io import WEIGHTS_FILE
 from switchsae.sources.synthetic import synthetic_activations
 from switchsae.sweep import GRID_FIELDS, NAME_LABELS, SweepConfigError, load_sweep, run_lock, run_sweep
 
@@ -45,6 +46,13 @@ def test_sparsity_keys_apply_per_architecture_and_grids_may_share_a_setting(tmp_
     assert names(path) == ["s/topk-M32-k4", "s/topk-M32-k8", "s/relu-M32-lam1", "s/relu-M32-lam2.5"]
 
 
+def test_training_keys_an_architecture_never_reads_are_dropped_for_it(tmp_path):
+    path = write_sweep(tmp_path, '[[grid]]\nname = "s"\narch = ["topk", "relu"]\nwidth = 32\n'
+                                 'matmul_dtype = ["float32", "bfloat16"]\n')
+    assert names(path) == ["s/topk-M32-k32-matmul_dtype_float32", "s/topk-M32-k32-matmul_dtype_bfloat16",
+                           "s/relu-M32-lam5"]
+
+
 def test_run_names_spell_every_setting_a_grid_can_vary():
     assert set(GRID_FIELDS) - {"arch", "width"} == set(NAME_LABELS)
 
@@ -58,6 +66,8 @@ def test_run_names_spell_every_setting_a_grid_can_vary():
      'k = [4, "8"]\n', 12, "k in \\[\\[grid\\]\\] #2 \\('b'\\) must be of type int"),
     ('[[grid]]\nname = "a"\narch = ["topk", "sitch"]\nwidth = 64\n', 5, "unknown architecture 'sitch'"),
     ('[[grid]]\nname = "a"\narch = "relu"\nwidth = 64\nk = 8\n', 7, "k in .* applies to none"),
+    ('[[grid]]\nname = "a"\narch = "gated"\nwidth = 64\nsparse_updates = true\n', 7,
+     "sparse_updates in .* applies to none.*switch, topk, batchtopk"),
     ('[[grid]]\nname = "a"\narch = "topk"\nwidth = 64\nexpert_width = 8\n', 3, "exactly one of width"),
     ('[train]\nsteps = 0\n[[grid]]\nname = "a"\narch = "topk"\nwidth = 64\n', 3, "\\[train\\] is invalid"),
 ])
@@ -111,10 +121,10 @@ def test_sweep_trains_evaluates_gathers_and_resumes(tiny_sweep, tmp_path):
     assert "loss_recovered" not in table[0]
     assert "| matched | switch-M64-N2-k4 | switch |" in (out / "results.md").read_text()
 
-    weights = out / "matched" / "switch-M64-N2-k4" / "sae_weights.safetensors"
+    weights = out / "matched" / "switch-M64-N2-k4" / WEIGHTS_FILE
     stamp = weights.stat().st_mtime_ns
     killed = out / "matched" / "topk-M32-k4"
-    (killed / "sae_weights.safetensors").unlink()  # as if killed after the last checkpoint
+    (killed / WEIGHTS_FILE).unlink()  # as if killed after the last checkpoint
     (killed / "metrics.json").unlink()
     again = run_sweep(tiny_sweep, progress=False)
     assert weights.stat().st_mtime_ns == stamp
@@ -122,15 +132,19 @@ def test_sweep_trains_evaluates_gathers_and_resumes(tiny_sweep, tmp_path):
     assert [r["fvu"] for r in again] == pytest.approx([r["fvu"] for r in rows])
 
 
-def test_a_run_another_process_holds_is_skipped_and_done_by_a_later_sweep(tiny_sweep, tmp_path):
+def test_a_run_another_process_holds_is_skipped_and_done_by_a_later_sweep(tiny_sweep, tmp_path,
+                                                                         locked_by_another_process):
     held = tmp_path / "out" / "matched" / "switch-M64-N2-k4"
     with run_lock(held) as mine:
         assert mine
-        with run_lock(held) as again:  # a second open file description: as another process sees it
-            assert not again
+        with run_lock(held) as again:  # re-entrant in this process (a sweep's train() takes it again)
+            assert again
+    with locked_by_another_process(held):
+        with run_lock(held) as mine:
+            assert not mine
         rows = run_sweep(tiny_sweep, progress=False)
     assert [r["name"] for r in rows] == ["relu-M32-lam1", "topk-M32-k4"]
-    assert not (held / "sae_weights.safetensors").exists()
+    assert not (held / WEIGHTS_FILE).exists()
     assert [r["name"] for r in run_sweep(tiny_sweep, progress=False)] == [
         "relu-M32-lam1", "switch-M64-N2-k4", "topk-M32-k4"]
 

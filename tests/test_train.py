@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from switchsae.checkpoint import CHECKPOINT_FILE
 from switchsae.config import SAEConfig, TrainConfig, default_lr
-from switchsae.saes.io import load_sae
+from switchsae.saes.io import LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, load_sae
 from switchsae.sources.activations import TensorSource
 from switchsae.train import TrainingDiverged, activation_scale, lr_at, settings_differ, train
 
@@ -67,13 +68,17 @@ def test_normalized_training_is_invariant_to_activation_scale(acts):
     assert torch.allclose(large(acts[:50] * 100).x_hat, 100 * small(acts[:50]).x_hat, rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("arch", ["switch", "topk", "relu"])
+@pytest.mark.parametrize("arch", ["switch", "topk", "relu", "switch-auxk", "topk-auxk"])
 def test_resume_equals_uninterrupted(tmp_path, acts, arch):
+    """Also with AuxK, whose dead-latent counter (on the SAE, saved in the checkpoint) shapes the loss."""
+    arch, _, auxk = arch.partition("-")
     cfg = SWITCH if arch == "switch" else SWITCH.replace(arch=arch, n_experts=1)
+    if auxk:
+        cfg = cfg.replace(auxk_coeff=1 / 32, auxk_k=4, dead_tokens=64)
     full = train(cfg, acts, FAST, run_dir=tmp_path / "full", progress=False)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):  # killed while fetching step 9's batch
-        train(cfg, _InterruptedSource(acts, kill_at=9), FAST, run_dir=killed, progress=False)
+        train(cfg, _InterruptedSource(acts, at=9), FAST, run_dir=killed, progress=False)
     assert _meta(killed)["step"] == "8"
     resumed = train(cfg, acts, FAST, run_dir=killed, resume=True, progress=False)
     for name, tensor in full.state_dict().items():
@@ -94,17 +99,46 @@ def _meta(run_dir):
 
 
 class _InterruptedSource(TensorSource):
-    """A source whose stream raises KeyboardInterrupt when batch ``kill_at`` is requested."""
+    """A source whose stream raises KeyboardInterrupt (:meth:`fail`) when batch ``at`` is requested."""
 
-    def __init__(self, acts, kill_at):
+    def __init__(self, acts, at):
         super().__init__(acts)
-        self.kill_at = kill_at
+        self.at = at
 
     def train_batches(self, batch_size, seed, start_step=0):
         for step, batch in enumerate(super().train_batches(batch_size, seed, start_step), start=start_step):
-            if step == self.kill_at:
-                raise KeyboardInterrupt
-            yield batch
+            yield self.fail(batch) if step == self.at else batch
+
+    def fail(self, batch):
+        raise KeyboardInterrupt
+
+
+def test_auto_matmul_dtype_is_recorded_as_requested_and_a_resume_keeps_the_resolved_one(tmp_path, acts, monkeypatch):
+    """The machine's choice can change between a run and its resume (a new torch, a re-measure):
+    the resume still uses the dtype the run started with, so it stays exact."""
+    train_module = importlib.import_module("switchsae.train")  # the package exports a train() too
+
+    cfg = dataclasses.replace(FAST, matmul_dtype="auto")
+    monkeypatch.setattr(train_module, "resolve_matmul_dtype", lambda requested, device: ("bfloat16", "test"))
+    full = train(SWITCH, acts, cfg, run_dir=tmp_path / "full", progress=False)
+    assert full.matmul_dtype == torch.bfloat16
+    with pytest.raises(KeyboardInterrupt):
+        train(SWITCH, _InterruptedSource(acts, at=9), cfg, run_dir=tmp_path / "killed", progress=False)
+    assert _meta(tmp_path / "killed")["matmul_dtype"] == "bfloat16"
+    monkeypatch.setattr(train_module, "resolve_matmul_dtype", lambda requested, device: ("float32", "test"))
+    resumed = train(SWITCH, acts, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
+    assert resumed.matmul_dtype == torch.bfloat16
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert json.loads((tmp_path / "full" / "train_config.json").read_text())["matmul_dtype"] == "auto"
+
+
+def test_auto_matmul_dtype_measures_nothing_for_architectures_without_a_selection_matmul(acts, monkeypatch):
+    train_module = importlib.import_module("switchsae.train")  # the package exports a train() too
+
+    monkeypatch.setattr(train_module, "resolve_matmul_dtype", lambda *args: pytest.fail("resolved for relu"))
+    relu = train(SWITCH.replace(arch="relu", n_experts=1), acts, TrainConfig(steps=1, batch_size=64), progress=False)
+    assert relu.matmul_dtype == torch.float32
 
 
 def test_existing_run_is_not_overwritten_without_force(tmp_path, acts):
@@ -112,7 +146,17 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path, acts):
     with pytest.raises(FileExistsError, match="--resume"):
         train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
     train(SWITCH, acts, FAST, run_dir=tmp_path, force=True, progress=False)
-    assert load_sae(tmp_path).cfg == SWITCH
+    assert load_sae(tmp_path).cfg.replace(unit_scale=1.0) == SWITCH  # unit_scale: measured on the first batch
+
+
+def test_a_run_in_the_legacy_layout_counts_as_a_run_and_force_clears_it(tmp_path, acts):
+    (tmp_path / LEGACY_CFG_FILE).write_text("{}")
+    (tmp_path / LEGACY_WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    train(SWITCH, acts, FAST, run_dir=tmp_path, force=True, progress=False)
+    assert not (tmp_path / LEGACY_CFG_FILE).exists() and not (tmp_path / LEGACY_WEIGHTS_FILE).exists()
+    assert load_sae(tmp_path).cfg.replace(unit_scale=1.0) == SWITCH
 
 
 def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
@@ -124,11 +168,14 @@ def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
 
 
 def test_a_setting_older_runs_do_not_name_counts_as_its_default():
-    """Runs saved before ``lr_width`` existed were trained with its default, "total"."""
+    """Runs saved before ``lr_width`` existed were trained with its default, "total"; runs saved before
+    routing had its own place, with the auxiliary weights in the loss's units."""
     saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
-    del saved_sae["aux_coeff"], saved_train["lr_width"]
-    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == []
-    assert settings_differ(saved_sae, saved_train, SWITCH, dataclasses.replace(FAST, lr_width="expert")) == ["lr_width"]
+    del saved_sae["routing"], saved_train["lr_width"]
+    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units"]
+    legacy = SWITCH.replace(routing=SWITCH.routing.__class__(aux_units="loss"))
+    assert settings_differ(saved_sae, saved_train, legacy, FAST) == []
+    assert settings_differ(saved_sae, saved_train, legacy, dataclasses.replace(FAST, lr_width="expert")) == ["lr_width"]
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, acts):
@@ -138,18 +185,102 @@ def test_corrupt_checkpoint_is_named(tmp_path, acts):
         train(SWITCH, acts, FAST, run_dir=tmp_path, resume=True, progress=False)
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, acts):
+def test_nan_loss_stops_naming_the_terms_and_writes_no_checkpoint_of_diverged_weights(tmp_path, acts):
+    """The first update at lr 1e30 makes the loss NaN: the checkpoint after it is never written."""
     exploding = TrainConfig(steps=50, batch_size=64, lr=1e30, checkpoint_every=1)
-    with pytest.raises(TrainingDiverged, match="not finite at step"):
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 1: mse and balance not finite .* at lr 1e\+30; "
+                                               "no checkpoint was written"):
         train(SWITCH, acts, exploding, run_dir=tmp_path, progress=False)
-    assert int(_meta(tmp_path)["step"]) < 50
-    assert all(torch.isfinite(t).all() for t in _tensors(tmp_path).values())
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
 
 
-def _tensors(run_dir):
-    from safetensors.torch import load_file
+class _ExplodingSource(_InterruptedSource):
+    """A source whose batch ``at`` is scaled by 1e6 instead (data gone wrong mid-run)."""
 
-    return load_file(str(run_dir / CHECKPOINT_FILE))
+    def fail(self, batch):
+        return batch * 1e6
+
+
+def test_an_exploding_loss_stops_naming_the_step_the_term_and_the_intact_checkpoint(tmp_path, acts):
+    cfg = TrainConfig(steps=20, batch_size=64, checkpoint_every=3, matmul_dtype="float32")
+    with pytest.raises(TrainingDiverged) as info:
+        train(SWITCH, _ExplodingSource(acts, at=7), cfg, run_dir=tmp_path, progress=False)
+    message = str(info.value)
+    assert "diverged at step 7: the loss is" in message and "times its lowest running average" in message
+    assert "mostly mse" in message
+    assert f"the last checkpoint (step 6) is intact in {tmp_path}" in message
+    assert _meta(tmp_path)["step"] == "6"
+
+
+def test_a_huge_learning_rate_is_stopped_instead_of_saved_as_a_success(tmp_path, acts):
+    """At lr 1e6 a TopK SAE's loss stays finite (FVU ~1e12): the growth rule stops it."""
+    topk = SWITCH.replace(arch="topk", n_experts=1)
+    with pytest.raises(TrainingDiverged, match=r"times its lowest running average.* at lr 1e\+06"):
+        train(topk, acts, TrainConfig(steps=30, batch_size=64, lr=1e6), run_dir=tmp_path, progress=False)
+    assert not (tmp_path / "sae_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["switch", "topk", "batchtopk", "relu", "gated", "jumprelu"])
+def test_normal_runs_do_not_trip_the_divergence_guard(acts, arch):
+    cfg = SWITCH if arch == "switch" else SWITCH.replace(arch=arch, n_experts=1, width=256)
+    for lr in (None, 3e-2):
+        train(cfg, acts, TrainConfig(steps=40, batch_size=64, lr=lr, checkpoint_every=0), progress=False)
+
+
+def _snapshot(run_dir):
+    return {path.name: path.read_bytes() for path in sorted(run_dir.iterdir()) if path.is_file()}
+
+
+@pytest.mark.parametrize("failure", ["diverges", "interrupted"])
+def test_a_forced_run_that_fails_before_its_first_checkpoint_leaves_the_old_run_intact(tmp_path, acts, failure):
+    train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    before = _snapshot(tmp_path)
+    if failure == "diverges":
+        expected, cfg, source = TrainingDiverged, dataclasses.replace(FAST, lr=1e30), acts
+    else:
+        expected, cfg, source = KeyboardInterrupt, FAST, _InterruptedSource(acts, at=2)
+    with pytest.raises(expected, match="before --force is restored"):
+        train(SWITCH, source, cfg, run_dir=tmp_path, force=True, progress=False)
+    assert _snapshot(tmp_path) == before
+    assert not (tmp_path / ".replaced").exists()
+
+
+def test_a_forced_run_replaces_the_old_one_once_it_has_a_checkpoint(tmp_path, acts):
+    train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    with pytest.raises(KeyboardInterrupt, match=r"the last checkpoint \(step 4\) is intact"):
+        train(SWITCH, _InterruptedSource(acts, at=6), FAST, run_dir=tmp_path, force=True, progress=False)
+    assert _meta(tmp_path)["step"] == "4"
+    assert not (tmp_path / "sae_weights.safetensors").exists(), "the old run's outputs are gone"
+    assert not (tmp_path / ".replaced").exists()
+
+
+def test_a_replaced_run_left_by_a_killed_forced_run_is_restored(tmp_path, acts):
+    """As if killed (-9) after moving the old run aside and before its first checkpoint."""
+    train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    before = _snapshot(tmp_path)
+    (tmp_path / ".replaced").mkdir()
+    for name in before:
+        if name != "run.lock":
+            (tmp_path / name).rename(tmp_path / ".replaced" / name)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(monkeypatch, acts):
+    from switchsae.train import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    with pytest.raises(ValueError, match="'cuda:1' does not exist: torch sees 1 CUDA GPU"):
+        train(SWITCH, _InterruptedSource(acts, at=0), dataclasses.replace(FAST, device="cuda:1"), progress=False)
+
+
+def test_the_run_folder_is_checked_writable_before_any_step(tmp_path, acts):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="cannot write to the run folder .*file/run: Not a directory"):
+        train(SWITCH, _InterruptedSource(acts, at=0), FAST, run_dir=tmp_path / "file" / "run", progress=False)
 
 
 def test_iterator_of_batches_is_accepted(acts):
@@ -168,7 +299,7 @@ def test_sparse_updates_resume_exactly_and_train(tmp_path, acts):
     cfg = TrainConfig(steps=12, batch_size=64, checkpoint_every=4, log_every=2, sparse_updates=True)
     full = train(SWITCH, acts, cfg, run_dir=tmp_path / "full", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train(SWITCH, _InterruptedSource(acts, kill_at=5), cfg, run_dir=tmp_path / "killed", progress=False)
+        train(SWITCH, _InterruptedSource(acts, at=5), cfg, run_dir=tmp_path / "killed", progress=False)
     resumed = train(SWITCH, acts, cfg, run_dir=tmp_path / "killed", resume=True, progress=False)
     for name, tensor in full.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name

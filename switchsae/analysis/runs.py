@@ -1,4 +1,4 @@
-"""Finished run folders as rows: settings (cfg.json), metrics (metrics.json) and training speed (log.jsonl)."""
+"""Finished run folders as rows: settings (the SAE config), metrics (metrics.json) and training speed (log.jsonl)."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from switchsae.analysis.tables import markdown_table
 from switchsae.config import L1_FAMILY, TOPK_FAMILY
-from switchsae.saes.io import CFG_FILE
+from switchsae.saes.io import read_cfg_dict
 from switchsae.train import TRAIN_CFG_FILE
 
 RESULT_COLUMNS = ["setting", "name", "arch", "width", "n_experts", "k", "l1_coeff", "lr_width", "seed", "mse", "fvu", "l0", "dead_frac",
@@ -28,7 +28,7 @@ def run_summary(run_dir: str | Path, setting: str) -> dict:
     one; ``train_s`` is the wall-clock time of the last log step.
     """
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / CFG_FILE).read_text())
+    cfg = read_cfg_dict(run_dir)
     row = {"setting": setting, "name": run_dir.name, "run_dir": run_dir,
            "arch": cfg["arch"], "width": cfg["width"], "n_experts": cfg["n_experts"]}
     train_cfg_path = run_dir / TRAIN_CFG_FILE

@@ -1,3 +1,3 @@
-"""Applications on trained SAEs: feature inspection (:mod:`switchsae.apps.inspect`), the static
-feature pages it writes (:mod:`switchsae.apps.pages`) and a local server for them
-(:mod:`switchsae.apps.serve`)."""
+"""Uses of trained SAEs beyond training and evaluation: interop with SAELens (saelens.py, and
+saelens_switch.py for Switch SAEs inside SAELens); feature inspection (inspect.py), the static
+feature pages it writes (pages/) and a local server for them (serve.py)."""

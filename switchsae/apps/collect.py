@@ -74,6 +74,7 @@ class FeatureCollector:
         self.total = torch.zeros(n, dtype=torch.float64)
         self.prob_total = torch.zeros(n, dtype=torch.float64)
         self.prob_max = torch.zeros(n)
+        self.routed = False  # whether router probabilities came with the codes
         self.hist = Pow2Histogram(n, bins)
         example = {"row": ((), torch.long, -1), "context": ((len(self.offsets),), torch.float16, float("nan"))}
         self.top = BestPerSlot(n, top, example)
@@ -96,6 +97,7 @@ class FeatureCollector:
         self.count += torch.bincount(feature, minlength=len(self.count))
         self.total.index_add_(0, feature, value.double())
         if probs is not None:
+            self.routed = True
             prob = probs.float().flatten().index_select(0, row * probs.shape[1] + latent // self.expert_width)
             self.prob_total.index_add_(0, feature, prob.double())
             self.prob_max.scatter_reduce_(0, feature, prob, "amax")

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -30,10 +31,15 @@ from switchsae.sources.models import load_model
 from switchsae.sources.shards import rows_per_window
 
 
-def router_probs(out: SAEOutput) -> Tensor | None:
-    """Router probabilities ``p: [T, N]`` of each token, None for an SAE without a router: the one
-    place inspection reads routing information."""
-    return out.extras.get("router_probs")
+def block_probs(out: SAEOutput, n_blocks: int) -> Tensor | None:
+    """``[T, blocks]``: each expert block's router probability on each token (a shared expert's
+    block: 1, its gate), None for an SAE without a learned router (no experts, hash routing).
+    The one place inspection reads routing information (the SAE's :class:`Assignment`)."""
+    assignment = out.extras.get("assignment")
+    if assignment is None or assignment.probs is None:
+        return None
+    probs = assignment.probs
+    return torch.cat([probs, probs.new_ones(probs.shape[0], n_blocks - probs.shape[1])], 1)
 
 
 def parse_features(text: str) -> list[int]:
@@ -50,7 +56,8 @@ def parse_features(text: str) -> list[int]:
 
 def select_features(width: int, n_experts: int, features: list[int] | None = None,
                     expert: int | None = None) -> Tensor:
-    """The latent ids to inspect, ascending: ``features`` (default all), restricted to ``expert``."""
+    """The latent ids to inspect, ascending: ``features`` (default all), restricted to ``expert``
+    (``n_experts`` counts a shared expert's block too)."""
     selected = torch.arange(width) if features is None else torch.tensor(sorted(set(features)), dtype=torch.long)
     if len(selected) and not (0 <= int(selected[0]) and int(selected[-1]) < width):
         bad = next(f for f in selected.tolist() if not 0 <= f < width)
@@ -95,8 +102,10 @@ def collect(sae: SparseAutoencoder, cache: ActivationCache, features: Tensor, cf
     was_training = sae.training
     sae.eval()
     for start in tqdm(range(0, n_rows, batch), desc="inspect", unit="batch", disable=not progress):
-        out = sae(cache.rows(start, min(start + batch, n_rows)))
-        collector.add(start, out.latents, router_probs(out))
+        stop = min(start + batch, n_rows)
+        ids = cache.token_ids(np.arange(start, stop)) if sae.needs_token_ids else None  # hash routing
+        out = sae(cache.rows(start, stop), token_ids=ids)
+        collector.add(start, out.latents, block_probs(out, sae.cfg.n_blocks))
     sae.train(was_training)
     return collector
 
@@ -105,7 +114,7 @@ def inspect_run(run_dir: str | Path, cache_dir: str | Path, out: str | Path, cfg
                 features: list[int] | None = None, expert: int | None = None, progress: bool = True) -> Path:
     """Inspect the SAE in ``run_dir`` on the cache in ``cache_dir`` and write its feature pages to ``out``."""
     sae, cache = open_inputs(run_dir, cache_dir)
-    selected = select_features(sae.cfg.width, sae.cfg.n_experts, features, expert)
+    selected = select_features(sae.cfg.width, sae.cfg.n_blocks, features, expert)
     manifest = cache.manifest
     timings = {}
     start = time.perf_counter()
@@ -115,13 +124,14 @@ def inspect_run(run_dir: str | Path, cache_dir: str | Path, out: str | Path, cfg
     model, tokenizer = load_model(manifest["model"])
     directions = sae.W_dec.detach()[selected]
     boost, suppress = logit_effects(directions, model, cfg.logit_tokens)
-    group_width = sae.cfg.expert_width if sae.cfg.n_experts > 1 else 1
+    group_width = sae.cfg.expert_width if sae.cfg.n_blocks > 1 else 1
     near = nearest_rows(sae.W_dec, selected, group_width, cfg.neighbours) if cfg.neighbours else None
     timings["directions_s"] = time.perf_counter() - start
     contexts = ContextReader(cache.windows(), rows_per_window(manifest), manifest["drop_first"], cfg.before, cfg.after)
-    records = feature_records(collector, contexts, sae.cfg.n_experts, boost, suppress, near)
+    records = feature_records(collector, contexts, sae.cfg.n_blocks, boost, suppress, near)
     meta = {"run": str(run_dir), "cache": str(cache_dir), "model": manifest["model"], "hook": manifest["hook"],
-            "arch": sae.cfg.arch, "width": sae.cfg.width, "experts": sae.cfg.n_experts, "k": sae.cfg.k,
+            "arch": sae.cfg.arch, "width": sae.cfg.width, "experts": sae.cfg.n_blocks, "k": sae.cfg.k,
+            "shared_expert": sae.cfg.routing.shared_expert,
             "rows": collector.rows, "config": asdict(cfg),
             "timings": {name: round(seconds, 3) for name, seconds in timings.items()}}
     return pages.write_site(out, meta, records, lambda ids: tokenizer.batch_decode([[t] for t in ids]))

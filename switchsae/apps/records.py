@@ -3,7 +3,8 @@
 A record (numbers rounded to 4 significant digits)::
 
     id, count, density, mean, max          the statistics of collect.py
-    expert, router: {mean, max}            Switch SAEs only (router only if the feature fired)
+    expert, router: {mean, max}            Switch SAEs only (router: if the feature fired and the
+                                           router is learned)
     hist: {edge, counts}                   bin b covers [b, b+1)·edge/bins; trailing empty bins cut
     top: [example]                         strongest first
     samples: [{lo, hi, examples}]          one group per non-empty interval [lo, hi) of z
@@ -98,7 +99,7 @@ def _records(c: FeatureCollector, contexts: ContextReader, n_experts: int,
                   "mean": rounded(total[i] / n) if n else 0.0, "max": rounded(top_score[i]) if n else 0.0}
         if n_experts > 1:
             record["expert"] = latent // c.expert_width
-            if n:
+            if n and c.routed:
                 record["router"] = {"mean": rounded(prob_total[i] / n), "max": rounded(prob_max[i])}
         counts = hist_counts[i][:max((b + 1 for b, k in enumerate(hist_counts[i]) if k), default=0)]
         record["hist"] = {"edge": edge if n else 0.0, "counts": counts}

@@ -4,7 +4,7 @@ Notation as in kernels/sparse.py: ``x: [T, d]`` normalised activations, ``W_enc,
 one latent per row, ``i, v: [T, k]`` the selected latents and their pre-activations
 ``v_tj = W_enc[i_tj] · (x_t − b)`` (from the no-grad selection), ``b`` the input bias ``b_pre``:
 
-    a_tj = ReLU(v_tj),   z_tj = p_t a_tj                     (p: a Switch SAE's router gate, else 1)
+    a_tj = ReLU(v_tj),   z_tj = p_tj a_tj      (p: a Switch SAE's router gate per token or per entry, else 1)
     x̂_t = b + Σ_j z_tj W_dec[i_tj],   r_t = x̂_t − x_t,   mse = (1/T) Σ_t ‖r_t‖²
 
 Forward gathers each token's k decoder rows once for x̂_t, r_t and, while those rows are in cache,
@@ -13,7 +13,7 @@ Forward gathers each token's k decoder rows once for x̂_t, r_t and, while those
 ``G_t = ∂L/∂x̂_t = g_x̂_t + (2 g_mse / T) r_t``:
 
     ∂L/∂z_tj = W_dec[i_tj] · g_x̂_t + (2 g_mse / T) P_tj + g_z_tj
-    ∂L/∂p_t = Σ_j ∂L/∂z_tj a_tj,        ∂L/∂v_tj = p_t 1[v_tj > 0] ∂L/∂z_tj
+    ∂L/∂p_tj = ∂L/∂z_tj a_tj (summed over j for a gate per token),   ∂L/∂v_tj = p_tj 1[v_tj > 0] ∂L/∂z_tj
     ∂L/∂W_dec[i] = Σ_{tj: i_tj = i} z_tj G_t,      ∂L/∂W_enc[i] = Σ_{tj: i_tj = i} ∂L/∂v_tj (x_t − b)
     ∂L/∂b = Σ_t G_t − Σ_tj ∂L/∂v_tj W_enc[i_tj]
     ∂L/∂x_t = Σ_j ∂L/∂v_tj W_enc[i_tj] − (2 g_mse / T) r_t
@@ -38,6 +38,8 @@ def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Ten
                 x_hat_rows: Tensor | None = None, x_hat_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """``(z, x̂, mse)`` of the formulas above, differentiable in ``x, b, W_enc, W_dec, gate``.
 
+    ``gate`` is ``[T]`` (one expert per token) or ``[T, k]`` (a gate per selected latent, from
+    the entry it came from).
     ``values`` are the selected pre-activations ``v`` (no grad), ``centred`` is ``x − b`` (no
     grad; the selection computed it); ``sparse_grad`` makes the weight gradients row-sparse.
     ``x̂`` comes out times ``x_hat_scale`` with token ``t`` in row ``x_hat_rows[t]`` (a permutation;
@@ -68,6 +70,11 @@ def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor,
     return x_hat, residual, P, flat.dot(flat), residual.sum(0)
 
 
+def _per_entry(gate: Tensor) -> Tensor:
+    """A gate per token ``[T]`` or per entry ``[T, k]``, broadcastable against ``[T, k]``."""
+    return gate[:, None] if gate.ndim == 1 else gate
+
+
 class SparseCore(torch.autograd.Function):
     """:func:`sparse_core`; see the module docstring for the gradients."""
 
@@ -76,7 +83,7 @@ class SparseCore(torch.autograd.Function):
                 values: Tensor, centred: Tensor, sparse_grad: bool, x_hat_rows: Tensor | None, x_hat_scale: float,
                 differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
-        z = values.clamp_min(0) if gate is None else values.clamp_min(0) * gate[:, None]
+        z = values.clamp_min(0) if gate is None else values.clamp_min(0) * _per_entry(gate)
         # the value gradients only where a backward can follow (needs_input_grad ignores no_grad mode)
         x_hat, residual, P, squares, residual_sum = decode_residual(z, indices, W_dec, b, x, differentiable,
                                                                     x_hat_rows, x_hat_scale)
@@ -105,10 +112,13 @@ class SparseCore(torch.autograd.Function):
         if g_z is not None:
             grad_z = grad_z + g_z
 
-        grad_gate = (grad_z * values.clamp_min(0)).sum(1) if gate is not None and needs_gate else None
+        grad_gate = None
+        if gate is not None and needs_gate:
+            grad_gate = grad_z * values.clamp_min(0)
+            grad_gate = grad_gate.sum(1) if gate.ndim == 1 else grad_gate
         grad_v = grad_z * (values > 0)
         if gate is not None:
-            grad_v = grad_v * gate[:, None]
+            grad_v = grad_v * _per_entry(gate)
         W_enc = W_enc.detach()
         grad_dec = weight_grad(dec_weights, indices, dec_inputs, width, ctx.sparse_grad)[0] if needs_dec else None
         # Σ_tj ∂L/∂v_tj W_enc[i_tj] (for ∂L/∂b) comes with W_enc's gradient, from the per-row sums

@@ -1,13 +1,22 @@
-"""Expert dispatch: sort tokens by expert, one selection matmul per expert on a contiguous slice.
+"""Expert dispatch → expert compute → combine: the one path from a routing to a code.
 
-This is the one place a Switch SAE touches its experts' encoders, so it is also where an
-all-to-all goes when experts are split across devices. Only the chosen expert's ``M/N``
-pre-activations are ever materialised for a token: memory ``T·M/N`` floats, not ``T·M``.
-Experts are stored stacked along the latent axis: expert ``e`` owns rows ``[e·m, (e+1)·m)``.
+A router's :class:`~switchsae.saes.routing.Assignment` lists ``(token, expert, gate)`` entries
+grouped by expert. :func:`dispatch` gathers each entry's input row, so every expert's tokens are
+one contiguous slice; :func:`grouped_select_topk` runs one selection matmul per expert on its
+slice and keeps each entry's ``k`` largest pre-activations (the expert compute); :func:`combine`
+turns entries back into one code per token. This is the one place a Switch SAE touches its
+experts' encoders, so it is also where the all-to-all pair goes when experts are split across
+devices. Only the chosen experts' ``M/N`` pre-activations are ever materialised for an entry:
+memory ``E·M/N`` floats, not ``T·M``. Experts are stored stacked along the latent axis: expert
+``e`` owns rows ``[e·m, (e+1)·m)``, so codes carry global latent ids.
 
-The Switch SAE runs its whole forward and backward in this sorted order, so consecutive tokens
-gather from the same expert's ``m`` weight rows (which stay in cache) and no result has to be
-scattered back per expert; only the reconstruction and the code are put back in token order.
+With one entry per token (top-1, hash, balanced) the code is the entry's own TopK and the
+Switch SAE runs its whole forward and backward in this expert-sorted order, so consecutive
+tokens gather from the same expert's ``m`` weight rows (which stay in cache); only the
+reconstruction and the code are put back in token order. With several entries per token
+(top-e, a shared expert, expert choice) :func:`combine` takes one TopK over the union of the
+token's entries' candidates: the global TopK over its experts' latents, since each expert's
+contribution to it is among that expert's own ``k`` largest.
 """
 from __future__ import annotations
 
@@ -18,9 +27,36 @@ from switchsae.kernels import native
 from switchsae.kernels.sparse import largest_entries
 
 
-def sort_by_expert(expert: Tensor, n_experts: int) -> tuple[Tensor, list[int]]:
-    """The permutation that groups tokens by expert (stable) and each expert's token count."""
-    return torch.argsort(expert, stable=True), torch.bincount(expert, minlength=n_experts).tolist()
+def dispatch(x: Tensor, token: Tensor) -> Tensor:
+    """The input row of every entry, ``x[token]``: entries grouped by expert, ``[E, d]``."""
+    return x.index_select(0, token)
+
+
+def combine(values: Tensor, indices: Tensor, gate: Tensor, token: Tensor, n_tokens: int,
+            k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One code per token from its entries' candidates: the ``k`` largest pre-activations among
+    all of token ``t``'s entries, ``values, indices, gate: [T, k]`` in token order (each selected
+    latent carries the gate of the entry it came from). A token with fewer than ``k`` candidates
+    (or none) is padded with value 0, index 0, gate 0 (no latent, no gradient)."""
+    n_entries, k_entry = values.shape
+    device = values.device
+    order = torch.argsort(token, stable=True)
+    per_token = torch.bincount(token, minlength=n_tokens)
+    slots = int(per_token.max()) if n_entries else 0
+    slot = torch.arange(n_entries, device=device) - (per_token.cumsum(0) - per_token)[token.index_select(0, order)]
+    rows = token.index_select(0, order)
+    candidates = torch.full((n_tokens, max(slots, 1), k_entry), float("-inf"), device=device)
+    entry_of = torch.zeros((n_tokens, max(slots, 1)), dtype=torch.long, device=device)
+    candidates[rows, slot] = values.index_select(0, order)
+    entry_of[rows, slot] = order
+    flat = candidates.view(n_tokens, -1)
+    k_out = min(k, flat.shape[1])
+    best, where = flat.topk(k_out, dim=-1, sorted=False)
+    valid = best > float("-inf")
+    entry = entry_of.gather(1, where // k_entry)
+    chosen = indices.view(-1).index_select(0, (entry * k_entry + where % k_entry).view(-1)).view(n_tokens, k_out)
+    return (torch.where(valid, best, 0.0), torch.where(valid, chosen, 0),
+            torch.where(valid, gate.index_select(0, entry.view(-1)).view(n_tokens, k_out), 0.0))
 
 
 def grouped_select_topk(
@@ -28,8 +64,8 @@ def grouped_select_topk(
 ) -> tuple[Tensor, Tensor]:
     """TopK of ``x_t W_{e_t}ᵀ`` within each token's expert ``e_t``; indices are global latent ids.
 
-    ``x_sorted`` holds the tokens grouped by expert, ``counts[e]`` of them for expert ``e`` (see
-    :func:`sort_by_expert`); the matmul runs on ``W_selection`` (``W`` in a lower precision, e.g.
+    ``x_sorted`` holds the tokens grouped by expert, ``counts[e]`` of them for expert ``e`` (as
+    an Assignment holds them); the matmul runs on ``W_selection`` (``W`` in a lower precision, e.g.
     bf16) where given. On CPU in fp32 the matmul and the top-k run fused, tile by tile
     (:func:`switchsae.kernels.native.grouped_select`: pre-activations stay in cache, threads
     share out tiles of uneven experts). Otherwise :func:`expert_products` fills one ``[T, m]``

@@ -1,11 +1,16 @@
 """Compiled CPU kernels (``native.c``) for the steps torch has no fused op for.
 
-``native.c`` is compiled once per machine with the system C compiler (``$CC``, else ``cc``;
-``-O3 -march=native``) into ``~/.cache/switchsae/native/`` (or ``$SWITCHSAE_CACHE``), under a
-name that hashes the source, the compiler and the CPU's flags, and is loaded with ctypes. Where
-no compiler works, :func:`available` is False, a warning says so once, and callers use their
-plain-torch path, which computes the same thing (the tests check both). ``SWITCHSAE_NATIVE=0``
-turns the kernels off.
+``native.c`` is compiled once per machine with the system C compiler (``$CC``, split like a
+shell would so ``CC="ccache gcc"`` works, else ``cc``; ``-O3 -march=native``) into
+``<cache>/native/`` (see :func:`switchsae.host.cache_dir`: ``$SWITCHSAE_CACHE``, else
+``~/.cache/switchsae``, else a private temp folder), under a name that hashes the source, the
+compiler, its flags and the CPU: the ``/proc/cpuinfo`` flags where readable and always the
+macros the compiler defines for ``-march=native``, so a CPU whose flags cannot be read still gets
+a build of its own. It is loaded with ctypes. Where no compiler works (missing, failing, or not
+done within ``COMPILE_TIMEOUT_S``, ``$SWITCHSAE_COMPILE_TIMEOUT`` overrides; a hung compiler's
+process group is killed), :func:`available` is False, a warning says why once, and callers use
+their plain-torch path, which computes the same thing (the tests check both).
+``SWITCHSAE_NATIVE=0`` turns the kernels off.
 
 Kernels that write in place bump the tensors' version counters, as torch's in-place ops do, so
 autograd still notices a saved tensor that was modified.
@@ -22,7 +27,9 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import warnings
@@ -32,8 +39,12 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from switchsae import host
+
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+#: seconds one compiler call may take before it counts as hung (``$SWITCHSAE_COMPILE_TIMEOUT`` overrides)
+COMPILE_TIMEOUT_S = 300.0
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1 when malloc failed
     "topk_f32": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
@@ -61,7 +72,7 @@ def usable(*tensors: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32, t
 def _library() -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.CalledProcessError) as error:
+    except OSError as error:
         warnings.warn(f"switchsae: compiled CPU kernels unavailable ({error}); using torch ops (slower)")
         return None
     for name, (argtypes, restype) in SIGNATURES.items():
@@ -71,29 +82,67 @@ def _library() -> ctypes.CDLL | None:
 
 def _build() -> Path:
     """Compile native.c unless this machine's build is cached; the rename makes it atomic."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found (set CC)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SWITCHSAE_CACHE", Path.home() / ".cache" / "switchsae")) / "native"
+    compiler = _compiler()
+    version = _run([*compiler, "--version"])
+    key_parts = [SOURCE.read_text(), version, shlex.join(compiler), *FLAGS, _cpu_features(compiler)]
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:16]
+    cache = host.cache_dir("native")
     target = cache / f"native-{platform.machine()}-{key}.so"
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
-            if result.returncode:
-                raise OSError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
+            _run([*compiler, *FLAGS, "-o", str(built), str(SOURCE)])
             os.replace(built, target)
     return target
 
 
-def _cpu_flags() -> str:
+def _compiler() -> list[str]:
+    """The C compiler command: ``$CC`` split into words (it may carry a wrapper or flags), else cc or gcc."""
+    configured = shlex.split(os.environ.get("CC", ""))
+    if configured:
+        return configured
+    found = shutil.which("cc") or shutil.which("gcc")
+    if found is None:
+        raise OSError("no C compiler found (set CC)")
+    return [found]
+
+
+def _cpu_features(compiler: list[str]) -> str:
+    """What the build depends on in the CPU: its ``/proc/cpuinfo`` flags (empty where unreadable)
+    and the macros ``compiler`` defines for ``-march=native`` (e.g. ``__AVX512BF16__``)."""
+    macros = _run([*compiler, "-march=native", "-dM", "-E", "-x", "c", os.devnull])
+    return host.cpu_identity()[1] + "\0" + "\n".join(sorted(macros.splitlines()))
+
+
+def _run(command: list[str]) -> str:
+    """The standard output of a compiler call; OSError (with the tail of its error output) if it
+    fails, and if it runs past the timeout, after its whole process group is killed."""
+    timeout = _compile_timeout()
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise OSError(f"{shlex.join(command[:2])} ... did not finish within {timeout:g} s "
+                          "(SWITCHSAE_COMPILE_TIMEOUT sets the limit)") from None
+    if process.returncode:
+        what = f"{command[0]} failed on {SOURCE.name}" if str(SOURCE) in command else f"{shlex.join(command)} failed"
+        raise OSError(f"{what}: {err.strip()[-500:]}")
+    return out
+
+
+def _compile_timeout() -> float:
+    """``COMPILE_TIMEOUT_S``, or ``$SWITCHSAE_COMPILE_TIMEOUT`` where set (an empty value counts as unset)."""
+    value = os.environ.get("SWITCHSAE_COMPILE_TIMEOUT") or str(COMPILE_TIMEOUT_S)
     try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise OSError(f"SWITCHSAE_COMPILE_TIMEOUT={value!r} is not a positive number of seconds")
+    return seconds
 
 
 def topk(pre: Tensor, k: int, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -20,12 +20,25 @@ REGISTRY: dict[str, type[SparseAutoencoder]] = {
 }
 
 
+#: every architecture-specific setting and the architectures that read it (``specific_settings``)
+SETTING_ARCHS: dict[str, tuple[str, ...]] = {
+    name: tuple(arch for arch, cls in REGISTRY.items() if name in cls.specific_settings)
+    for name in sorted(frozenset().union(*(cls.specific_settings for cls in REGISTRY.values())))
+}
+
+
 def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     """A freshly initialised SAE of the architecture ``cfg.arch``."""
     return REGISTRY[cfg.arch](cfg)
 
 
+def reads_setting(arch: str, name: str) -> bool:
+    """Whether architecture ``arch`` reads setting ``name`` (every setting not specific to some
+    architectures is read by all)."""
+    return arch in SETTING_ARCHS.get(name, REGISTRY)
+
+
 __all__ = [
-    "REGISTRY", "build_sae", "Latents", "SAEOutput", "SparseAutoencoder",
+    "REGISTRY", "SETTING_ARCHS", "build_sae", "reads_setting", "Latents", "SAEOutput", "SparseAutoencoder",
     "SwitchSAE", "TopKSAE", "BatchTopKSAE", "ReLUSAE", "GatedSAE", "JumpReLUSAE",
 ]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from switchsae.config import SAEConfig
 from switchsae.kernels.sparse import dense_codes, sparse_decode
 from switchsae.optim import BFloat16Copy
+from switchsae.saes.auxk import auxk_loss
 from switchsae.saes.geometric_median import geometric_median
 
 
@@ -67,10 +68,13 @@ class SparseAutoencoder(nn.Module):
 
     Subclasses set ``unit_norm_decoder`` (decoder rows kept at norm 1 after every step, with the
     gradient's component along each row removed before it; see :meth:`param_groups`) and
-    implement ``_encode``, ``flops`` and optionally ``extra_losses``.
+    ``specific_settings``, and implement ``_encode``, ``flops`` and optionally ``extra_losses``.
     """
 
     unit_norm_decoder: ClassVar[bool] = True
+    #: the architecture-specific settings (SAEConfig and TrainConfig field names) this SAE reads;
+    #: the CLI refuses one given for an architecture that does not read it, sweeps drop it
+    specific_settings: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -82,6 +86,17 @@ class SparseAutoencoder(nn.Module):
         self._encoder_bf16: BFloat16Copy | None = None
         #: row-sparse weight gradients for the sparse-code (TopK-family) paths, see kernels/sparse.py
         self.sparse_grads = False
+        #: per latent, training tokens seen since it last fired (set by the trainer, read by AuxK)
+        self.tokens_since_fired: Tensor | None = None
+
+    @classmethod
+    def token_ids_needed(cls, cfg: SAEConfig) -> bool:
+        """Whether an SAE of ``cfg`` needs each row's token id in ``forward(x, token_ids=...)``."""
+        return False
+
+    @property
+    def needs_token_ids(self) -> bool:
+        return self.token_ids_needed(self.cfg)
 
     # -- initialisation -------------------------------------------------------------------
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -113,14 +128,17 @@ class SparseAutoencoder(nn.Module):
             out = sparse_decode(latents.values, latents.indices, self.W_dec, self.sparse_grads)
         return (out + self.b_pre) / self.cfg.act_scale
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SAEOutput:
+        """Encode and decode raw ``x: [T, d]``; ``token_ids: [T]`` (the token of each row) is read
+        only by SAEs that route by it (:meth:`token_ids_needed`)."""
         latents, extras = self._encode(self._check_input(x))
         return SAEOutput(self.decode(latents), latents, extras)
 
-    def reconstruct(self, x: Tensor) -> Tensor:
+    def reconstruct(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x̂`` for activations of any leading shape ``[..., d]`` (for patching into a model)."""
         flat = x.reshape(-1, x.shape[-1]).float()
-        return self(flat).x_hat.reshape(x.shape).to(x.dtype)
+        ids = None if token_ids is None else token_ids.reshape(-1)
+        return self(flat, token_ids=ids).x_hat.reshape(x.shape).to(x.dtype)
 
     def _check_input(self, x: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.cfg.d_model:
@@ -147,6 +165,34 @@ class SparseAutoencoder(nn.Module):
         """Architecture-specific terms (sparsity penalties, load balancing) for raw activations ``x``;
         none by default."""
         return {}
+
+    def batch_stats(self, out: SAEOutput) -> dict[str, float]:
+        """Architecture-specific numbers to log for a training batch; none by default."""
+        return {}
+
+    # -- dead latents ---------------------------------------------------------------------
+    def record_firing(self, latents: Latents, n_tokens: int) -> None:
+        """Advance the dead-latent counter by a batch: every latent's count grows by ``n_tokens``,
+        the ones that fired restart at 0."""
+        counter = self.tokens_since_fired
+        counter += n_tokens
+        counter[latents.fired(self.cfg.width) > 0] = 0
+
+    def dead_latents(self) -> Tensor | None:
+        """``[M]`` bool: no firing for ``cfg.dead_tokens`` training tokens (None outside training)."""
+        return None if self.tokens_since_fired is None else self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def auxk_terms(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        """``{"auxk": ...}`` when ``cfg.auxk_coeff`` is set and some latent is dead (saes/auxk.py),
+        over the groups of :meth:`auxk_groups`; else nothing."""
+        dead = self.dead_latents()
+        if not (self.cfg.auxk_coeff and dead is not None and dead.any()):
+            return {}
+        return {"auxk": auxk_loss(self, x, out, dead, self.auxk_groups(out))}
+
+    def auxk_groups(self, out: SAEOutput) -> list[tuple[Tensor, range]]:
+        """``(tokens, latent range)`` pairs AuxK picks dead latents within (TopK-family SAEs)."""
+        raise NotImplementedError
 
     def selection_weights(self) -> Tensor:
         """``W_enc`` as the no-grad selection matmul reads it: itself in fp32; with a bf16

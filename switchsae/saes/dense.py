@@ -24,6 +24,7 @@ class DenseEncoderSAE(SparseAutoencoder):
 
     #: norm of the decoder rows at initialisation
     decoder_init_norm: ClassVar[float] = 1.0
+    specific_settings = frozenset({"l1_coeff"})
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

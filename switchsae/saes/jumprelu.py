@@ -69,6 +69,8 @@ class JumpReLUSAE(DenseEncoderSAE):
     Parameters ``2Md + 2M + d``. FLOPs: see :meth:`DenseEncoderSAE.flops`.
     """
 
+    specific_settings = DenseEncoderSAE.specific_settings | {"jump_threshold", "jump_bandwidth"}
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.log_threshold = nn.Parameter(torch.empty(cfg.width))

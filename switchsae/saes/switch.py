@@ -6,35 +6,48 @@ import math
 import torch
 from torch import Tensor, nn
 
-from switchsae.config import SAEConfig
+from switchsae.config import ROUTING_FIELDS, SAEConfig
 from switchsae.kernels.core import sparse_core
-from switchsae.kernels.dispatch import grouped_select_topk, sort_by_expert
+from switchsae.kernels.dispatch import combine, dispatch, grouped_select_topk
 from switchsae.kernels.sparse import topk_encode
 from switchsae.saes.base import Latents, SAEOutput, SparseAutoencoder
 from switchsae.saes.geometric_median import geometric_median
+from switchsae.saes.routing import ROUTER_CLASSES, Assignment, build_router, forced, with_shared_expert
 
 
 class SwitchSAE(SparseAutoencoder):
-    """Top-1 routed mixture of bias-free TopK experts, SPEC §1::
+    """Routed mixture of bias-free TopK experts, SPEC §1 (top-1 routing, the paper's)::
 
         p(x) = softmax(W_r (x − b_r))                       router, W_r: N×d
         i*   = argmax_i p_i(x)
         x̂    = p_{i*}(x) · W_dec^{i*} TopK(W_enc^{i*} (x − b_pre)) + b_pre
 
     Each expert has ``m = M/N`` latents; expert ``i`` owns rows ``[i·m, (i+1)·m)`` of the stacked
-    ``W_enc, W_dec: [M, d]``, so codes use global latent ids. The router probability is folded
-    into the code (``z ← p_{i*} z``), which is what makes the router differentiable and lets the
-    shared decoder path serve. Load balancing (Fedus et al.): ``L_aux = N Σ_i f_i P_i`` with
-    ``f_i`` the fraction of tokens routed to ``i`` (no gradient) and ``P_i`` the mean router
-    probability (gradient); the loss adds ``α L_aux``. Parameters ``Nd + d + 2Md + d``.
+    ``W_enc, W_dec: [M, d]``, so codes use global latent ids. The router's gate is folded into
+    the code (``z ← p_{i*} z``), which is what makes the router differentiable and lets the shared
+    decoder path serve. The router is a strategy (``cfg.routing``, saes/routing.py) returning an
+    :class:`Assignment` of (token, expert, gate) entries; with several entries per token (top-e, a
+    shared expert, expert choice) the code is one TopK over the union of the token's experts'
+    latents, each latent scaled by its own expert's gate:
+    ``x̂ = Σ_{j ∈ TopK(∪_e W_enc^e (x − b_pre))} g_{e(j)} z_j W_dec[j] + b_pre``. A shared expert
+    is one more block of ``m`` latents (``M = (N + 1)·m``) with gate 1. Parameters
+    ``Nd + d + 2Md + d``.
     """
+
+    specific_settings = frozenset({"k", "n_experts", *ROUTING_FIELDS, "auxk_coeff", "auxk_k", "dead_tokens",
+                                   "matmul_dtype", "sparse_updates"})
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.W_enc = nn.Parameter(torch.empty(cfg.width, cfg.d_model))
         self.W_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.b_router = nn.Parameter(torch.zeros(cfg.d_model))
+        self.router = build_router(cfg.routing, cfg.n_experts)
         self.reset_parameters()
+
+    @classmethod
+    def token_ids_needed(cls, cfg: SAEConfig) -> bool:
+        return ROUTER_CLASSES[cfg.routing.router].needs_token_ids
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         super().reset_parameters(generator)
@@ -51,62 +64,115 @@ class SwitchSAE(SparseAutoencoder):
             self.b_pre.copy_(median)
             self.b_router.copy_(median)
 
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Router probabilities ``p: [T, N]`` and the chosen expert ``i*: [T]`` (normalised ``x``).
+    def router_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``ℓ = W_r (x − b_r)`` and ``p = softmax(ℓ)``, ``[T, N]``, for normalised ``x``.
 
         ``W_r (x − b_r)`` is computed as ``W_r x − W_r b_r``: the bias gradient is then a sum of
-        ``[T, N]`` logit gradients, not a ``[T, d]`` pass (3x faster router fwd + bwd here).
+        ``[T, N]`` logit gradients, not a ``[T, d]`` pass.
         """
-        probs = torch.softmax(x @ self.W_router.t() - self.W_router @ self.b_router, dim=-1)
-        return probs, probs.argmax(dim=-1)
+        logits = x @ self.W_router.t() - self.W_router @ self.b_router
+        return logits, torch.softmax(logits, dim=-1)
 
-    def forward(self, x: Tensor) -> SAEOutput:
-        """Encode, decode and the squared error in expert-sorted token order (kernels/dispatch.py,
-        kernels/core.py); outputs in token order."""
-        latents, x_hat, mse, extras = self._sorted_forward(self._check_input(x), decode=True)
-        return SAEOutput(x_hat, latents, extras, mse)
+    def route(self, x: Tensor, token_ids: Tensor | None = None, expert: int | None = None) -> Assignment:
+        """The :class:`Assignment` of normalised ``x``; with ``expert`` every token goes to that
+        expert (steering), gated by its own top router probability ``max_i p_i`` (1 without a
+        learned router)."""
+        logits = probs = None
+        if self.router.learned:
+            logits, probs = self.router_logits(x)
+        if expert is None:
+            assignment = self.router.assign(logits, probs, token_ids, self.training)
+        else:
+            if not 0 <= expert < self.cfg.n_experts:
+                raise ValueError(f"expert {expert} is out of range: this SAE has experts 0..{self.cfg.n_experts - 1}.")
+            assignment = forced(probs, x.shape[0], expert, self.cfg.n_experts, x.device)
+        if self.cfg.routing.shared_expert:
+            assignment = with_shared_expert(assignment, self.cfg.n_experts)
+        return assignment
 
-    def _encode(self, x: Tensor) -> tuple[Latents, dict[str, Tensor]]:
-        latents, _, _, extras = self._sorted_forward(x, decode=False)
-        return latents, extras
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, expert: int | None = None) -> SAEOutput:
+        """Route, then encode, decode and the squared error (kernels/dispatch.py, kernels/core.py);
+        outputs in token order. ``expert`` forces every token to one expert (see :meth:`route`)."""
+        x = self._check_input(x)
+        assignment = self.route(x, token_ids, expert)
+        latents, x_hat, mse = self._expert_forward(x, assignment, decode=True)
+        return SAEOutput(x_hat, latents, {"assignment": assignment}, mse)
 
-    def _sorted_forward(self, x: Tensor, decode: bool) -> tuple[Latents, Tensor | None, Tensor | None, dict[str, Tensor]]:
-        """The code of normalised ``x`` (and with ``decode`` the reconstruction in raw units and the
-        squared error), computed on the tokens grouped by expert and put back in token order."""
-        probs, expert = self.route(x)
-        order, counts = sort_by_expert(expert, self.cfg.n_experts)
-        x_sorted = x.index_select(0, order)
+    def encode(self, x: Tensor, token_ids: Tensor | None = None, expert: int | None = None) -> Latents:
+        """The code of raw activations ``x: [T, d]`` (``token_ids`` for hash routing; ``expert`` forces one)."""
+        x = self._check_input(x)
+        return self._expert_forward(x, self.route(x, token_ids, expert), decode=False)[0]
+
+    def _encode(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Latents, dict]:
+        assignment = self.route(x, token_ids)
+        return self._expert_forward(x, assignment, decode=False)[0], {"assignment": assignment}
+
+    def _expert_forward(self, x: Tensor, a: Assignment, decode: bool) -> tuple[Latents, Tensor | None, Tensor | None]:
+        """Dispatch → each entry's TopK within its expert → combine; with ``decode`` also the
+        reconstruction (raw units, token order) and the squared error of normalised ``x``."""
+        x_entries = dispatch(x, a.token)
         with torch.no_grad():
-            centred = x_sorted - self.b_pre
-        values, indices = grouped_select_topk(centred, self.W_enc, counts, self.cfg.k, self.selection_weights())
-        gate = probs.gather(1, expert[:, None]).squeeze(1).index_select(0, order)
-        unsorted = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+            centred = x_entries - self.b_pre
+        values, indices = grouped_select_topk(centred, self.W_enc, a.counts, self.cfg.k, self.selection_weights())
+        scale = 1 / self.cfg.act_scale
+        if not a.one_per_token:  # one TopK over the union of each token's entries, in token order
+            values, indices, gate = combine(values, indices, a.gate, a.token, a.n_tokens, self.cfg.k)
+            with torch.no_grad():
+                centred = x - self.b_pre
+            if not decode:
+                return Latents(topk_encode(x, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
+                               * gate, indices), None, None
+            z, x_hat, mse = sparse_core(x, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, gate,
+                                        self.sparse_grads, x_hat_scale=scale)
+            return Latents(z, indices), x_hat, mse
+        # one entry per token: the whole forward (and backward) runs in expert order
         x_hat = mse = None
         if decode:  # x̂ comes out in token order and raw units
-            z, x_hat, mse = sparse_core(x_sorted, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, gate,
-                                        self.sparse_grads, x_hat_rows=order, x_hat_scale=1 / self.cfg.act_scale)
+            z, x_hat, mse = sparse_core(x_entries, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, a.gate,
+                                        self.sparse_grads, x_hat_rows=a.token, x_hat_scale=scale)
         else:
-            z = topk_encode(x_sorted, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) * gate[:, None]
-        latents = Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted))
-        return latents, x_hat, mse, {"router_probs": probs, "expert": expert}
+            z = topk_encode(x_entries, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) \
+                * a.gate[:, None]
+        unsorted = torch.empty_like(a.token).index_copy_(0, a.token, torch.arange(a.token.numel(), device=x.device))
+        return Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted)), x_hat, mse
 
     def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
-        probs, expert = out.extras["router_probs"], out.extras["expert"]
-        return {"balance": self.cfg.aux_coeff * load_balance_loss(probs, expert)}
+        """The router's own terms (load balance, z-loss) and, with ``auxk_coeff``, AuxK within
+        each token's experts."""
+        return {**self.router.aux_losses(out.extras["assignment"], self.aux_unit()), **self.auxk_terms(x, out)}
+
+    def aux_unit(self) -> float:
+        """Factor on the router's loss weights: ``(act_scale / unit_scale)²`` for ``aux_units = data``
+        (the loss's MSE is that times the MSE of ``unit_scale · x``, activations at mean norm √d),
+        1 for ``loss``."""
+        cfg = self.cfg
+        return (cfg.act_scale / cfg.unit_scale) ** 2 if cfg.routing.aux_units == "data" else 1.0
+
+    def auxk_groups(self, out: SAEOutput) -> list[tuple[Tensor, range]]:
+        """One group per expert block: the tokens routed there and the block's latents."""
+        a, m = out.extras["assignment"], self.cfg.expert_width
+        return [(tokens, range(e * m, (e + 1) * m)) for e, tokens in enumerate(a.token.split(a.counts))]
+
+    def batch_stats(self, out: SAEOutput) -> dict[str, float]:
+        """Fraction of tokens no expert took (only expert-choice routing leaves any)."""
+        return {"unrouted": out.extras["assignment"].unrouted_fraction()}
+
+    def entries_per_token(self) -> float:
+        """Expert encoders each token runs through in the forward: ``e`` (top-e), the capacity
+        factor (expert choice, in training; 1 at inference), else 1; plus 1 for a shared expert."""
+        routing = self.cfg.routing
+        routed = {"top_e": routing.experts_per_token,
+                  "expert_choice": routing.capacity_factor if self.training else 1}.get(routing.router, 1)
+        return routed + int(routing.shared_expert)
 
     def flops(self) -> dict[str, int]:
-        """Forward ``2dN`` (router) ``+ 2dM/N`` (one expert's encoder) ``+ 2kd`` (sparse decoder).
+        """Forward ``2dN`` (a learned router) ``+ 2d·(M/N)·r`` (the encoders of the ``r`` experts a
+        token runs through, :meth:`entries_per_token`) ``+ 2kd`` (sparse decoder).
 
         Training: the router's matmul costs 3x its forward (it is dense), the expert selection
         matmul has no backward, and the sparse parts cost ``12kd`` as for TopK.
         """
-        d, M, k, N = self.cfg.d_model, self.cfg.width, self.cfg.k, self.cfg.n_experts
-        encoder = 2 * d * M // N
-        return {"forward": 2 * d * N + encoder + 2 * k * d, "train": 6 * d * N + encoder + 12 * k * d}
-
-
-def load_balance_loss(probs: Tensor, expert: Tensor) -> Tensor:
-    """``N Σ_i f_i P_i``: 1 for a uniform router, larger the more tokens pile onto likely experts."""
-    n_experts = probs.shape[1]
-    f = torch.bincount(expert, minlength=n_experts).to(probs.dtype) / expert.shape[0]
-    return n_experts * (f * probs.mean(0)).sum()
+        d, k, N = self.cfg.d_model, self.cfg.k, self.cfg.n_experts
+        router = 2 * d * N if self.router.learned else 0
+        encoder = round(2 * d * self.cfg.expert_width * self.entries_per_token())
+        return {"forward": router + encoder + 2 * k * d, "train": 3 * router + encoder + 12 * k * d}

@@ -17,6 +17,8 @@ class TopKSAE(SparseAutoencoder):
     latents per token enter the graph (sparse backward, see :mod:`switchsae.kernels.sparse`).
     """
 
+    specific_settings = frozenset({"k", "auxk_coeff", "auxk_k", "dead_tokens", "matmul_dtype", "sparse_updates"})
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.W_enc = nn.Parameter(torch.empty(cfg.width, cfg.d_model))
@@ -39,13 +41,21 @@ class TopKSAE(SparseAutoencoder):
         z = topk_encode(x, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
         return Latents(z, indices), {}
 
-    def forward(self, x: Tensor) -> SAEOutput:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> SAEOutput:
         """Encode, decode and the squared error in one autograd function (kernels/core.py)."""
         x = self._check_input(x)
         indices, values, centred = self._select(x)
         z, x_hat, mse = sparse_core(x, self.b_pre, self.W_enc, self.W_dec, indices, values, centred,
                                     sparse_grad=self.sparse_grads, x_hat_scale=1 / self.cfg.act_scale)
         return SAEOutput(x_hat, Latents(z, indices), mse=mse)
+
+    def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
+        """With ``auxk_coeff``: AuxK over the dead latents (saes/auxk.py)."""
+        return self.auxk_terms(x, out)
+
+    def auxk_groups(self, out: SAEOutput) -> list[tuple[Tensor, range]]:
+        """One group: every token, every latent."""
+        return [(torch.arange(out.x_hat.shape[0], device=out.x_hat.device), range(self.cfg.width))]
 
     def flops(self) -> dict[str, int]:
         """Forward ``2dM`` (encoder) ``+ 2kd`` (sparse decoder).

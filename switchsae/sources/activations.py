@@ -53,7 +53,8 @@ class TensorSource:
         step = start_step
         while True:
             epoch, offset = divmod(step, per_epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            epoch_seed = (seed * 1_000_003 + epoch) % 2**64  # any seed below 2**63 fits the generator
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
             for i in range(offset, per_epoch):
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 yield self.train[idx].float()

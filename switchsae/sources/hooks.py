@@ -150,7 +150,7 @@ def capture(model: nn.Module, hook: HookPoint | str, input_ids: Tensor,
             model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
         except _StopForward as stop:
             return stop.activation
-    raise RuntimeError(f"The forward pass of {type(model).__name__} never reached hook {as_hook(hook).name}.")
+    raise ValueError(f"The forward pass of {type(model).__name__} never reached hook {as_hook(hook).name}.")
 
 
 @contextmanager

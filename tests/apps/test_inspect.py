@@ -37,7 +37,7 @@ def dense(switch_run, tiny_cache):
         for start in range(0, cache.n_tokens, batch):
             out = sae(cache.rows(start, min(start + batch, cache.n_tokens)))
             codes.append(out.latents.to_dense(sae.cfg.width))
-            probs.append(out.extras["router_probs"])
+            probs.append(out.extras["assignment"].probs)
     return sae, cache, torch.cat(codes), torch.cat(probs)
 
 
@@ -239,3 +239,24 @@ def test_an_sae_without_experts_gets_pages_without_expert_fields(tmp_path, tiny_
     record = pages.load_record(tmp_path / "p", 5)
     assert "expert" not in record and "router" not in record
     assert len(record["near"]) == 5 and 5 not in [j for j, _ in record["near"]]
+
+
+@pytest.mark.parametrize("routing, router_stats", [(["--router", "top_e", "--experts-per-token", "2", "--shared-expert"], True),
+                                                   (["--router", "hash"], False)])
+def test_routing_variants_get_their_router_statistics(tmp_path, tiny_cache, routing, router_stats):
+    """top-e with a shared expert: a latent's router p is its own expert's on the tokens it fires on,
+    1 for the shared block (its gate); hash routing learns no router, so there is nothing to show."""
+    run = tmp_path / "run"
+    main(["train", "--acts", str(tiny_cache), "--arch", "switch", "--width", "48", "--experts", "2", "--k", "4",
+          "--steps", "5", "--batch-size", "256", *routing, "--out", str(run), "--quiet"])
+    main(["inspect", str(run), "--acts", str(tiny_cache), "--out", str(tmp_path / "p"), "--tokens", "2000", "--quiet"])
+    records = [pages.load_record(tmp_path / "p", j) for j in range(48)]
+    blocks = 3 if router_stats else 2
+    assert pages.read_data(tmp_path / "p", pages.META)["experts"] == blocks
+    assert {r["expert"] for r in records} == set(range(blocks))
+    fired = [r for r in records if r["count"]]
+    assert all(("router" in r) == router_stats for r in fired)
+    if router_stats:
+        shared = [r for r in fired if r["expert"] == 2]
+        assert shared and all(r["router"] == {"mean": 1.0, "max": 1.0} for r in shared)
+        assert all(0 < r["router"]["mean"] <= r["router"]["max"] <= 1 for r in fired)

@@ -32,20 +32,20 @@ def _inputs(gen: torch.Generator, repeats: bool):
 def _reference(x, b, W_enc, W_dec, gate, indices):
     """Dense: the selected pre-activations by a gather, decoder and loss by plain matmuls."""
     v = torch.einsum("tkd,td->tk", W_enc[indices], x - b)
-    z = torch.relu(v) * (1 if gate is None else gate[:, None])
+    z = torch.relu(v) * (1 if gate is None else gate[:, None] if gate.ndim == 1 else gate)
     x_hat = dense_codes(z, indices, M) @ W_dec + b
     return z, x_hat, (x_hat - x).pow(2).sum(-1).mean()
 
 
 @pytest.mark.parametrize("upstream", ["mse", "x_hat", "z", "all"])
-@pytest.mark.parametrize("gated", [False, True], ids=["topk", "gated"])
+@pytest.mark.parametrize("gated", [None, "token", "entry"], ids=["topk", "gate-per-token", "gate-per-entry"])
 @pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense-grad", "sparse-grad"])
 @pytest.mark.parametrize("placed", [False, True], ids=["in-order", "placed-and-scaled"])
 def test_sparse_core_equals_dense_reference(upstream, gated, sparse_grad, placed):
     """``placed``: x̂ written to permuted rows and scaled, as a Switch SAE asks for."""
     gen = torch.Generator().manual_seed(0)
     x, b, W_enc, W_dec, gate, indices = _inputs(gen, repeats=upstream == "all")
-    gate = gate if gated else None
+    gate = {None: None, "token": gate, "entry": torch.rand(T, K, generator=gen, requires_grad=True)}[gated]
     g_x_hat, g_z = torch.randn(T, D, generator=gen), torch.randn(T, K, generator=gen)
     with torch.no_grad():  # random weights: about half the selected latents are below zero (no ReLU gradient)
         values = torch.einsum("tkd,td->tk", W_enc[indices], x - b)

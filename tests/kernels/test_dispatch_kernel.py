@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from switchsae.kernels import dispatch
-from switchsae.kernels.dispatch import grouped_select_topk, sort_by_expert
+from switchsae.kernels.dispatch import grouped_select_topk
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
 
@@ -18,6 +18,11 @@ def _inputs(tokens: int = T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     W = torch.randn(N_EXPERTS * EXPERT_WIDTH, D, generator=gen)
     expert = torch.randint(0, N_EXPERTS - 1, (tokens,), generator=gen)  # the last expert gets no token
     return x, W, expert
+
+
+def sort_by_expert(expert: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """The permutation grouping tokens by expert and each expert's count (as a top-1 Assignment holds them)."""
+    return torch.argsort(expert, stable=True), torch.bincount(expert, minlength=n_experts).tolist()
 
 
 def _sorted_by_index(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

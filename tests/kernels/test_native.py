@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,28 @@ def test_topk_equals_torch_topk(dtype, m, k):
     values, indices = native.topk(pre, k)
     assert values.dtype == torch.float32 and indices.dtype == torch.int64
     _same_top(values, indices, pre, k)
+
+
+RANK_MAX = 256  # native.c: select_largest ranks by counting up to this many entries, else quickselects
+
+
+def _n_blocks(m: int, k: int) -> int:
+    """native.c's block count for a row of ``m`` (block_width), i.e. the first select_largest's size."""
+    width = m // (2 * k)
+    width = width // 16 * 16 if width >= 16 else max(width, 1)
+    return -(-m // width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,ties", [(4096, 300, False), (4096, 300, True), (2000, 260, False), (1000, 999, True)])
+def test_topk_through_quickselect_equals_torch_topk(dtype, m, k, ties):
+    """k >= 256: more than RANK_MAX block maxima and candidates, so select_largest quickselects
+    (with ties, through its three-way partition's equal run)."""
+    assert _n_blocks(m, k) > RANK_MAX or k > RANK_MAX
+    gen = torch.Generator().manual_seed(m + k)
+    pre = torch.randint(0, 40, (9, m), generator=gen).float() if ties else torch.randn(9, m, generator=gen)
+    values, indices = native.topk(pre.to(dtype), k)
+    _same_top(values, indices, pre.to(dtype), k)
 
 
 def test_topk_with_ties_and_constant_rows():
@@ -132,9 +158,9 @@ def test_adam_rows_rewrites_the_bf16_copy_of_the_rows_it_updates_bit_for_bit():
 
 
 @contextlib.contextmanager
-def _built_with(compiler: Path, monkeypatch, cache: Path):
-    """A fresh load of the kernels with ``compiler`` into an empty ``cache``; the real build is
-    loaded again afterwards."""
+def _built_with(compiler: Path | str, monkeypatch, cache: Path | str):
+    """A fresh load of the kernels with ``compiler`` (``$CC``) into an empty ``cache``
+    (``$SWITCHSAE_CACHE``); the real build is loaded again afterwards."""
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("SWITCHSAE_CACHE", str(cache))
     native._library.cache_clear()
@@ -150,6 +176,53 @@ def test_a_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
         with pytest.warns(UserWarning, match="using torch ops"):
             assert not native.available()
     assert native.available()
+
+
+def test_a_build_survives_a_broken_home_an_empty_cache_variable_a_cc_with_arguments_and_no_cpuinfo(
+        monkeypatch, tmp_path):
+    """A real compile with ``CC="env cc -w"`` (a wrapper and a flag, as ``ccache gcc`` or
+    ``gcc -m64``), ``$SWITCHSAE_CACHE`` empty, ``$HOME`` a file and /proc/cpuinfo unreadable: the
+    kernels build in the private temp folder, keyed by the compiler's view of the CPU."""
+    from switchsae import host
+
+    (tmp_path / "home").write_text("a file, not a folder")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(host, "CPUINFO", tmp_path / "no-cpuinfo")
+    host._cache_root.cache_clear()
+    with _built_with(f"env {shutil.which('cc')} -w", monkeypatch, ""):
+        with pytest.warns(UserWarning, match="cache folder") as caught:
+            assert native.available()
+        assert not [w for w in caught if "unavailable" in str(w.message)]
+        built = list((tmp_path / f"switchsae-{os.getuid()}" / "native").glob("native-*.so"))
+        assert len(built) == 1
+        pre = torch.randn(5, 300)
+        _same_top(*native.topk(pre, 7), pre, 7)
+        assert "#define __" in native._cpu_features(native._compiler())
+    host._cache_root.cache_clear()
+
+
+def test_a_hung_compiler_is_killed_with_its_children_and_the_torch_path_used(monkeypatch, tmp_path):
+    compiler = tmp_path / "hung-cc"
+    child = tmp_path / "child.pid"
+    compiler.write_text(f"#!/bin/sh\ncase \"$*\" in *--version*|*-dM*) echo hung 1.0; exit 0;; esac\n"
+                        f"sleep 60 &\necho $! > {child}\nwait\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("SWITCHSAE_COMPILE_TIMEOUT", "0.5")
+    started = time.monotonic()
+    with _built_with(compiler, monkeypatch, tmp_path / "cache"):
+        with pytest.warns(UserWarning, match=r"did not finish within 0.5 s.*using torch ops"):
+            assert not native.available()
+    assert time.monotonic() - started < 20
+    assert not _running(int(child.read_text())), "the compiler's own child is killed too"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (which a container's init may never reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("rows", [None, [1, 4, 7]], ids=["all rows", "named rows"])

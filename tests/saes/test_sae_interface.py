@@ -6,7 +6,8 @@ import torch
 
 from switchsae.config import TrainConfig
 from switchsae.saes import REGISTRY
-from switchsae.saes.io import load_sae, save_sae
+from switchsae.saes.io import (CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, load_sae, read_cfg_dict,
+                               save_sae)
 from switchsae.train import optimizer_for
 
 ARCHS = sorted(REGISTRY)
@@ -81,6 +82,25 @@ def test_save_load_round_trip_is_bitwise(arch, make_sae, batch, tmp_path):
         sae.train(training)
         loaded.train(training)
         assert torch.equal(loaded(batch).x_hat, sae(batch).x_hat)
+
+
+def test_a_run_folder_in_the_legacy_layout_still_loads(make_sae, batch, tmp_path):
+    """Runs saved before the rename hold our schema under SAELens's names, cfg.json + sae_weights.safetensors."""
+    sae = make_sae("switch", act_scale=2.5)
+    folder = save_sae(sae, tmp_path / "old")
+    (folder / CFG_FILE).rename(folder / LEGACY_CFG_FILE)
+    (folder / WEIGHTS_FILE).rename(folder / LEGACY_WEIGHTS_FILE)
+    loaded = load_sae(folder)
+    assert loaded.cfg == sae.cfg
+    assert torch.equal(loaded(batch).x_hat, sae(batch).x_hat)
+    save_sae(loaded, folder)  # saving again writes the new names, which then take precedence
+    assert (folder / CFG_FILE).is_file() and read_cfg_dict(folder) == sae.cfg.to_dict()
+
+
+def test_a_saelens_folder_is_pointed_at_switchsae_import(tmp_path):
+    (tmp_path / LEGACY_CFG_FILE).write_text('{"architecture": "topk", "d_in": 16, "d_sae": 64}')
+    with pytest.raises(ValueError, match="holds a SAELens SAE; convert it with `switchsae import"):
+        load_sae(tmp_path)
 
 
 @pytest.mark.parametrize("arch", UNIT_NORM_ARCHS)

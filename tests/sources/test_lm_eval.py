@@ -21,7 +21,7 @@ def setup(tokenizer, wiki_corpus):
 
 def test_identity_recovers_everything(setup):
     model, windows = setup
-    result = loss_recovered(model, HOOK, lambda x: x, windows, batch_size=4)
+    result = loss_recovered(model, HOOK, lambda x, ids: x, windows, batch_size=4)
     assert result["ce_sae"] == pytest.approx(result["ce_clean"], abs=1e-6)
     assert result["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert result["kl_sae"] == pytest.approx(0.0, abs=1e-6)
@@ -31,7 +31,7 @@ def test_identity_recovers_everything(setup):
 
 def test_zero_reconstruction_recovers_nothing(setup):
     model, windows = setup
-    result = loss_recovered(model, HOOK, torch.zeros_like, windows)
+    result = loss_recovered(model, HOOK, lambda x, ids: torch.zeros_like(x), windows)
     assert result["loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert result["kl_sae"] == pytest.approx(result["kl_zero"])
 
@@ -40,17 +40,18 @@ def test_first_position_stays_clean(setup):
     model, windows = setup
     seen = []
 
-    def record(rows):
+    def record(rows, ids):
         seen.append(rows.shape)
         assert rows.dtype == torch.float32
+        assert ids.tolist() == windows[:, 1:].reshape(-1).tolist()  # each row's own token id
         return rows
     loss_recovered(model, HOOK, record, windows, batch_size=6, drop_first=1)
     assert seen == [torch.Size([6 * 23, 32])]
-    result = loss_recovered(model, HOOK, lambda x: x + 1.0, windows, drop_first=0)
+    result = loss_recovered(model, HOOK, lambda x, ids: x + 1.0, windows, drop_first=0)
     assert not math.isnan(result["loss_recovered"]) and result["n_predictions"] == 6 * 23
 
 
 def test_windows_must_be_two_dimensional(setup):
     model, windows = setup
     with pytest.raises(ValueError, match="windows must be \\[n, seq\\] token ids"):
-        loss_recovered(model, HOOK, lambda x: x, windows[0])
+        loss_recovered(model, HOOK, lambda x, ids: x, windows[0])

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from switchsae.cli import main
+from switchsae.saes.io import CFG_FILE
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def test_cache_train_eval_with_loss_recovered(tmp_path, cache_dir, llama_dir):
     run = tmp_path / "run"
     main(["train", "--acts", str(cache_dir), "--arch", "switch", "--width", "64", "--k", "4", "--experts", "2",
           "--steps", "20", "--batch-size", "256", "--normalize", "--out", str(run), "--quiet"])
-    cfg = json.loads((run / "cfg.json").read_text())
+    cfg = json.loads((run / CFG_FILE).read_text())
     assert (cfg["model_name"], cfg["hook_name"]) == (str(llama_dir), "blocks.1.hook_resid_post")
     main(["eval", str(run), "--acts", str(cache_dir), "--loss-recovered", "--eval-tokens", "256", "--quiet"])
     metrics = json.loads((run / "metrics.json").read_text())

@@ -30,7 +30,7 @@ def test_activations_look_like_the_spec_says(smollm2):
     norms = acts.norm(dim=-1)
     assert 80 < norms[:, 1:].mean() < 250  # SPEC 2b: mean row norm ~142
     assert norms[:, 0].mean() > norms[:, 1:].mean()  # the attention sink is larger still
-    result = loss_recovered(model, HOOK, lambda x: x, windows)
+    result = loss_recovered(model, HOOK, lambda x, ids: x, windows)
     assert 1.0 < result["ce_clean"] < 5.0
     assert result["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and result["kl_sae"] < 1e-6
 

@@ -34,6 +34,7 @@ const SWITCHSAE = (() => {
     const text = vocab[id];
     return text === undefined ? "<" + id + ">" : text.replace(/\n/g, "↵").replace(/\t/g, "⇥");
   };
+  const expertName = (e) => (meta.shared_expert && e === meta.experts - 1 ? `${e} (shared)` : `${e}`);
   const chips = (ids) => ids.map((t) => `<span class="chip">${esc(tokenText(t))}</span>`).join("");
 
   // ---- index ------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ const SWITCHSAE = (() => {
   function indexControls(st) {
     const experts = meta.experts > 1
       ? `<label>expert <select id="expert"><option value="">all</option>${
-          Array.from({length: meta.experts}, (_, e) => `<option value="${e}">${e}</option>`).join("")}</select></label>`
+          Array.from({length: meta.experts}, (_, e) => `<option value="${e}">${expertName(e)}</option>`).join("")}</select></label>`
       : "";
     const header = [["id", "feature"], ...(meta.experts > 1 ? [["expert", "expert"]] : []), ["density", "density"],
                     ["max", "max act"], [null, "top tokens"], [null, "boosts"]];
@@ -171,7 +172,7 @@ const SWITCHSAE = (() => {
   function nearList(pairs) {
     return `<ol class="near">${pairs.map(([j, cos]) => {
       const label = position.has(j) ? `<a href="#f=${j}">${j}</a>` : `${j}`;
-      const expert = meta.experts > 1 ? ` (expert ${Math.floor(j / (meta.width / meta.experts))})` : "";
+      const expert = meta.experts > 1 ? ` (expert ${expertName(Math.floor(j / (meta.width / meta.experts)))})` : "";
       return `<li>${label}${expert} cos ${fmt(cos)}</li>`;
     }).join("")}</ol>`;
   }
@@ -185,7 +186,7 @@ const SWITCHSAE = (() => {
     return `
       <nav><a id="back" href="#${lastIndexHash}">← all features</a>
         ${prev !== undefined ? ` · <a href="#f=${prev}">‹ ${prev}</a>` : ""}${next !== undefined ? ` · <a href="#f=${next}">${next} ›</a>` : ""}</nav>
-      <h1>Feature ${r.id}${r.expert !== undefined ? ` <span class="badge">expert ${r.expert}</span>` : ""}</h1>
+      <h1>Feature ${r.id}${r.expert !== undefined ? ` <span class="badge">expert ${expertName(r.expert)}</span>` : ""}</h1>
       <dl class="stats">${stats.map(([k, v]) => `<div><dt>${k}</dt><dd>${v}</dd></div>`).join("")}</dl>
       <div class="panels">
         <section><h2>Activation histogram</h2>${histogram(r.hist)}</section>
