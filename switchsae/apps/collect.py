@@ -58,12 +58,11 @@ class _BatchCodes:
 
 
 class FeatureCollector:
-    """Accumulates the statistics of ``features`` (global latent ids) batch by batch; see the module doc."""
+    """Accumulates the statistics of ``features`` (global latent ids, ascending) batch by batch; see
+    the module doc. ``intervals`` must divide ``bins``, a power of two (:class:`InspectConfig` checks)."""
 
     def __init__(self, features: Tensor, width: int, expert_width: int, rows_per_window: int, *, top: int,
                  intervals: int, per_interval: int, bins: int, before: int, after: int, seed: int = 0):
-        if intervals > bins or bins % intervals:
-            raise ValueError(f"intervals ({intervals}) must divide the number of histogram bins ({bins}).")
         n = len(features)
         self.features, self.expert_width, self.rows_per_window = features, expert_width, rows_per_window
         self.intervals, self.offsets = intervals, torch.arange(-before, after + 1)
@@ -83,7 +82,8 @@ class FeatureCollector:
 
     def add(self, first_row: int, latents: Latents, probs: Tensor | None) -> None:
         """Fold in the codes of global rows ``[first_row, first_row + T)``, ``first_row`` at a
-        window's start; ``probs: [T, N]`` the router probabilities (None without a router)."""
+        window's start; ``probs: [T, blocks]`` each expert block's router probability (None without
+        a learned router)."""
         n_rows = latents.values.shape[0]
         self.rows += n_rows
         row, latent, value = firing_entries(latents)

@@ -29,3 +29,7 @@ class InspectConfig:
         for name in ("batch_size", "top", "intervals", "per_interval", "bins", "logit_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.bins & (self.bins - 1):
+            raise ValueError(f"bins must be a power of two, got {self.bins}.")
+        if self.bins % self.intervals:
+            raise ValueError(f"intervals ({self.intervals}) must divide the number of histogram bins ({self.bins}).")

@@ -167,6 +167,7 @@ def test_cli_inspects_a_subset_of_one_expert(tmp_path, switch_run, tiny_cache, c
     (["--features", "3-x"], "Cannot read the feature list '3-x'"),
     (["--features", "0-9", "--expert", "2"], "No features selected"),
     (["--intervals", "3"], "intervals (3) must divide the number of histogram bins (32)"),
+    (["--bins", "24"], "bins must be a power of two, got 24"),
 ])
 def test_cli_refuses_bad_selections_in_one_line(tmp_path, switch_run, tiny_cache, capsys, args, message):
     with pytest.raises(SystemExit):
