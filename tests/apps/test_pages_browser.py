@@ -74,6 +74,18 @@ def alpha(css_colour: str) -> float:
     return float(parts[3]) if len(parts) == 4 else 1.0
 
 
+def text_of(driver, selector: str) -> str:
+    """The text of the first element matching ``selector`` ('' if none), read in one step (an
+    element found first and read later may have been replaced by a re-render meanwhile)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.textContent : ''",
+                                 selector)
+
+
+def wait_for_heading(driver, prefix: str) -> str:
+    WebDriverWait(driver, 10).until(lambda d: text_of(d, "main h1").startswith(prefix))
+    return text_of(driver, "main h1")
+
+
 def count(driver) -> str:
     return driver.find_element(By.ID, "count").text
 
@@ -124,8 +136,7 @@ def test_feature_view_and_back_to_the_index(browser, site, pages_dir, data):
     feature = int(link.text)
     record = pages.load_record(pages_dir, feature)
     link.click()
-    heading = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "main h1"))
-    assert heading.text.startswith(f"Feature {feature}") and f"expert {record['expert']}" in heading.text
+    assert f"expert {record['expert']}" in wait_for_heading(browser, f"Feature {feature}")
     top = record["top"][0]
     _, _, at, tokens, _ = top
     first = browser.find_element(By.CSS_SELECTOR, "#top .ex .ctx")
@@ -141,7 +152,7 @@ def test_feature_view_and_back_to_the_index(browser, site, pages_dir, data):
     WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.ID, "features"))
     assert column(browser, 1)[:2] == ["0", "1"]  # the index keeps its sort order
     browser.back()  # the browser's own back button returns to the feature
-    WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "main h1"))
+    wait_for_heading(browser, f"Feature {feature}")
     browser.back()
     WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.ID, "features"))
 
@@ -149,12 +160,13 @@ def test_feature_view_and_back_to_the_index(browser, site, pages_dir, data):
 def test_nearest_rows_link_to_their_features(browser, site, pages_dir):
     record = pages.load_record(pages_dir, 3)
     headless.open_pages(browser, site + "#f=3")
-    near = WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "ol.near a"))
+    wait_for_heading(browser, "Feature 3")
+    near = browser.find_elements(By.CSS_SELECTOR, "ol.near a")
     assert [a.text for a in near] == [str(j) for j, _ in record["near"]]
     near[0].click()
-    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "main h1").text.startswith(f"Feature {record['near'][0][0]}"))
+    wait_for_heading(browser, f"Feature {record['near'][0][0]}")
 
 
 def test_a_feature_not_in_the_pages_is_a_one_line_error(browser, site):
     headless.open_pages(browser, site + "#f=99999")
-    assert "Feature 99999 is not in these pages; they hold 256 features" in browser.find_element(By.CLASS_NAME, "error").text
+    assert "Feature 99999 is not in these pages; they hold 256 features" in text_of(browser, ".error")

@@ -50,8 +50,10 @@ def headless_chrome(width: int = 1280, height: int = 800) -> Iterator["WebDriver
 
 
 def open_pages(driver: "WebDriver", url: str, timeout: float = 10.0) -> None:
-    """Load a pages URL and wait until the site has rendered its first view."""
+    """Load a pages URL afresh (not as a hash change of the page already open) and wait until the
+    site has rendered its first view."""
     from selenium.webdriver.support.ui import WebDriverWait
 
+    driver.get("about:blank")
     driver.get(url)
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.body.dataset.readyMs"))
