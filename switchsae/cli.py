@@ -7,6 +7,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from switchsae.apps.config import InspectConfig
+from switchsae.apps.steer import SteerConfig
 from switchsae.config import ARCHS, ROUTERS, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.pipeline import DemoConfig
 from switchsae.sources.hooks import SITES
@@ -32,7 +33,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: s
         if f.type == "bool":
             group.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
-        kind = {"int": int, "float": float, "float | None": float, "str": str}[f.type]
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}[f.type]
         required = f.default is MISSING
         default_text = "" if required or f.default is None else f" (default: {f.default})"
         group.add_argument(*names, dest=f.name, type=kind, required=required,
@@ -180,6 +181,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"wrote run folder {import_saelens(args.folder, args.out, force=args.force)}")
 
 
+def cmd_steer(args: argparse.Namespace) -> None:
+    from switchsae.apps.steer import steer
+
+    print(steer(args.run, args.prompt, _config_from_args(SteerConfig, args), model=args.model).format())
+
+
 def format_metrics(metrics: dict) -> str:
     """Metrics as aligned ``name  value`` lines (lists, such as per-expert load, summarised)."""
     lines = []
@@ -294,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to write (then eval, steer, inspect it)")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("steer", help="generate with a feature's decoder direction (and/or a forced expert) added "
+                                     "at the SAE's hook, its error term kept; print both continuations")
+    p.add_argument("run", help="run folder written by `switchsae train` (its config names the model and hook)")
+    p.add_argument("--prompt", required=True, help="text to continue (BOS is prepended as in the cache)")
+    p.add_argument("--model", default=None, help="LM to steer (default: the one named in the SAE config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while the model loads")
+    _add_config_flags(p, SteerConfig)
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("report", help="plots and report.md for a sweep's output folder")
     p.add_argument("dir", help="the sweep's out folder (holding <setting>/<run>/metrics.json)")

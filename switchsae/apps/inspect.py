@@ -104,7 +104,7 @@ def collect(sae: SparseAutoencoder, cache: ActivationCache, features: Tensor, cf
     for start in tqdm(range(0, n_rows, batch), desc="inspect", unit="batch", disable=not progress):
         stop = min(start + batch, n_rows)
         ids = cache.token_ids(np.arange(start, stop)) if sae.needs_token_ids else None  # hash routing
-        out = sae(cache.rows(start, stop), token_ids=ids)
+        out = sae(cache.read(start, stop), token_ids=ids)
         collector.add(start, out.latents, block_probs(out, sae.cfg.n_blocks))
     sae.train(was_training)
     return collector

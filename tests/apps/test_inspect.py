@@ -35,7 +35,7 @@ def dense(switch_run, tiny_cache):
     codes, probs = [], []
     with torch.no_grad():
         for start in range(0, cache.n_tokens, batch):
-            out = sae(cache.rows(start, min(start + batch, cache.n_tokens)))
+            out = sae(cache.read(start, min(start + batch, cache.n_tokens)))
             codes.append(out.latents.to_dense(sae.cfg.width))
             probs.append(out.extras["assignment"].probs)
     return sae, cache, torch.cat(codes), torch.cat(probs)

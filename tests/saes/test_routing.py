@@ -182,6 +182,11 @@ def test_steering_sends_every_token_to_one_expert(data):
     sae = make(RoutingConfig())
     code = sae.encode(x, expert=2)
     assert bool((code.indices[code.values != 0] // (M // N) == 2).all())
+    with torch.no_grad():  # the expert's own TopK, scaled by the token's top-1 router probability
+        pre = (x - sae.b_pre) @ sae.W_enc[2 * (M // N):3 * (M // N)].t()
+        top_gate = torch.softmax((x - sae.b_router) @ sae.W_router.t(), dim=-1).max(-1).values
+        want = pre.topk(K, dim=-1).values.relu() * top_gate[:, None]
+    torch.testing.assert_close(code.values.sort(-1).values, want.sort(-1).values, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="expert 4 is out of range"):
         sae.encode(x, expert=4)
 
