@@ -6,6 +6,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from switchsae.apps.config import InspectConfig
 from switchsae.apps.steer import SteerConfig
 from switchsae.config import ARCHS, ROUTERS, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.pipeline import DemoConfig
@@ -111,6 +112,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from switchsae.pipeline import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=Path(args.out), tokens=args.tokens, steps=args.steps), progress=not args.quiet)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from switchsae.apps.inspect import inspect_run, parse_features
+    from switchsae.apps.pages import how_to_open
+
+    features = parse_features(args.features) if args.features else None
+    out = inspect_run(args.run, args.acts, args.out, _config_from_args(InspectConfig, args), features=features,
+                      expert=args.expert, progress=not args.quiet)
+    print(f"wrote feature pages to {out}: {how_to_open(out)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from switchsae.apps.serve import HOST, make_server
+
+    server = make_server(args.dir, args.port)
+    print(f"serving {args.dir} at http://{HOST}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -228,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=DemoConfig.steps, help=f"training steps per SAE (default: {DemoConfig.steps})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("inspect", help="feature pages of a trained SAE: one pass over a cache with token ids")
+    p.add_argument("run", help="run folder written by `switchsae train`")
+    p.add_argument("--acts", required=True, help="activation cache folder (with token ids) of the SAE's model and hook")
+    p.add_argument("--out", required=True, help="folder for the feature pages (replaced if it holds earlier pages)")
+    p.add_argument("--features", default=None, help="latent ids and ranges to inspect, e.g. 0-99,512 (default: all)")
+    p.add_argument("--expert", type=int, default=None, help="inspect only this expert's latents (Switch SAEs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(p, InspectConfig)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="serve feature pages on 127.0.0.1 (they also open from file://)")
+    p.add_argument("dir", help="folder written by `switchsae inspect`")
+    p.add_argument("--port", type=int, default=8000, help="port, 0 for any free one (default: 8000)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("synth", help="write synthetic activations with a known sparse dictionary")
     p.add_argument("--out", required=True, help="output .safetensors file")

@@ -36,3 +36,13 @@ def switch_run(tmp_path_factory, tiny_cache) -> Path:
     main(["train", "--acts", str(tiny_cache), "--arch", "switch", "--width", "256", "--experts", "4", "--k", "4",
           "--steps", "30", "--batch-size", "256", "--normalize", "--out", str(run), "--quiet"])
     return run
+
+
+@pytest.fixture(scope="session")
+def pages_dir(tmp_path_factory, switch_run, tiny_cache) -> Path:
+    """The feature pages of ``switch_run`` on ``tiny_cache`` (small batches: several per pass)."""
+    from switchsae.apps.config import InspectConfig
+    from switchsae.apps.inspect import inspect_run
+
+    return inspect_run(switch_run, tiny_cache, tmp_path_factory.mktemp("apps") / "pages",
+                       InspectConfig(batch_size=700), progress=False)
