@@ -50,6 +50,8 @@ STUDIES: dict[str, dict[str, dict]] = {
     },
     "auxk": {  # Gao et al.'s dead-latent loss (per expert for Switch), at the lr the lr study found
         "topk lr 2x": {**TOPK, "lr": 8e-4},
+        "top2 8x2048 lr 2x": {**SWITCH8, "width": 8 * 2048, "router": "top_e", "experts_per_token": 2,
+                              "aux_coeff": 0.1, "lr": 8e-4},
         "switch8 lr 2x auxk": {**SWITCH8, "aux_coeff": 0.1, "lr": 8e-4, "auxk_coeff": 1 / 32},
         "topk": {**TOPK},
         "switch4 lr 2x": {**SWITCH8, "width": 4 * M0, "n_experts": 4, "aux_coeff": 0.1, "lr": 8e-4},
