@@ -109,15 +109,25 @@ class Group:
         return tensor
 
     def kth_largest(self, values: Tensor, k: int) -> Tensor:
-        """The ``k``-th largest of all ranks' ``values`` together (each passes its own, 1-D).
+        """The ``k``-th largest of all ranks' ``values`` together, along the last dimension (each
+        rank passes its own ``[..., n]``; the result is ``[...]``, the same on every rank).
 
         Each rank's share of the top ``k`` is among its own ``k`` largest, so every rank sends at most
-        ``k`` candidates (padded with -inf to exactly ``k``): ``size · k`` values on the wire.
+        ``k`` candidates per row (padded with -inf to exactly ``k``): ``size · k`` values per row.
         """
-        local = values.topk(min(k, values.numel()), sorted=False).values
-        candidates = torch.full((k,), -math.inf, dtype=values.dtype, device=values.device)
-        candidates[:local.numel()] = local
-        return self.gather(candidates).topk(k, sorted=False).values.min()
+        local = values.topk(min(k, values.shape[-1]), dim=-1, sorted=False).values
+        candidates = torch.full((*values.shape[:-1], k), -math.inf, dtype=values.dtype, device=values.device)
+        candidates[..., :local.shape[-1]] = local
+        every = self.gather(candidates[None])  # [size, ..., k]
+        return every.movedim(0, -2).flatten(-2).topk(k, dim=-1, sorted=False).values.min(-1).values
+
+    def logsumexp(self, values: Tensor) -> Tensor:
+        """``log Σ exp`` over dim 0 of every rank's rows together, ``[1, ...]`` (stable: shifted by the
+        ranks' maximum)."""
+        if self.size == 1:
+            return torch.logsumexp(values, dim=0, keepdim=True)
+        shift = self.max(values.max(0, keepdim=True).values)
+        return shift + self.sum((values - shift).exp().sum(0, keepdim=True)).log()
 
     def all_to_all(self, rows: Tensor, send: list[int], recv: list[int]) -> Tensor:
         """Rows ``rows.split(send)[r]`` go to rank ``r``; returns the rows received, grouped by the

@@ -81,6 +81,7 @@ class SwitchSAE(SparseAutoencoder):
         expert (steering), gated by its own top router probability ``max_i p_i`` (1 without a
         learned router)."""
         logits = probs = None
+        self.router.batch_group = self.batch_group  # a batch-wide strategy balances over every rank's shard
         if self.router.learned:
             logits, probs = self.router_logits(x)
         if expert is None:

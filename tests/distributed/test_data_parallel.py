@@ -11,7 +11,7 @@ import pytest
 import torch
 from spawn_ranks import run_on_ranks
 
-from switchsae.config import SAEConfig, TrainConfig
+from switchsae.config import RoutingConfig, SAEConfig, TrainConfig
 from switchsae.distributed.data_parallel import average_gradients, shard_batches
 from switchsae.distributed.group import LOCAL
 from switchsae.sources.activations import TensorSource
@@ -24,6 +24,10 @@ CASES = {
     "switch": (SWITCH, TRAIN),
     "switch-normalized": (SWITCH, TRAIN.__class__(**{**TRAIN.to_dict(), "normalize": True})),
     "switch-auxk": (SWITCH.replace(auxk_coeff=1 / 32, auxk_k=4, dead_tokens=64), TRAIN),
+    "switch-expert-choice": (SWITCH.replace(routing=RoutingConfig(router="expert_choice")), TRAIN),
+    "switch-sinkhorn": (SWITCH.replace(routing=RoutingConfig(router="sinkhorn")), TRAIN),
+    "switch-top-e-shared": (SWITCH.replace(width=80, routing=RoutingConfig(router="top_e", experts_per_token=2,
+                                                                          shared_expert=True)), TRAIN),
     "topk": (SWITCH.replace(arch="topk", n_experts=1), TRAIN),
     "topk-sparse": (SWITCH.replace(arch="topk", n_experts=1), TrainConfig(**{**TRAIN.to_dict(), "sparse_updates": True})),
     "batchtopk": (SWITCH.replace(arch="batchtopk", n_experts=1), TRAIN),
