@@ -9,6 +9,7 @@ them in the same order, and fail after the process group's timeout when one neve
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import torch
@@ -40,7 +41,7 @@ class Group:
         except (RuntimeError, dist.DistError) as err:
             if isinstance(err, DistributedError):
                 raise
-            cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [type(err).__name__])[0])
             raise DistributedError(f"rank {dist.get_rank()} lost contact with the other ranks in {name} (a rank "
                                    f"stopped, or did not answer within the process-group timeout): {cause}") from None
 
