@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -26,14 +27,28 @@ class DistributedError(RuntimeError):
 
 class Group:
     """The ranks of ``process_group`` (None: the single process). ``rank``/``size`` within it;
-    ``device`` is where its control tensors live (CPU for gloo, the current GPU for NCCL)."""
+    ``device`` is where its control tensors live (CPU for gloo, the current GPU for NCCL).
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None, size: int = 1):
-        self.process_group = process_group
-        self.size = dist.get_world_size(process_group) if process_group is not None else size
-        self.rank = dist.get_rank(process_group) if process_group is not None else 0
+    The process group is held weakly: torch owns it until ``destroy_process_group``, which then
+    frees it. (A process group still referenced when the interpreter exits is torn down after
+    its backend's threads, which aborts the process.)
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None):
+        self._process_group = None if process_group is None else weakref.ref(process_group)
+        self.size = 1 if process_group is None else dist.get_world_size(process_group)
+        self.rank = 0 if process_group is None else dist.get_rank(process_group)
         nccl = process_group is not None and dist.get_backend(process_group) == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        if self._process_group is None:
+            return None
+        process_group = self._process_group()
+        if process_group is None:
+            raise DistributedError("this process has left the process group (switchsae.distributed.launch.disconnect)")
+        return process_group
 
     def _run(self, name: str, collective: Callable[[], Any]) -> Any:
         try:

@@ -46,7 +46,8 @@ def connect(parallel: ParallelConfig, device: str, init_method: str = "env://", 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, init_method=init_method, rank=-1 if rank is None else rank,
+                            world_size=-1 if world_size is None else world_size,
                             timeout=timedelta(seconds=parallel.dist_timeout))
     try:
         return World(Mesh.create(parallel.expert_parallel), parallel.expert_capacity)
