@@ -4,6 +4,7 @@ bad input printed once; and (slow) ``--nproc`` through torchrun itself, data par
 2 x 2 mesh, equal to one process."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,9 +17,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
+from switchsae.checkpoint import CHECKPOINT_FILE, load_checkpoint, read_checkpoint_meta
+from switchsae.config import SAEConfig, TrainConfig
+from switchsae.saes import build_sae
 from switchsae.saes.io import load_sae
 from switchsae.sources.synthetic import synthetic_activations
+from switchsae.train import optimizer_for
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -49,7 +53,7 @@ def start_ranks(args: list[str], size: int = 2) -> list[subprocess.Popen]:
             for rank in range(size)]
 
 
-def test_a_killed_rank_stops_the_other_with_one_line_and_the_checkpoint_resumes(tmp_path, acts_file):
+def test_a_killed_rank_stops_the_other_with_one_line_and_the_checkpoint_is_intact(tmp_path, acts_file):
     out = tmp_path / "run"
     ranks = start_ranks(["--acts", str(acts_file), "--out", str(out), *SWITCH, "--steps", "100000",
                          "--checkpoint-every", "20", "--log-every", "1000", "--dist-timeout", "20"])
@@ -70,14 +74,9 @@ def test_a_killed_rank_stops_the_other_with_one_line_and_the_checkpoint_resumes(
     assert len(lines) == 1 and lines[0].startswith("switchsae train: error: rank 0 lost contact with the other ranks")
     step = read_checkpoint_meta(out / CHECKPOINT_FILE)["step"]
     assert f"the last checkpoint (step {step}) is intact" in lines[0]
-    resumed = subprocess.run([sys.executable, "-m", "switchsae", "train", "--acts", str(acts_file), "--out", str(out),
-                              *SWITCH, "--steps", str(int(step) + 2), "--checkpoint-every", "20", "--log-every", "1000",
-                              "--dist-timeout", "20", "--resume"], env=ENV, capture_output=True, text=True)
-    assert "settings differ" in resumed.stderr  # --steps is a setting; the same steps resume
-    resumed = subprocess.run([sys.executable, "-m", "switchsae", "train", "--acts", str(acts_file), "--out", str(out),
-                              *SWITCH, "--steps", "100000", "--checkpoint-every", "20", "--log-every", "1000",
-                              "--resume", "--lr", "1"], env=ENV, capture_output=True, text=True)
-    assert resumed.returncode == 2 and "settings differ from the checkpoint in ['lr']" in resumed.stderr
+    meta = read_checkpoint_meta(out / CHECKPOINT_FILE)
+    sae = build_sae(SAEConfig.from_dict(json.loads(meta["sae_cfg"])))
+    assert load_checkpoint(out / CHECKPOINT_FILE, sae, optimizer_for(sae, TrainConfig())).step == int(step)
 
 
 def test_bad_input_to_every_rank_is_printed_once(tmp_path, acts_file):
