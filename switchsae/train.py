@@ -184,8 +184,8 @@ def train_loop(
     if tokens_since_fired is None:
         tokens_since_fired = torch.zeros(sae.cfg.width, dtype=torch.long)
     sae.tokens_since_fired = tokens_since_fired.to(device)
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and world.writes), desc=f"train {sae.cfg.arch}",
-               unit="step")
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and world.writes),
+               desc=f"train {sae.cfg.arch}", unit="step")
     started = time.perf_counter() - state.elapsed_s
     guard = DivergenceGuard(base_lr, world)
     for step in range(state.step, cfg.steps):
@@ -301,8 +301,9 @@ def _train_claimed(claim: RunClaim, sae_cfg: SAEConfig, source: Batches, cfg: Tr
     sae.matmul_dtype = getattr(torch, matmul_dtype or world.decided(lambda: _matmul_dtype(sae.cfg.arch, cfg, progress)))
     sae.sparse_grads = cfg.sparse_updates
     world.prepare(sae, broadcast=resumed_cfg is None)
-    state = train_loop(sae, world.batches(batch_stream(source, cfg, start, sae.needs_token_ids)), cfg, TrainState(start),
-                       claim.run_dir, progress, on_checkpoint=claim.checkpointed, world=world)
+    batches = world.batches(batch_stream(source, cfg, start, sae.needs_token_ids))
+    state = train_loop(sae, batches, cfg, TrainState(start), claim.run_dir, progress, on_checkpoint=claim.checkpointed,
+                       world=world)
     return world.finished(sae), state
 
 

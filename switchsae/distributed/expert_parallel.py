@@ -61,8 +61,8 @@ def check_expert_parallel(cfg: SAEConfig, ranks: int) -> None:
         raise ValueError(f"the {cfg.n_blocks} experts do not split evenly across {ranks} expert-parallel ranks "
                          f"(choose an --expert-parallel size that divides {cfg.n_blocks})")
     if cfg.routing.router not in ONE_ENTRY_ROUTERS or cfg.routing.shared_expert:
-        raise ValueError(f"expert parallelism supports routers with one expert per token ({', '.join(ONE_ENTRY_ROUTERS)}"
-                         f", no shared expert), not {cfg.routing.router}"
+        raise ValueError(f"expert parallelism supports routers with one expert per token "
+                         f"({', '.join(ONE_ENTRY_ROUTERS)}, no shared expert), not {cfg.routing.router}"
                          f"{' with a shared expert' if cfg.routing.shared_expert else ''}")
     if cfg.auxk_coeff:
         raise ValueError("AuxK (--auxk-coeff) is not supported with expert parallelism")

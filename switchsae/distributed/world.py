@@ -57,9 +57,9 @@ class World(Layout):
         splits evenly, and a Switch SAE's experts split across the expert-parallel ranks."""
         if self.size == 1:
             return
-        every = [_flat(s) for s in self.mesh.world.gather_objects(settings)]
-        differ = [f"rank {r} differs from rank 0 in {sorted(k for k in s.keys() | every[0].keys() if s.get(k) != every[0].get(k))}"
-                  for r, s in enumerate(every) if s != every[0]]
+        first, *others = [_flat(s) for s in self.mesh.world.gather_objects(settings)]
+        differ = [f"rank {rank} differs from rank 0 in {_differing(s, first)}"
+                  for rank, s in enumerate(others, start=1) if s != first]
         try:
             if differ:
                 raise ValueError("the ranks were started with different settings: " + "; ".join(differ))
@@ -148,7 +148,8 @@ class World(Layout):
         """Per-rank batch statistics (means over a rank's tokens) averaged over the ranks."""
         if self.size == 1 or not values:
             return values
-        return {name: value.item() for name, value in self.mean({k: torch.tensor(v) for k, v in values.items()}).items()}
+        means = self.mean({name: torch.tensor(value) for name, value in values.items()})
+        return {name: value.item() for name, value in means.items()}
 
     def total(self, values: Tensor) -> Tensor:
         """``Σ_ranks values`` (a copy)."""
@@ -188,6 +189,11 @@ class World(Layout):
         whole.load_state_dict({name: self.full(name, tensor) for name, tensor in sae.state_dict().items()})
         whole.matmul_dtype, whole.sparse_grads = sae.matmul_dtype, sae.sparse_grads
         return whole
+
+
+def _differing(settings: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two flat settings dicts (present in one only included)."""
+    return sorted(key for key in settings.keys() | reference.keys() if settings.get(key) != reference.get(key))
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

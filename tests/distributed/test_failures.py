@@ -66,6 +66,11 @@ def rank_a_router_expert_parallelism_cannot_run(ranks) -> dict:
     return refusal(ranks, lambda: train(sae_cfg, acts(), TRAIN, world=ranks.world(expert_parallel=2), progress=False))
 
 
+def rank_a_batch_that_does_not_split(ranks) -> dict:
+    cfg = TrainConfig(**{**TRAIN.to_dict(), "batch_size": 63})
+    return refusal(ranks, lambda: train(SWITCH, acts(), cfg, world=ranks.world(), progress=False))
+
+
 def rank_resume_with_another_architecture(ranks) -> dict:
     run_dir = ranks.shared / "switch-run"
     train(SWITCH, acts(), TRAIN, run_dir=run_dir, world=ranks.world(expert_parallel=2), progress=False)
@@ -121,6 +126,11 @@ def test_experts_that_do_not_split_across_the_expert_parallel_ranks_are_refused(
 def test_a_router_with_several_experts_per_token_is_refused_for_expert_parallelism(results):
     assert_refused_everywhere(results[0], "rank_a_router_expert_parallelism_cannot_run", "ValueError",
                               "one expert per token", "not top_e")
+
+
+def test_a_batch_that_does_not_split_across_the_ranks_is_refused(results):
+    assert_refused_everywhere(results[0], "rank_a_batch_that_does_not_split", "ValueError",
+                              "--batch-size 63 does not split evenly across the 2 ranks")
 
 
 def test_a_distributed_checkpoint_resumed_with_another_architecture_is_refused(results):
