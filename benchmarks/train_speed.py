@@ -12,7 +12,12 @@ memory bandwidth (the roofline), and pre-activation memory per token.
     python benchmarks/train_speed.py --configs topk:16384:1 switch:16384:16 --rounds 5   # the 8x ratio
 
 A configuration is ``arch:width:experts[:options]``, options joined by ``+``: ``bf16`` (bfloat16
-selection matmul) and ``sparse`` (row-sparse gradients and lazy Adam, ``--sparse-updates``).
+selection matmul), ``sparse`` (row-sparse gradients and lazy Adam, ``--sparse-updates``), a Switch
+SAE's routing (``top2``: top-e with e = 2, ``shared``, ``expert_choice``, ``hash``, ``sinkhorn``)
+and ``auxk`` (AuxK with a quarter of the latents counted dead).
+
+    python benchmarks/train_speed.py --configs switch:16384:16 switch:16384:16:top2 switch:16384:16:shared \
+        switch:16384:16:expert_choice switch:16384:16:hash switch:16384:16:sinkhorn --rounds 3
 """
 from __future__ import annotations
 
@@ -32,7 +37,11 @@ from switchsae.train import optimizer_for
 
 DEFAULT_CONFIGS = ["topk:16384:1", "topk:16384:1:bf16", "switch:16384:16", "switch:16384:16:sparse",
                    "switch:16384:16:bf16+sparse", "switch:524288:64", "switch:524288:64:bf16+sparse"]
-OPTIONS = ("bf16", "sparse")
+#: routing options → RoutingConfig settings
+ROUTING_OPTIONS = {"top2": {"router": "top_e", "experts_per_token": 2}, "shared": {"shared_expert": True},
+                   "expert_choice": {"router": "expert_choice"}, "hash": {"router": "hash"},
+                   "sinkhorn": {"router": "sinkhorn"}}
+OPTIONS = ("bf16", "sparse", "auxk", *ROUTING_OPTIONS)
 
 
 def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
@@ -83,16 +92,22 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
     torch.set_num_threads(threads)
     reuse_freed_memory()  # as switchsae.train does on CPU
     arch, width, experts, options = parse_config(spec)
-    cfg = SAEConfig(arch=arch, d_model=args.d_model, width=width, k=args.k, n_experts=experts)
+    routing = {key: value for option in options & set(ROUTING_OPTIONS) for key, value in ROUTING_OPTIONS[option].items()}
+    shared = int(routing.get("shared_expert", False))
+    cfg = SAEConfig.from_flat(arch=arch, d_model=args.d_model, width=width // experts * (experts + shared), k=args.k,
+                              n_experts=experts, auxk_coeff=1 / 32 if "auxk" in options else 0.0, **routing)
     sae = build_sae(cfg)
     sae.matmul_dtype = torch.bfloat16 if "bf16" in options else torch.float32
     sae.sparse_grads = "sparse" in options
+    sae.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long)
+    sae.tokens_since_fired[::4] = cfg.dead_tokens  # with auxk: a quarter of the latents dead
     opt = optimizer_for(sae, TrainConfig(sparse_updates=sae.sparse_grads))
     x = torch.randn(args.batch, args.d_model) * 4
+    token_ids = torch.randint(0, 49152, (args.batch,))
     steps = []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        out = sae(x)
+        out = sae(x, token_ids=token_ids)
         loss = sae.loss(x, out)["loss"]
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -104,13 +119,13 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
             steps.append({"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2})
     phases = median(steps, key=lambda phase: sum(phase.values()))
     total = sum(phases.values())
-    encoder_flops = 2 * args.batch * args.d_model * width // experts
+    encoder_flops = args.batch * sae.flops()["forward"] - 2 * args.batch * args.k * args.d_model
     return {
         "config": f"{arch} M={width} N={experts}" + "".join(f" {o}" for o in sorted(options)),
         "tok/s": args.batch / total,
         **{f"{k} ms": v * 1e3 for k, v in phases.items()},
         "enc GFLOP/s": encoder_flops / phases["forward"] / 1e9,
-        "preact KB/tok": 4 * width / experts / 1024,
+        "preact KB/tok": 4 * cfg.expert_width * (sae.entries_per_token() if arch == "switch" else 1) / 1024,
         "RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 

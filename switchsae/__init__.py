@@ -1,8 +1,9 @@
 """switchsae: Switch Sparse Autoencoders and baselines on language-model activations.
 
-The public API: configs, the architectures' registry, training, evaluation, saving/loading
-and activation sources. Everything the ``switchsae`` command does is one of these calls.
+The public API: configs, the architectures' registry, training, evaluation, saving/loading,
+activation sources and steering. Everything the ``switchsae`` command does is one of these calls.
 """
+from switchsae.apps.steer import SteerConfig, SteerResult, steer
 from switchsae.config import SAEConfig, TrainConfig
 from switchsae.evaluate import evaluate
 from switchsae.pipeline import evaluate_run
@@ -12,4 +13,4 @@ from switchsae.sources.activations import open_activations
 from switchsae.train import train
 
 __all__ = ["SAEConfig", "TrainConfig", "REGISTRY", "build_sae", "train", "evaluate", "evaluate_run",
-           "load_sae", "save_sae", "open_activations"]
+           "load_sae", "save_sae", "open_activations", "steer", "SteerConfig", "SteerResult"]

@@ -6,6 +6,8 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from switchsae.apps.config import InspectConfig
+from switchsae.apps.steer import SteerConfig
 from switchsae.config import ARCHS, ROUTERS, ParallelConfig, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.pipeline import DemoConfig
 from switchsae.sources.hooks import SITES
@@ -31,7 +33,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: s
         if f.type == "bool":
             group.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
-        kind = {"int": int, "float": float, "float | None": float, "str": str}[f.type]
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}[f.type]
         required = f.default is MISSING
         default_text = "" if required or f.default is None else f" (default: {f.default})"
         group.add_argument(*names, dest=f.name, type=kind, required=required,
@@ -122,6 +124,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(DemoConfig(out=Path(args.out), tokens=args.tokens, steps=args.steps), progress=not args.quiet)
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from switchsae.apps.inspect import inspect_run, parse_features
+    from switchsae.apps.pages import how_to_open
+
+    features = parse_features(args.features) if args.features else None
+    out = inspect_run(args.run, args.acts, args.out, _config_from_args(InspectConfig, args), features=features,
+                      expert=args.expert, progress=not args.quiet)
+    print(f"wrote feature pages to {out}: {how_to_open(out)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from switchsae.apps.serve import HOST, make_server
+
+    server = make_server(args.dir, args.port)
+    print(f"serving {args.dir} at http://{HOST}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
@@ -164,6 +189,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     from switchsae.apps.saelens import import_saelens
 
     print(f"wrote run folder {import_saelens(args.folder, args.out, force=args.force)}")
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    from switchsae.apps.steer import steer
+
+    print(steer(args.run, args.prompt, _config_from_args(SteerConfig, args), model=args.model).format())
 
 
 def format_metrics(metrics: dict) -> str:
@@ -233,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("inspect", help="feature pages of a trained SAE: one pass over a cache with token ids")
+    p.add_argument("run", help="run folder written by `switchsae train`")
+    p.add_argument("--acts", required=True, help="activation cache folder (with token ids) of the SAE's model and hook")
+    p.add_argument("--out", required=True, help="folder for the feature pages (replaced if it holds earlier pages)")
+    p.add_argument("--features", default=None, help="latent ids and ranges to inspect, e.g. 0-99,512 (default: all)")
+    p.add_argument("--expert", type=int, default=None, help="inspect only this expert's latents (Switch SAEs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(p, InspectConfig)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("serve", help="serve feature pages on 127.0.0.1 (they also open from file://)")
+    p.add_argument("dir", help="folder written by `switchsae inspect`")
+    p.add_argument("--port", type=int, default=8000, help="port, 0 for any free one (default: 8000)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("synth", help="write synthetic activations with a known sparse dictionary")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--tokens", type=positive_int, default=100_000, help="rows (default: 100000)")
@@ -266,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to write (then eval, steer, inspect it)")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("steer", help="generate with a feature's decoder direction (and/or a forced expert) added "
+                                     "at the SAE's hook, its error term kept; print both continuations")
+    p.add_argument("run", help="run folder written by `switchsae train` (its config names the model and hook)")
+    p.add_argument("--prompt", required=True, help="text to continue (BOS is prepended as in the cache)")
+    p.add_argument("--model", default=None, help="LM to steer (default: the one named in the SAE config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while the model loads")
+    _add_config_flags(p, SteerConfig)
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("report", help="plots and report.md for a sweep's output folder")
     p.add_argument("dir", help="the sweep's out folder (holding <setting>/<run>/metrics.json)")

@@ -169,7 +169,7 @@ class TrainConfig:
     steps: int = opt(1000, "number of optimizer steps")
     batch_size: int = opt(4096, "activations per step (the paper uses 8192)")
     lr: float | None = opt(None, "learning rate; default (None) is Gao et al.'s law 2e-4 / sqrt(M / 2^14)")
-    lr_width: str = opt("total", "width M the default lr law uses for a Switch SAE: total (the paper) or expert (M/N)")
+    lr_width: str = opt("expert", "width M the default lr law uses for a Switch SAE: expert (M/N) or total (the paper)")
     lr_decay_frac: float = opt(0.2, "fraction of steps at the end over which the learning rate decays linearly to zero")
     beta1: float = opt(0.9, "Adam beta1")
     beta2: float = opt(0.999, "Adam beta2")
@@ -208,6 +208,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: TrainConfig fields whose default changed, and the value a saved run that does not name them had
+LEGACY_TRAIN_DEFAULTS = {"lr_width": "total"}
 
 
 def default_lr(width: int) -> float:

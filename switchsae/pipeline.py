@@ -84,7 +84,8 @@ def evaluate_run(
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo: cache SmolLM2 activations, train a Switch SAE and a FLOP-matched TopK, compare."""
+    """The demo: cache SmolLM2 activations, train a Switch SAE and a FLOP-matched TopK, compare, and
+    write the Switch SAE's feature pages."""
 
     out: Path = Path("runs/demo")
     model: str = "smollm2-135m"
@@ -134,7 +135,20 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict
     table = markdown_table(rows, DEMO_COLUMNS)
     (cfg.out / "report.md").write_text(f"# switchsae demo\n\n{cfg}\n\n{table}\n")
     print(table)
+    print(f"feature pages of the Switch SAE: {write_demo_pages(cfg, cache_dir, progress)}")
     return rows
+
+
+def write_demo_pages(cfg: DemoConfig, cache_dir: Path, progress: bool = True) -> str:
+    """The feature pages of the demo's Switch SAE in ``cfg.out/pages`` (kept if already written);
+    returns how to open them."""
+    from switchsae.apps.inspect import inspect_run
+    from switchsae.apps.pages import how_to_open, is_pages
+
+    pages_dir = cfg.out / "pages"
+    if not is_pages(pages_dir):
+        inspect_run(cfg.out / "switch", cache_dir, pages_dir, progress=progress)
+    return how_to_open(pages_dir)
 
 
 def _train_seconds(run_dir: Path) -> float:

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from switchsae.config import SAEConfig, TrainConfig, default_lr
+from switchsae.config import LEGACY_TRAIN_DEFAULTS, SAEConfig, TrainConfig, default_lr
 from switchsae.distributed.group import DistributedError
 from switchsae.distributed.world import SINGLE, World
 from switchsae.kernels.autotune import resolve_matmul_dtype
@@ -346,12 +346,12 @@ def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg:
     """Names of the settings in which a saved run differs from ``sae_cfg``/``cfg``.
 
     ``act_scale`` and ``unit_scale`` are left out: a run computes them from its first batch. A setting the saved
-    run does not name (it predates the field) counts as the field's default, which by rule is
-    the behaviour from before the field existed. ``matmul_dtype = "auto"`` matches any saved
+    run does not name (it predates the field) counts as the behaviour from before the field
+    existed: the field's default, or its old default where that changed (``LEGACY_TRAIN_DEFAULTS``). ``matmul_dtype = "auto"`` matches any saved
     value: the saved run resolved it when it started, and a resume reuses that choice.
     """
     saved_sae = SAEConfig.from_dict(saved_sae).flat()
-    saved_train = {**TrainConfig().to_dict(), **saved_train}
+    saved_train = {**TrainConfig().to_dict(), **LEGACY_TRAIN_DEFAULTS, **saved_train}
     differs = [key for key, value in sae_cfg.flat().items() if key not in ("act_scale", "unit_scale")
                and saved_sae.get(key) != value]
     return sorted(differs + [key for key, value in cfg.to_dict().items() if saved_train.get(key) != value

@@ -168,8 +168,8 @@ def test_sweeps_sharing_an_out_folder_gather_into_one_table(tiny_sweep, tmp_path
                      'expert_width = 32\nn_experts = 2\nk = 4\nlr_width = "expert"\n')
     rows = run_sweep(other, progress=False)
     assert [(r["setting"], r["name"], r["lr_width"]) for r in rows] == [
-        ("lr", "switch-M64-N2-k4-lr_width_expert", "expert"), ("matched", "relu-M32-lam1", "total"),
-        ("matched", "switch-M64-N2-k4", "total"), ("matched", "topk-M32-k4", "total")]
+        ("lr", "switch-M64-N2-k4-lr_width_expert", "expert"), ("matched", "relu-M32-lam1", "expert"),
+        ("matched", "switch-M64-N2-k4", "expert"), ("matched", "topk-M32-k4", "expert")]
     table = (tmp_path / "out" / "results.md").read_text().splitlines()
     assert sum(line.startswith(("| lr |", "| matched |")) for line in table) == 4
 

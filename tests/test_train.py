@@ -168,14 +168,14 @@ def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
 
 
 def test_a_setting_older_runs_do_not_name_counts_as_its_default():
-    """Runs saved before ``lr_width`` existed were trained with its default, "total"; runs saved before
-    routing had its own place, with the auxiliary weights in the loss's units."""
+    """Runs saved before ``lr_width`` existed were trained with its old default, "total" (now
+    "expert"); runs saved before routing had its own place, with the auxiliary weights in the loss's units."""
     saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
     del saved_sae["routing"], saved_train["lr_width"]
-    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units"]
+    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units", "lr_width"]
     legacy = SWITCH.replace(routing=SWITCH.routing.__class__(aux_units="loss"))
-    assert settings_differ(saved_sae, saved_train, legacy, FAST) == []
-    assert settings_differ(saved_sae, saved_train, legacy, dataclasses.replace(FAST, lr_width="expert")) == ["lr_width"]
+    assert settings_differ(saved_sae, saved_train, legacy, dataclasses.replace(FAST, lr_width="total")) == []
+    assert settings_differ(saved_sae, saved_train, legacy, FAST) == ["lr_width"]
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, acts):

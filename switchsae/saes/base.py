@@ -190,8 +190,10 @@ class SparseAutoencoder(nn.Module):
     def auxk_terms(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         """``{"auxk": ...}`` when ``cfg.auxk_coeff`` is set and some latent is dead (saes/auxk.py),
         over the groups of :meth:`auxk_groups`; else nothing."""
+        if not self.cfg.auxk_coeff:
+            return {}
         dead = self.dead_latents()
-        if not (self.cfg.auxk_coeff and dead is not None and dead.any()):
+        if dead is None or not dead.any():
             return {}
         return {"auxk": auxk_loss(self, x, out, dead, self.auxk_groups(out))}
 

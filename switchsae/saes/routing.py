@@ -94,10 +94,11 @@ def top1(probs: Tensor, logits: Tensor) -> Assignment:
 
 
 def forced(probs: Tensor | None, n_tokens: int, expert: int, n_blocks: int, device: torch.device) -> Assignment:
-    """Every token to expert ``expert`` (steering), gate ``p_{t,expert}`` (1 without a router)."""
+    """Every token to expert ``expert`` (steering), gated by the token's own top-1 probability
+    ``max_i p_{t,i}``, the scale its code has under top-1 routing (1 without a router)."""
     token = torch.arange(n_tokens, device=device)
     chosen = torch.full_like(token, expert)
-    gate = probs[:, expert] if probs is not None else torch.ones(n_tokens, device=device)
+    gate = probs.max(dim=-1).values if probs is not None else torch.ones(n_tokens, device=device)
     return assignment_from_entries(token, chosen, gate, n_blocks, n_tokens, None, probs)
 
 

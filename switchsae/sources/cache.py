@@ -252,12 +252,18 @@ class ActivationCache:
         """The global row ids of ``segments``, in the order :meth:`_read` returns their rows."""
         return np.concatenate([np.arange(self._offsets[s] + a, self._offsets[s] + b) for s, a, b in segments])
 
+    def read(self, start: int, stop: int) -> Tensor:
+        """Global rows ``[start, stop)`` as one float32 ``[stop − start, d_model]`` tensor."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise ValueError(f"rows {start}..{stop} are outside the {self.n_tokens} rows of the cache in {self.path}.")
+        return self._read(self._segments(start, stop)).float()
+
     def eval_batches(self, batch_size: int, token_ids: bool = False) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
         """One ordered pass over the held-out rows, in ``[<=batch_size, d_model]`` float32 batches
         (with ``token_ids``, ``(batch, ids)`` pairs)."""
         for start in range(self.n_train, self.n_tokens, batch_size):
             stop = min(start + batch_size, self.n_tokens)
-            rows = self._read(self._segments(start, stop)).float()
+            rows = self.read(start, stop)
             yield (rows, self.token_ids(np.arange(start, stop))) if token_ids else rows
 
 

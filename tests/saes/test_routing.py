@@ -87,11 +87,13 @@ def test_top1_is_bit_for_bit_what_it_was_before_the_routing_contract():
     """30 training steps of the paper's Switch SAE, against weights and outputs saved by the code
     before routing became a strategy (bit-identical with the compiled kernels on the host that
     saved them; the tolerance covers other hosts' gemm rounding). That code weighted the balance
-    loss against the MSE in the loss's own units: ``aux_units = loss``."""
+    loss against the MSE in the loss's own units: ``aux_units = loss``, and took the default lr
+    law on the total width: ``lr_width = total``."""
     ref = load_file(str(Path(__file__).parents[1] / "data" / "switch_top1_reference.safetensors"))
     acts = synthetic_activations(6000, 32, 512, 6, 0.05, 0)
     cfg = SAEConfig(arch="switch", d_model=32, width=256, k=8, n_experts=8, routing=RoutingConfig(aux_units="loss"))
-    sae = ss.train(cfg, acts, ss.TrainConfig(steps=30, batch_size=256, normalize=True, log_every=10, matmul_dtype="float32"),
+    sae = ss.train(cfg, acts, ss.TrainConfig(steps=30, batch_size=256, normalize=True, log_every=10, matmul_dtype="float32",
+                                          lr_width="total"),
                    progress=False)
     for name, tensor in sae.state_dict().items():
         torch.testing.assert_close(tensor, ref[f"w.{name}"], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
@@ -182,6 +184,11 @@ def test_steering_sends_every_token_to_one_expert(data):
     sae = make(RoutingConfig())
     code = sae.encode(x, expert=2)
     assert bool((code.indices[code.values != 0] // (M // N) == 2).all())
+    with torch.no_grad():  # the expert's own TopK, scaled by the token's top-1 router probability
+        pre = (x - sae.b_pre) @ sae.W_enc[2 * (M // N):3 * (M // N)].t()
+        top_gate = torch.softmax((x - sae.b_router) @ sae.W_router.t(), dim=-1).max(-1).values
+        want = pre.topk(K, dim=-1).values.relu() * top_gate[:, None]
+    torch.testing.assert_close(code.values.sort(-1).values, want.sort(-1).values, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="expert 4 is out of range"):
         sae.encode(x, expert=4)
 
