@@ -6,6 +6,10 @@ Tensors: ``sae/<param>``, ``adam/<param>/<exp_avg|exp_avg_sq|step>`` and
 resolved it, and the log so far. The file is written
 to a temporary name, fsynced and renamed over the old one, so a run killed at any moment leaves
 either the previous checkpoint or the new one, never a torn file.
+
+A run split across processes writes the same file (one portable checkpoint): its
+:class:`Layout` gathers the tensors a rank holds only a part of before the write, which only
+one rank does, and cuts a rank's part out of each full tensor on load, at any world size.
 """
 from __future__ import annotations
 
@@ -23,6 +27,26 @@ from switchsae.saes import SparseAutoencoder
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
+class Layout:
+    """How the tensors one process holds relate to the checkpoint's full ones; in one process they
+    are the same (switchsae.distributed.world.World splits expert rows across ranks)."""
+
+    #: whether this process writes the checkpoint file
+    writes: bool = True
+
+    def full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The full tensor of parameter ``name`` (or one of its optimizer moments) from this
+        process's part (a collective where parts are spread over processes)."""
+        return tensor
+
+    def local(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's part of the full tensor of parameter ``name``."""
+        return tensor
+
+
+WHOLE = Layout()
+
+
 @dataclass
 class TrainState:
     """Where a run stands: the step about to run, seconds trained so far, its log, and for each
@@ -35,13 +59,18 @@ class TrainState:
 
 
 def save_checkpoint(
-    path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, state: TrainState, train_cfg: dict
+    path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, state: TrainState, train_cfg: dict,
+    layout: Layout = WHOLE,
 ) -> None:
+    """Write ``path`` atomically (module docstring); with a ``layout`` that does not write, only
+    take part in gathering the tensors."""
     names = {id(p): n for n, p in sae.named_parameters()}
-    tensors = {f"sae/{n}": t.detach().cpu().contiguous() for n, t in sae.state_dict().items()}
+    tensors = {f"sae/{n}": layout.full(n, t.detach()).cpu().contiguous() for n, t in sae.state_dict().items()}
     for p, slots in opt.state.items():
         for slot, value in slots.items():
-            tensors[f"adam/{names[id(p)]}/{slot}"] = value.detach().cpu().contiguous()
+            tensors[f"adam/{names[id(p)]}/{slot}"] = layout.full(names[id(p)], value.detach()).cpu().contiguous()
+    if not layout.writes:
+        return
     if state.tokens_since_fired is not None:
         tensors["train/tokens_since_fired"] = state.tokens_since_fired.cpu()
     meta = {
@@ -74,16 +103,20 @@ def read_checkpoint_meta(path: Path) -> dict[str, str]:
     return meta
 
 
-def load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> TrainState:
-    """Restore weights and optimizer moments in place; return the saved :class:`TrainState`."""
+def load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+                    layout: Layout = WHOLE) -> TrainState:
+    """Restore weights and optimizer moments in place (this process's part of each, ``layout``);
+    return the saved :class:`TrainState`."""
     meta = read_checkpoint_meta(path)
     with safe_open(str(path), framework="pt") as fh:
         tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    sae.load_state_dict({k.removeprefix("sae/"): v for k, v in tensors.items() if k.startswith("sae/")})
+    weights = {key.removeprefix("sae/"): value for key, value in tensors.items() if key.startswith("sae/")}
+    sae.load_state_dict({name: layout.local(name, value) for name, value in weights.items()})
     params = dict(sae.named_parameters())
     for key, value in tensors.items():
         if key.startswith("adam/"):
             name, slot = key.removeprefix("adam/").rsplit("/", 1)
+            value = layout.local(name, value)
             opt.state[params[name]][slot] = value.to(params[name].device) if slot != "step" else value
     return TrainState(int(meta["step"]), float(meta.get("elapsed_s", 0.0)), json.loads(meta.get("history", "[]")),
                       tensors.get("train/tokens_since_fired"))

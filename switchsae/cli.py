@@ -8,7 +8,7 @@ from pathlib import Path
 
 from switchsae.apps.config import InspectConfig
 from switchsae.apps.steer import SteerConfig
-from switchsae.config import ARCHS, ROUTERS, RoutingConfig, SAEConfig, TrainConfig
+from switchsae.config import ARCHS, ROUTERS, ParallelConfig, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.pipeline import DemoConfig
 from switchsae.sources.hooks import SITES
 
@@ -74,10 +74,14 @@ def _refuse_inapplicable_flags(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from switchsae.distributed import launch
     from switchsae.sources.activations import open_activations
     from switchsae.train import train
 
     _refuse_inapplicable_flags(args)
+    parallel = _config_from_args(ParallelConfig, args)
+    if parallel.nproc > 1 and not launch.launched_by_torchrun():
+        raise SystemExit(launch.relaunch(parallel.nproc, launch.without_nproc(args.argv)))
     train_cfg = _config_from_args(TrainConfig, args)
     source = open_activations(args.acts)
     origin = getattr(source, "manifest", {})  # an activation cache names its model and hook
@@ -85,8 +89,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     sae_cfg = _config_from_args(SAEConfig, args, d_model=source.d_model, routing=routing,
                                 model_name=getattr(args, "model_name", "") or origin.get("model", ""),
                                 hook_name=getattr(args, "hook_name", "") or origin.get("hook", ""))
-    train(sae_cfg, source, train_cfg, run_dir=args.out, resume=args.resume, force=args.force, progress=not args.quiet)
-    print(f"saved {sae_cfg.arch} SAE to {args.out}")
+    world = launch.world_for(parallel, train_cfg.device)
+    try:
+        train(sae_cfg, source, train_cfg, run_dir=args.out, resume=args.resume, force=args.force,
+              progress=not args.quiet, world=world)
+    finally:
+        launch.disconnect()
+    if world.writes:
+        print(f"saved {sae_cfg.arch} SAE to {args.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -212,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, SAEConfig, skip=DERIVED_FIELDS)
     _add_config_flags(p, RoutingConfig)
     _add_config_flags(p, TrainConfig)
+    _add_config_flags(p, ParallelConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics of a trained SAE on held-out activations")
@@ -319,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what --nproc hands to each rank
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
@@ -333,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         if not expected_failure(err):
             raise
         _close_progress_bars()
-        print(f"switchsae {args.command}: error: {one_line(err)}", file=sys.stderr)
+        if not getattr(err, "reported_elsewhere", False):  # another rank of a distributed run prints it
+            print(f"switchsae {args.command}: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -354,9 +367,11 @@ def expected_failure(err: Exception) -> bool:
     import torch
     from safetensors import SafetensorError
 
+    from switchsae.distributed.group import DistributedError
     from switchsae.train import TrainingDiverged
 
-    expected = (ValueError, OSError, MemoryError, torch.OutOfMemoryError, SafetensorError, TrainingDiverged)
+    expected = (ValueError, OSError, MemoryError, torch.OutOfMemoryError, SafetensorError, TrainingDiverged,
+                DistributedError)
     return isinstance(err, expected)
 
 

@@ -217,3 +217,26 @@ LEGACY_TRAIN_DEFAULTS = {"lr_width": "total"}
 def default_lr(width: int) -> float:
     """Gao et al.'s scaling law, lr = 2e-4 / sqrt(M / 2^14), applied to the total width M."""
     return 2e-4 / math.sqrt(width / 2**14)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How a run is split across processes (switchsae/distributed). Not saved with the run: a
+    resume may use another split."""
+
+    nproc: int = opt(1, "processes to start on this machine through torchrun (under torchrun, its world size counts)")
+    expert_parallel: int = opt(1, "ranks a Switch SAE's experts are split across (divides the world size and the "
+                                  "experts); the world size over it is the data-parallel size")
+    expert_capacity: float = opt(0.0, "expert parallel: each rank sends at most expert_capacity * T / N of its T tokens "
+                                      "to one expert, the rest are dropped and logged as 'dropped' (0: none dropped)")
+    dist_timeout: float = opt(300.0, "seconds a rank waits for the others in one collective before the run stops "
+                                     "with an error")
+
+    def __post_init__(self) -> None:
+        for name in ("nproc", "expert_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if not (self.expert_capacity >= 0 and math.isfinite(self.expert_capacity)):
+            raise ValueError(f"expert_capacity must be 0 (no limit) or a positive number, got {self.expert_capacity}.")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout}.")

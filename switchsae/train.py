@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 
 from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from switchsae.config import LEGACY_TRAIN_DEFAULTS, SAEConfig, TrainConfig, default_lr
+from switchsae.distributed.group import DistributedError
+from switchsae.distributed.world import SINGLE, World
 from switchsae.kernels.autotune import resolve_matmul_dtype
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
-from switchsae.run_folder import RunClaim, claim_run_dir
+from switchsae.run_folder import RunClaim
 from switchsae.saes import REGISTRY, SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
 from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
 from switchsae.sources.activations import ActivationSource, TensorSource
@@ -66,14 +68,16 @@ class DivergenceGuard:
 
     smoothing = 0.9
 
-    def __init__(self, lr: float):
-        self.lr = lr
+    def __init__(self, lr: float, world: World = SINGLE):
+        self.lr, self.world = lr, world
         self.average: float | None = None
         self.lowest, self.lowest_step = math.inf, 0
 
     def check(self, step: int, losses: dict[str, Tensor], track: bool = True) -> None:
-        """Raise :class:`TrainingDiverged` if the loss terms of ``step`` have diverged; with
-        ``track``, fold the loss into the running average."""
+        """Raise :class:`TrainingDiverged` if the loss terms of ``step`` (of the whole batch: averaged
+        over the ranks, so that all stop together) have diverged; with ``track``, fold the loss into
+        the running average."""
+        losses = self.world.mean(losses)
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
         loss, terms = values["loss"], ", ".join(f"{name}={value:.4g}" for name, value in values.items())
         parts = {name: value for name, value in values.items() if name != "loss"}
@@ -141,12 +145,16 @@ def activation_scale(x: Tensor) -> float:
     return math.sqrt(x.shape[1]) / x.float().norm(dim=1).mean().item()
 
 
-def _batch_stats(x: Tensor, out, losses: dict[str, Tensor]) -> dict[str, float]:
+def _batch_stats(x: Tensor, out, losses: dict[str, Tensor], world: World) -> dict[str, float]:
+    """The loss terms, FVU and L0 of the whole batch: sums over every rank's tokens, then divided."""
     x = x.float()
-    err = (x - out.x_hat).pow(2).sum()
-    var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    stats = {name: value.item() for name, value in losses.items()}
-    stats.update(fvu=(err / var).item(), l0=out.latents.l0().float().mean().item())
+    d = x.shape[1]
+    sums = world.total(torch.cat([x.sum(0), torch.stack([(x - out.x_hat).pow(2).sum(), out.latents.l0().float().sum(),
+                                                         torch.tensor(float(x.shape[0]), device=x.device)])]))
+    tokens = sums[d + 2]
+    var = world.total((x - sums[:d] / tokens).pow(2).sum()).clamp_min(1e-12)
+    stats = {name: value.item() for name, value in world.mean(losses).items()}
+    stats.update(fvu=(sums[d] / var).item(), l0=(sums[d + 1] / tokens).item())
     return stats
 
 
@@ -158,13 +166,16 @@ def train_loop(
     run_dir: Path | None = None,
     progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
+    world: World = SINGLE,
 ) -> TrainState:
     """Run steps ``state.step .. cfg.steps - 1``; checkpoint to ``run_dir`` every ``checkpoint_every``
-    (then call ``on_checkpoint(step)``); stop with :class:`TrainingDiverged` (:class:`DivergenceGuard`)."""
+    (then call ``on_checkpoint(step)``); stop with :class:`TrainingDiverged` (:class:`DivergenceGuard`).
+    On several ranks (``world``, switchsae/distributed) ``batches`` are this rank's shards, gradients
+    are averaged after the backward and rank 0 writes the checkpoints."""
     base_lr = cfg.lr or default_lr(sae.cfg.width if cfg.lr_width == "total" else sae.cfg.expert_width)
     opt = optimizer_for(sae, cfg)
     if run_dir is not None and state.step > 0:
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt)
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt, world)
     history = state.history or []
     device = sae.W_dec.device
     if device.type == "cpu":
@@ -173,9 +184,10 @@ def train_loop(
     if tokens_since_fired is None:
         tokens_since_fired = torch.zeros(sae.cfg.width, dtype=torch.long)
     sae.tokens_since_fired = tokens_since_fired.to(device)
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc=f"train {sae.cfg.arch}", unit="step")
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and world.writes),
+               desc=f"train {sae.cfg.arch}", unit="step")
     started = time.perf_counter() - state.elapsed_s
-    guard = DivergenceGuard(base_lr)
+    guard = DivergenceGuard(base_lr, world)
     for step in range(state.step, cfg.steps):
         x, token_ids = split_batch(next(batches))
         x = x.to(device, non_blocking=True)
@@ -184,6 +196,7 @@ def train_loop(
         guard.check(step, losses)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        world.reduce_gradients(sae)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, base_lr)
         opt.step()
@@ -191,7 +204,8 @@ def train_loop(
         bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            stats = {**_batch_stats(x, out, losses), **sae.batch_stats(out)}
+            stats = {**_batch_stats(x, out, losses, world), **world.mean_values(sae.batch_stats(out)),
+                     **world.parallel_stats(x.shape[0])}
             dead_window = min(done * cfg.batch_size, 1_000_000)
             stats.update(step=done, tokens=done * cfg.batch_size, lr=lr_at(step, cfg, base_lr),
                          dead_frac=(sae.tokens_since_fired >= dead_window).float().mean().item(),
@@ -201,7 +215,7 @@ def train_loop(
         if run_dir is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             guard.check_weights(sae, x, done, None if token_ids is None else token_ids.to(device))
             state = TrainState(done, time.perf_counter() - started, history, sae.tokens_since_fired)
-            save_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt, state, cfg.to_dict())
+            save_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt, state, cfg.to_dict(), world)
             if on_checkpoint is not None:
                 on_checkpoint(done)
     bar.close()
@@ -224,6 +238,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> SparseAutoencoder:
     """Train an SAE of ``sae_cfg`` on ``source``; with ``run_dir``, checkpoint and save it there.
 
@@ -233,17 +248,20 @@ def train(
     replaces it only once it has written its first checkpoint (:mod:`switchsae.run_folder`).
     A diverged run raises :class:`TrainingDiverged`, Ctrl-C :class:`TrainingInterrupted`; both
     messages say what the run leaves behind.
+
+    On several ranks (``world``: every rank calls this with the same arguments) each trains on its
+    shard of every batch and the result is the one-process run's on the whole batch
+    (switchsae/distributed); rank 0 claims the run folder and writes it, and a rank that stops
+    or stalls stops the others with :class:`DistributedError` within the process-group timeout.
     """
-    if cfg.sparse_updates and not reads_setting(sae_cfg.arch, "sparse_updates"):
-        raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense "
-                         f"(use one of {', '.join(SETTING_ARCHS['sparse_updates'])})")
-    check_device(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
-    batch_stream(source, cfg, 0, REGISTRY[sae_cfg.arch].token_ids_needed(sae_cfg))  # refuses a source without ids
-    with claim_run_dir(run_dir, RUN_OUTPUTS, CHECKPOINT_FILE, resume=resume, force=force) as claim:
+    world.check_start({"sae": sae_cfg.to_dict(), "train": cfg.to_dict(), "run_dir": str(run_dir), "resume": resume,
+                       "force": force}, sae_cfg, cfg.batch_size)
+    world.agreed(lambda: _check_runnable(sae_cfg, source, cfg))
+    with world.claim(run_dir, RUN_OUTPUTS, CHECKPOINT_FILE, resume=resume, force=force) as claim:
         try:
-            sae, state = _train_claimed(claim, sae_cfg, source, cfg, resume, progress)
-            if run_dir is not None:
+            sae, state = _train_claimed(claim, sae_cfg, source, cfg, resume, progress, world)
+            if run_dir is not None and world.writes:
                 save_sae(sae, run_dir)
                 write_json_atomic(run_dir / TRAIN_CFG_FILE, cfg.to_dict())
                 (run_dir / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state.history or []))
@@ -251,23 +269,42 @@ def train(
             raise TrainingDiverged(f"{err}; {claim.outcome()}") from None
         except KeyboardInterrupt:
             raise TrainingInterrupted(claim.outcome()) from None
+        except DistributedError as err:
+            failure = DistributedError(f"{err}; {claim.outcome()}")
+            failure.reported_elsewhere = err.reported_elsewhere
+            raise failure from None
     return sae
 
 
+def _check_runnable(sae_cfg: SAEConfig, source: Batches, cfg: TrainConfig) -> None:
+    """Refuse settings this run cannot train with, before any work."""
+    if cfg.sparse_updates and not reads_setting(sae_cfg.arch, "sparse_updates"):
+        raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense "
+                         f"(use one of {', '.join(SETTING_ARCHS['sparse_updates'])})")
+    check_device(cfg.device)
+    batch_stream(source, cfg, 0, REGISTRY[sae_cfg.arch].token_ids_needed(sae_cfg))  # refuses a source without ids
+
+
 def _train_claimed(claim: RunClaim, sae_cfg: SAEConfig, source: Batches, cfg: TrainConfig, resume: bool,
-                   progress: bool) -> tuple[SparseAutoencoder, TrainState]:
-    """Build (or reload) the SAE and run the loop in the claimed run folder."""
+                   progress: bool, world: World) -> tuple[SparseAutoencoder, TrainState]:
+    """Build (or reload) the SAE and run the loop in the claimed run folder; on several ranks,
+    rank 0 initialises and decides the matmul dtype, and the others follow (``world``)."""
     start, resumed_cfg, matmul_dtype = 0, None, None
     if claim.run_dir is not None and resume:
-        start, resumed_cfg, matmul_dtype = _resume_point(claim.run_dir, sae_cfg, cfg)
+        start, resumed_cfg, matmul_dtype = world.agreed(lambda: _resume_point(claim.run_dir, sae_cfg, cfg))
         claim.checkpointed(start)
-    sae = build_sae(resumed_cfg) if resumed_cfg is not None else _initialise(sae_cfg, cfg, batch_stream(source, cfg, 0))
+    if resumed_cfg is not None:
+        sae = build_sae(resumed_cfg)
+    else:
+        sae = world.initialised(lambda: _initialise(sae_cfg, cfg, batch_stream(source, cfg, 0)))
     sae.to(cfg.device)
-    sae.matmul_dtype = getattr(torch, matmul_dtype or _matmul_dtype(sae.cfg.arch, cfg, progress))
+    sae.matmul_dtype = getattr(torch, matmul_dtype or world.decided(lambda: _matmul_dtype(sae.cfg.arch, cfg, progress)))
     sae.sparse_grads = cfg.sparse_updates
-    state = train_loop(sae, batch_stream(source, cfg, start, sae.needs_token_ids), cfg, TrainState(start), claim.run_dir, progress,
-                       on_checkpoint=claim.checkpointed)
-    return sae, state
+    world.prepare(sae, broadcast=resumed_cfg is None)
+    batches = world.batches(batch_stream(source, cfg, start, sae.needs_token_ids))
+    state = train_loop(sae, batches, cfg, TrainState(start), claim.run_dir, progress, on_checkpoint=claim.checkpointed,
+                       world=world)
+    return world.finished(sae), state
 
 
 def _matmul_dtype(arch: str, cfg: TrainConfig, progress: bool) -> str:

@@ -35,7 +35,8 @@ from switchsae.kernels.sparse import encoder_grads, gather_dot, weight_grad
 
 def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Tensor, values: Tensor,
                 centred: Tensor, gate: Tensor | None = None, sparse_grad: bool = False,
-                x_hat_rows: Tensor | None = None, x_hat_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                x_hat_rows: Tensor | None = None, x_hat_scale: float = 1.0,
+                mse_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(z, x̂, mse)`` of the formulas above, differentiable in ``x, b, W_enc, W_dec, gate``.
 
     ``gate`` is ``[T]`` (one expert per token) or ``[T, k]`` (a gate per selected latent, from
@@ -44,12 +45,14 @@ def sparse_core(x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, indices: Ten
     grad; the selection computed it); ``sparse_grad`` makes the weight gradients row-sparse.
     ``x̂`` comes out times ``x_hat_scale`` with token ``t`` in row ``x_hat_rows[t]`` (a permutation;
     row ``t`` if None): a Switch SAE works on tokens grouped by expert and returns the
-    reconstruction in token order and raw units without another pass.
+    reconstruction in token order and raw units without another pass. ``mse_tokens`` replaces ``T``
+    in ``mse = (1/T) Σ_t ‖r_t‖²`` (expert parallelism: a rank's squared error over the entries it
+    received, per token of its own batch; distributed/expert_parallel.py), so no rows gives 0.
     """
     differentiable = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, b, W_enc, W_dec, gate))
     return SparseCore.apply(x, b, W_enc, W_dec, gate, indices, values, centred, sparse_grad, x_hat_rows,
-                            x_hat_scale, differentiable)
+                            x_hat_scale, x.shape[0] if mse_tokens is None else mse_tokens, differentiable)
 
 
 def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor, value_grads: bool,
@@ -81,22 +84,22 @@ class SparseCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, b: Tensor, W_enc: Tensor, W_dec: Tensor, gate: Tensor | None, indices: Tensor,
                 values: Tensor, centred: Tensor, sparse_grad: bool, x_hat_rows: Tensor | None, x_hat_scale: float,
-                differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
+                mse_tokens: int, differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         z = values.clamp_min(0) if gate is None else values.clamp_min(0) * _per_entry(gate)
         # the value gradients only where a backward can follow (needs_input_grad ignores no_grad mode)
         x_hat, residual, P, squares, residual_sum = decode_residual(z, indices, W_dec, b, x, differentiable,
                                                                     x_hat_rows, x_hat_scale)
         ctx.save_for_backward(W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum, x_hat_rows)
-        ctx.sparse_grad, ctx.x_hat_scale = sparse_grad, x_hat_scale
-        return z, x_hat, squares / x.shape[0]
+        ctx.sparse_grad, ctx.x_hat_scale, ctx.mse_tokens = sparse_grad, x_hat_scale, mse_tokens
+        return z, x_hat, squares / max(mse_tokens, 1)
 
     @staticmethod
     def backward(ctx, g_z: Tensor | None, g_x_hat: Tensor | None, g_mse: Tensor | None):
         W_enc, W_dec, gate, indices, values, z, centred, residual, P, residual_sum, x_hat_rows = ctx.saved_tensors
         needs_x, needs_b, needs_enc, needs_dec, needs_gate = ctx.needs_input_grad[:5]
-        n_tokens, width = residual.shape[0], W_enc.shape[0]
-        scale = torch.zeros((), dtype=residual.dtype) if g_mse is None else 2 * g_mse / n_tokens
+        width = W_enc.shape[0]
+        scale = torch.zeros((), dtype=residual.dtype) if g_mse is None else 2 * g_mse / max(ctx.mse_tokens, 1)
         if g_x_hat is not None:  # back to the rows and units the core works in
             g_x_hat = (g_x_hat if x_hat_rows is None else g_x_hat.index_select(0, x_hat_rows)) * ctx.x_hat_scale
 
@@ -128,4 +131,4 @@ class SparseCore(torch.autograd.Function):
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_v, mode="sum") - scale * residual
         if needs_b:
             grad_b = grad_x_hat_sum - encoder_sum
-        return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None, None, None, None
+        return grad_x, grad_b, grad_enc, grad_dec, grad_gate, None, None, None, None, None, None, None, None

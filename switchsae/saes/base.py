@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from switchsae.config import SAEConfig
+from switchsae.distributed.group import LOCAL, Group
 from switchsae.kernels.sparse import dense_codes, sparse_decode
 from switchsae.optim import BFloat16Copy
 from switchsae.saes.auxk import auxk_loss
@@ -88,6 +89,9 @@ class SparseAutoencoder(nn.Module):
         self.sparse_grads = False
         #: per latent, training tokens seen since it last fired (set by the trainer, read by AuxK)
         self.tokens_since_fired: Tensor | None = None
+        #: the ranks whose shards make up one training batch: batch statistics (dead latents, load
+        #: fractions, a batch-wide TopK) are reduced over them (switchsae.distributed; one process: LOCAL)
+        self.batch_group: Group = LOCAL
 
     @classmethod
     def token_ids_needed(cls, cfg: SAEConfig) -> bool:
@@ -172,11 +176,12 @@ class SparseAutoencoder(nn.Module):
 
     # -- dead latents ---------------------------------------------------------------------
     def record_firing(self, latents: Latents, n_tokens: int) -> None:
-        """Advance the dead-latent counter by a batch: every latent's count grows by ``n_tokens``,
-        the ones that fired restart at 0."""
+        """Advance the dead-latent counter by a batch of ``n_tokens`` tokens on each rank of the
+        batch group: every latent's count grows by the batch's tokens, the ones that fired on any
+        rank restart at 0."""
         counter = self.tokens_since_fired
-        counter += n_tokens
-        counter[latents.fired(self.cfg.width) > 0] = 0
+        counter += n_tokens * self.batch_group.size
+        counter[self.batch_group.any(latents.fired(self.cfg.width) > 0)] = 0
 
     def dead_latents(self) -> Tensor | None:
         """``[M]`` bool: no firing for ``cfg.dead_tokens`` training tokens (None outside training)."""

@@ -1,6 +1,7 @@
 """BatchTopK SAE (Bussmann et al., 2024): the top ``T·k`` activations of the whole batch."""
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -54,17 +55,25 @@ class BatchTopKSAE(TopKSAE):
         return indices, values, centred
 
     def _batch_topk(self, acts: Tensor) -> Tensor:
-        """Mask of the ``T·k`` largest entries of ``acts: [T, M]``."""
-        top = acts.flatten().topk(acts.shape[0] * self.cfg.k, sorted=False).indices
+        """Mask of the ``T·k`` largest entries of ``acts: [T, M]``; over a batch split across ranks
+        (``batch_group``) the ``T·k·P`` largest of the whole batch: the entries at or above its
+        ``T·k·P``-th largest value (:meth:`Group.kth_largest`), positive ones only (a zero adds
+        nothing to a code, and the one-process TopK keeps zeros only to fill its budget)."""
+        budget = acts.shape[0] * self.cfg.k
+        if self.batch_group.size > 1:
+            return (acts >= self.batch_group.kth_largest(acts.flatten(), budget * self.batch_group.size)) & (acts > 0)
+        top = acts.flatten().topk(budget, sorted=False).indices
         keep = torch.zeros(acts.numel(), dtype=torch.bool, device=acts.device)
         return keep.index_fill_(0, top, True).view_as(acts)
 
     def _update_threshold(self, selected: Tensor) -> None:
-        """``θ ← β θ + (1 − β) min{selected > 0}`` (``θ ← min`` on the first batch)."""
+        """``θ ← β θ + (1 − β) min{selected > 0}`` (``θ ← min`` on the first batch), the minimum
+        taken over the whole batch (every rank of ``batch_group``)."""
         positive = selected[selected > 0]
-        if positive.numel() == 0:
+        smallest = positive.min() if positive.numel() else selected.new_full((), math.inf)
+        smallest = self.batch_group.min(smallest)
+        if not math.isfinite(smallest):
             return
-        smallest = positive.min()
         if self.threshold == 0:
             self.threshold.copy_(smallest)
         else:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from switchsae.config import RoutingConfig
+from switchsae.distributed.group import LOCAL, Group
 
 
 @dataclass
@@ -112,6 +113,8 @@ class Router:
 
     def __init__(self, cfg: RoutingConfig, n_experts: int):
         self.cfg, self.n_experts = cfg, n_experts
+        #: the ranks whose shards form the batch a batch-wide strategy (expert choice, Sinkhorn) balances
+        self.batch_group: Group = LOCAL
 
     def assign(self, logits: Tensor | None, probs: Tensor | None, token_ids: Tensor | None,
                training: bool) -> Assignment:
@@ -160,13 +163,20 @@ class TopE(Router):
 
 
 class ExpertChoice(Router):
-    """``expert_choice``: each expert takes its ``⌈c·T/N⌉`` most probable tokens (training)."""
+    """``expert_choice``: each expert takes its ``⌈c·T/N⌉`` most probable tokens (training); over a
+    batch split across ranks, of the whole batch (the tokens at or above each expert's ``C``-th
+    largest probability over every rank, so a rank's count per expert varies)."""
 
     def assign(self, logits, probs, token_ids, training):
         if not training:
             return top1(probs, logits)
-        n_tokens = probs.shape[0]
-        capacity = min(n_tokens, -(-int(self.cfg.capacity_factor * n_tokens) // self.n_experts))
+        n_tokens, group = probs.shape[0], self.batch_group
+        total = n_tokens * group.size
+        capacity = min(total, -(-int(self.cfg.capacity_factor * total) // self.n_experts))
+        if group.size > 1:
+            chosen = probs.t() >= group.kth_largest(probs.t().detach(), capacity)[:, None]  # [N, T]
+            expert, tokens = chosen.nonzero(as_tuple=True)  # grouped by expert, in token order
+            return Assignment(tokens, expert, probs[tokens, expert], chosen.sum(1).tolist(), n_tokens, logits, probs)
         gates, tokens = probs.t().topk(capacity, dim=-1)  # [N, C]
         expert = torch.arange(self.n_experts, device=probs.device).repeat_interleave(capacity)
         # entries already grouped by expert; within an expert, in token order
@@ -194,18 +204,20 @@ class Hash(Router):
 
 
 class Sinkhorn(Router):
-    """``sinkhorn``: a balanced top-1 assignment in training, plain top-1 at inference."""
+    """``sinkhorn``: a balanced top-1 assignment in training, plain top-1 at inference; columns
+    are balanced over the whole batch (every rank of ``batch_group``)."""
 
     iterations: ClassVar[int] = 10
 
     def assign(self, logits, probs, token_ids, training):
         if not training:
             return top1(probs, logits)
+        group = self.batch_group
         with torch.no_grad():
-            log_q = logits.float() - logits.float().max()
+            log_q = logits.float() - group.max(logits.float().max())
             for _ in range(self.iterations):  # rows sum to 1, columns to T/N, in log space
-                log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) + torch.log(
-                    torch.tensor(probs.shape[0] / self.n_experts))
+                log_q = log_q - group.logsumexp(log_q) + torch.log(
+                    torch.tensor(probs.shape[0] * group.size / self.n_experts))
                 log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
             expert = log_q.argmax(dim=-1)
         token = torch.arange(probs.shape[0], device=probs.device)

@@ -1,6 +1,7 @@
 """Switch SAE (Mudide et al., 2024): N small TopK experts behind a trained router."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -43,6 +44,8 @@ class SwitchSAE(SparseAutoencoder):
         self.W_router = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.b_router = nn.Parameter(torch.zeros(cfg.d_model))
         self.router = build_router(cfg.routing, cfg.n_experts)
+        #: with experts split across ranks, the exchange that runs them (switchsae.distributed.expert_parallel)
+        self.expert_parallel = None
         self.reset_parameters()
 
     @classmethod
@@ -78,6 +81,7 @@ class SwitchSAE(SparseAutoencoder):
         expert (steering), gated by its own top router probability ``max_i p_i`` (1 without a
         learned router)."""
         logits = probs = None
+        self.router.batch_group = self.batch_group  # a batch-wide strategy balances over every rank's shard
         if self.router.learned:
             logits, probs = self.router_logits(x)
         if expert is None:
@@ -109,13 +113,13 @@ class SwitchSAE(SparseAutoencoder):
 
     def _expert_forward(self, x: Tensor, a: Assignment, decode: bool) -> tuple[Latents, Tensor | None, Tensor | None]:
         """Dispatch → each entry's TopK within its expert → combine; with ``decode`` also the
-        reconstruction (raw units, token order) and the squared error of normalised ``x``."""
+        reconstruction (raw units, token order) and the squared error of normalised ``x``. With
+        experts split across ranks (``expert_parallel``) the entries travel to their experts' ranks."""
+        if self.expert_parallel is not None:
+            return self.expert_parallel.forward(self, x, a, decode)
         x_entries = dispatch(x, a.token)
-        with torch.no_grad():
-            centred = x_entries - self.b_pre
-        values, indices = grouped_select_topk(centred, self.W_enc, a.counts, self.cfg.k, self.selection_weights())
-        scale = 1 / self.cfg.act_scale
         if not a.one_per_token:  # one TopK over the union of each token's entries, in token order
+            values, indices, _ = self._select(x_entries, a.counts)
             values, indices, gate = combine(values, indices, a.gate, a.token, a.n_tokens, self.cfg.k)
             with torch.no_grad():
                 centred = x - self.b_pre
@@ -123,23 +127,45 @@ class SwitchSAE(SparseAutoencoder):
                 return Latents(topk_encode(x, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred)
                                * gate, indices), None, None
             z, x_hat, mse = sparse_core(x, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, gate,
-                                        self.sparse_grads, x_hat_scale=scale)
+                                        self.sparse_grads, x_hat_scale=1 / self.cfg.act_scale)
             return Latents(z, indices), x_hat, mse
         # one entry per token: the whole forward (and backward) runs in expert order
-        x_hat = mse = None
-        if decode:  # x̂ comes out in token order and raw units
-            z, x_hat, mse = sparse_core(x_entries, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, a.gate,
-                                        self.sparse_grads, x_hat_rows=a.token, x_hat_scale=scale)
-        else:
-            z = topk_encode(x_entries, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) \
-                * a.gate[:, None]
+        z, indices, x_hat, mse = self.expert_compute(x_entries, a.gate, a.counts, decode, x_hat_rows=a.token)
         unsorted = torch.empty_like(a.token).index_copy_(0, a.token, torch.arange(a.token.numel(), device=x.device))
         return Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted)), x_hat, mse
 
+    def _select(self, x_entries: Tensor, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Each entry's ``k`` largest pre-activations within its block (no grad): ``(values, indices,
+        x_entries − b_pre)``; ``counts[b]`` entries for each block of the ``W_enc`` held here."""
+        with torch.no_grad():
+            centred = x_entries - self.b_pre
+        values, indices = grouped_select_topk(centred, self.W_enc, counts, self.cfg.k, self.selection_weights())
+        return values, indices, centred
+
+    def expert_compute(self, x_entries: Tensor, gate: Tensor, counts: list[int], decode: bool,
+                       x_hat_rows: Tensor | None = None, mse_tokens: int | None = None,
+                       ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The expert compute of one entry per row, rows grouped by block (``counts``): selection,
+        then the fused core (kernels/core.py) with each row's gate. Returns ``(z, indices)`` in row
+        order (indices into the ``W_enc`` held here) and, with ``decode``, ``x̂`` (raw units, row
+        ``t`` at ``x_hat_rows[t]``) and the squared error over ``mse_tokens`` tokens (default: rows)."""
+        values, indices, centred = self._select(x_entries, counts)
+        if not decode:
+            z = topk_encode(x_entries, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) \
+                * gate[:, None]
+            return z, indices, None, None
+        z, x_hat, mse = sparse_core(x_entries, self.b_pre, self.W_enc, self.W_dec, indices, values, centred, gate,
+                                    self.sparse_grads, x_hat_rows=x_hat_rows, x_hat_scale=1 / self.cfg.act_scale,
+                                    mse_tokens=mse_tokens)
+        return z, indices, x_hat, mse
+
     def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
         """The router's own terms (load balance, z-loss) and, with ``auxk_coeff``, AuxK within
-        each token's experts."""
-        return {**self.router.aux_losses(out.extras["assignment"], self.aux_unit()), **self.auxk_terms(x, out)}
+        each token's experts. The load fractions ``f_i`` count the whole batch (every rank's shard)."""
+        a = out.extras["assignment"]
+        if self.router.balance_loss:
+            a = dataclasses.replace(a, counts=self.batch_group.sum_counts(a.counts))
+        return {**self.router.aux_losses(a, self.aux_unit()), **self.auxk_terms(x, out)}
 
     def aux_unit(self) -> float:
         """Factor on the router's loss weights: ``(act_scale / unit_scale)²`` for ``aux_units = data``

@@ -87,7 +87,8 @@ def test_top1_is_bit_for_bit_what_it_was_before_the_routing_contract():
     """30 training steps of the paper's Switch SAE, against weights and outputs saved by the code
     before routing became a strategy (bit-identical with the compiled kernels on the host that
     saved them; the tolerance covers other hosts' gemm rounding). That code weighted the balance
-    loss against the MSE in the loss's own units: ``aux_units = loss``."""
+    loss against the MSE in the loss's own units: ``aux_units = loss``, and took the default lr
+    law on the total width: ``lr_width = total``."""
     ref = load_file(str(Path(__file__).parents[1] / "data" / "switch_top1_reference.safetensors"))
     acts = synthetic_activations(6000, 32, 512, 6, 0.05, 0)
     cfg = SAEConfig(arch="switch", d_model=32, width=256, k=8, n_experts=8, routing=RoutingConfig(aux_units="loss"))

@@ -1,0 +1,175 @@
+"""Step time and bytes moved per step of distributed training on this machine (gloo, CPU).
+
+For each configuration and world size P, P worker processes (file rendezvous, ``threads / P``
+threads each, so every P uses the same cores) train a Switch SAE on random activations for a
+few steps, the way switchsae/train.py does (forward, loss, the guard's loss average, backward,
+gradient averaging, LazyAdam, dead-latent counter). Collectives are counted as they are called:
+the payload handed to each, and the bytes a rank actually sends to other ranks (ring all-reduce
+``2(P−1)/P·n``, all-gather ``(P−1)·n``, all-to-all the rows bound for other ranks), per step.
+
+    python benchmarks/distributed.py                          # the table of docs/distributed.md
+    python benchmarks/distributed.py --configs 16384:16 --modes ddp ep --steps 5
+    python benchmarks/distributed.py --configs 1048576:128    # 16 GB per DDP rank: a big machine only
+
+Modes: ``ddp`` (data parallel, dense gradients all-reduced), ``ddp-sparse`` (row-sparse
+gradients gathered, ``--sparse-updates``), ``ep`` (experts split over all P ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODES = ("ddp", "ddp-sparse", "ep")
+
+
+def count_collectives(sent: dict[str, float]) -> None:
+    """Wrap torch.distributed's collectives so that each adds to ``sent``: ``payload`` bytes and the
+    bytes this rank sends to others (``wire``), by operation."""
+    import torch.distributed as dist
+
+    def size(t):
+        return t.numel() * t.element_size()
+
+    def wrap(name, wire):
+        original = getattr(dist, name)
+
+        def counted(*args, **kwargs):
+            payload, on_wire = wire(*args, **kwargs)
+            sent[f"{name}.payload"] = sent.get(f"{name}.payload", 0) + payload
+            sent[f"{name}.wire"] = sent.get(f"{name}.wire", 0) + on_wire
+            return original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    def group_size(kwargs):
+        return dist.get_world_size(kwargs.get("group"))
+
+    def all_to_all(out, inp, out_splits=None, in_splits=None, group=None, **_):
+        rank, row = dist.get_rank(group), size(inp) // max(inp.shape[0], 1)
+        return size(inp), (sum(in_splits) - in_splits[rank]) * row if inp.shape[0] else 0
+
+    wrap("all_reduce", lambda t, **kw: (size(t), 2 * (group_size(kw) - 1) / group_size(kw) * size(t)))
+    wrap("all_gather", lambda parts, t, **kw: (size(t), (group_size(kw) - 1) * size(t)))
+    wrap("all_to_all_single", all_to_all)
+
+
+def worker(rank: int, size: int, rendezvous: str, spec: dict, out: Path) -> None:
+    """One rank: build, shard, run ``spec['steps']`` timed steps; rank 0 writes the result."""
+    from switchsae.config import ParallelConfig, SAEConfig, TrainConfig
+    from switchsae.distributed.launch import connect, disconnect
+    from switchsae.saes import build_sae
+    from switchsae.train import optimizer_for
+
+    torch.set_num_threads(spec["threads"])
+    mode = spec["mode"]
+    world = connect(ParallelConfig(expert_parallel=size if mode == "ep" else 1, dist_timeout=600), "cpu",
+                    init_method=rendezvous, rank=rank, world_size=size)
+    cfg = SAEConfig(arch="switch", d_model=spec["d"], width=spec["width"], k=spec["k"], n_experts=spec["experts"])
+    train_cfg = TrainConfig(batch_size=spec["batch"], sparse_updates=mode == "ddp-sparse", matmul_dtype="float32")
+    sae = build_sae(cfg)
+    sae.reset_parameters(torch.Generator().manual_seed(0))  # the same weights on every rank
+    sae.sparse_grads = train_cfg.sparse_updates
+    sae.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long)
+    world.prepare(sae, broadcast=False)
+    opt = optimizer_for(sae, train_cfg)
+    for group in opt.param_groups:
+        group["lr"] = 1e-4
+    local = spec["batch"] // size
+    batches = torch.randn(spec["steps"] + spec["warmup"], local, spec["d"], generator=torch.Generator().manual_seed(rank))
+    sent: dict[str, float] = {}
+    count_collectives(sent)
+    times = []
+    for i, x in enumerate(batches):
+        if i == spec["warmup"]:
+            sent.clear()
+        world.mesh.world.barrier()
+        start = time.perf_counter()
+        out_ = sae(x)
+        losses = sae.loss(x, out_)
+        world.mean(losses)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        world.reduce_gradients(sae)
+        opt.step()
+        sae.record_firing(out_.latents, local)
+        world.mesh.world.barrier()
+        times.append(time.perf_counter() - start)
+    measured = times[spec["warmup"]:]
+    steps = len(measured)
+    totals = world.total(torch.tensor([sent.get(k, 0.0) for k in sorted(sent)], dtype=torch.float64))
+    if rank == 0:
+        per_step = {key: value / steps / size for key, value in zip(sorted(sent), totals.tolist())}
+        out.write_text(json.dumps({**spec, "world": size, "step_s": sorted(measured)[steps // 2], "bytes": per_step}))
+    disconnect()
+
+
+def run(spec: dict, size: int) -> dict:
+    """Run ``spec`` on ``size`` processes; the result rank 0 wrote (bytes averaged over ranks)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        spec = {**spec, "threads": max(1, spec["threads"] // size)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]),
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(rank), str(size), f"file://{tmp}/rdv",
+                                   json.dumps(spec), str(out)], env=env) for rank in range(size)]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"a worker failed for {spec}")
+        return json.loads(out.read_text())
+
+
+def summary(result: dict) -> dict:
+    """The table row: step time, and bytes per rank and step by kind (MB)."""
+    b = result["bytes"]
+    mb = 1e6
+    mode = result["mode"] if result["world"] > 1 else "one process"
+    return {"config": f"M={result['width']:,} N={result['experts']}", "mode": mode, "P": result["world"],
+            "step_ms": round(result["step_s"] * 1e3, 1),
+            "all-to-all MB": round(b.get("all_to_all_single.wire", 0) / mb, 3),
+            "all-reduce MB": round(b.get("all_reduce.wire", 0) / mb, 3),
+            "all-gather MB": round(b.get("all_gather.wire", 0) / mb, 3),
+            "payload MB": round(sum(v for k, v in b.items() if k.endswith(".payload")) / mb, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["16384:16", "65536:64"], help="width:experts")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096, help="tokens per step, all ranks together")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads shared by the P ranks")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    rows = []
+    for config in args.configs:
+        width, experts = map(int, config.split(":"))
+        for size in args.worlds:
+            for mode in args.modes if size > 1 else ["ddp"]:  # one process: every mode is the same run
+                spec = dict(width=width, experts=experts, d=args.d, k=args.k, batch=args.batch, steps=args.steps,
+                            warmup=args.warmup, threads=args.threads, mode=mode)
+                rows.append(summary(run(spec, size)))
+                print(json.dumps(rows[-1]), flush=True)
+    columns = list(rows[0])
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]), Path(sys.argv[6]))
+    else:
+        main()
