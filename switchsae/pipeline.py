@@ -98,6 +98,8 @@ class DemoConfig:
     k: int = 32
     steps: int = 400
     batch_size: int = 4096
+    lr: float = 8e-4           # twice the lr law at width 4096 (TopK, and each Switch expert): the best lr of
+                               # docs/results/recipe for both, where Switch-4 led TopK-4096
     eval_tokens: int = 16_384
 
 
@@ -121,7 +123,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict
         "switch": SAEConfig(arch="switch", d_model=cache.d_model, width=cfg.width * cfg.experts, k=cfg.k,
                             n_experts=cfg.experts),
     }
-    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, normalize=True, checkpoint_every=100)
+    train_cfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, normalize=True, checkpoint_every=100)
     rows = []
     for name, sae_cfg in runs.items():
         run_dir = cfg.out / name
