@@ -87,10 +87,9 @@ def assignment_from_entries(token: Tensor, expert: Tensor, gate: Tensor, n_block
 def top1(probs: Tensor, logits: Tensor) -> Assignment:
     """``e_t = argmax_i p_{t,i}``, gate ``p_{t,e_t}``: one entry per token."""
     expert = probs.argmax(dim=-1)
-    order = torch.argsort(expert, stable=True)
-    gate = probs.gather(1, expert[:, None]).squeeze(1).index_select(0, order)
-    counts = torch.bincount(expert, minlength=probs.shape[1]).tolist()
-    return Assignment(order, expert.index_select(0, order), gate, counts, probs.shape[0], logits, probs)
+    token = torch.arange(probs.shape[0], device=probs.device)
+    gate = probs.gather(1, expert[:, None]).squeeze(1)
+    return assignment_from_entries(token, expert, gate, probs.shape[1], probs.shape[0], logits, probs)
 
 
 def forced(probs: Tensor | None, n_tokens: int, expert: int, n_blocks: int, device: torch.device) -> Assignment:

@@ -107,10 +107,6 @@ class SwitchSAE(SparseAutoencoder):
         x = self._check_input(x)
         return self._expert_forward(x, self.route(x, token_ids, expert), decode=False)[0]
 
-    def _encode(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Latents, dict]:
-        assignment = self.route(x, token_ids)
-        return self._expert_forward(x, assignment, decode=False)[0], {"assignment": assignment}
-
     def _expert_forward(self, x: Tensor, a: Assignment, decode: bool) -> tuple[Latents, Tensor | None, Tensor | None]:
         """Dispatch → each entry's TopK within its expert → combine; with ``decode`` also the
         reconstruction (raw units, token order) and the squared error of normalised ``x``. With
