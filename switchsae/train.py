@@ -124,14 +124,19 @@ def batch_stream(source: Batches, cfg: TrainConfig, start_step: int, token_ids: 
     """
     if isinstance(source, Tensor):
         source = TensorSource(source)
-    if token_ids and not getattr(source, "has_token_ids", False):
-        raise ValueError("this SAE routes by token id (hash routing), so it needs activations with stored token "
-                         "ids: an activation cache built by `switchsae cache`; these activations have none.")
+    check_token_ids(source, token_ids)
     if isinstance(source, ActivationSource):
         if token_ids:
             return source.train_batches(cfg.batch_size, cfg.seed, start_step, token_ids=True)
         return source.train_batches(cfg.batch_size, cfg.seed, start_step)
     return itertools.islice(iter(source), start_step, None)
+
+
+def check_token_ids(source: Batches, needed: bool) -> None:
+    """Refuse a source without stored token ids for an SAE that routes by them."""
+    if needed and not getattr(source, "has_token_ids", False):
+        raise ValueError("this SAE routes by token id (hash routing), so it needs activations with stored token "
+                         "ids: an activation cache built by `switchsae cache`; these activations have none.")
 
 
 def split_batch(batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -282,7 +287,7 @@ def _check_runnable(sae_cfg: SAEConfig, source: Batches, cfg: TrainConfig) -> No
         raise ValueError(f"sparse updates need a sparse code; {sae_cfg.arch} is dense "
                          f"(use one of {', '.join(SETTING_ARCHS['sparse_updates'])})")
     check_device(cfg.device)
-    batch_stream(source, cfg, 0, REGISTRY[sae_cfg.arch].token_ids_needed(sae_cfg))  # refuses a source without ids
+    check_token_ids(source, REGISTRY[sae_cfg.arch].token_ids_needed(sae_cfg))
 
 
 def _train_claimed(claim: RunClaim, sae_cfg: SAEConfig, source: Batches, cfg: TrainConfig, resume: bool,
