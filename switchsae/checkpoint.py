@@ -3,7 +3,10 @@
 Tensors: ``sae/<param>``, ``adam/<param>/<exp_avg|exp_avg_sq|step>`` and
 ``train/tokens_since_fired``. Metadata (strings):
 ``step``, ``elapsed_s``, the SAE and training configs, the selection matmul's dtype as the run
-resolved it, and the log so far. The file is written
+resolved it, the log so far, what the activations were (``activations``: a fingerprint and a
+description, :func:`switchsae.sources.activations.source_identity`; a resume on other data is
+refused) and ``sha256``, the checksum of everything else in the file (:func:`checkpoint_digest`),
+checked on load so a damaged checkpoint is never resumed from (files from before it have none). The file is written
 to a temporary name, fsynced and renamed over the old one, so a run killed at any moment leaves
 either the previous checkpoint or the new one, never a torn file.
 
@@ -13,6 +16,7 @@ one rank does, and cuts a rank's part out of each full tensor on load, at any wo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -58,12 +62,23 @@ class TrainState:
     tokens_since_fired: torch.Tensor | None = None
 
 
+def checkpoint_digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 of the metadata (all but ``sha256`` itself) and of each tensor's name, dtype, shape and
+    bytes, in name order."""
+    digest = hashlib.sha256(json.dumps({key: meta[key] for key in sorted(meta) if key != "sha256"}).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, state: TrainState, train_cfg: dict,
-    layout: Layout = WHOLE,
+    layout: Layout = WHOLE, activations: dict[str, str] | None = None,
 ) -> None:
     """Write ``path`` atomically (module docstring); with a ``layout`` that does not write, only
-    take part in gathering the tensors."""
+    take part in gathering the tensors. ``activations`` says what the run trains on."""
     names = {id(p): n for n, p in sae.named_parameters()}
     tensors = {f"sae/{n}": layout.full(n, t.detach()).cpu().contiguous() for n, t in sae.state_dict().items()}
     for p, slots in opt.state.items():
@@ -81,11 +96,20 @@ def save_checkpoint(
         "matmul_dtype": str(sae.matmul_dtype).removeprefix("torch."),  # as resolved (``auto``), for resume
         "history": json.dumps(state.history or []),
     }
+    if activations is not None:
+        meta["activations"] = json.dumps(activations)
+    meta["sha256"] = checkpoint_digest(tensors, meta)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def saved_activations(meta: dict[str, str]) -> dict[str, str] | None:
+    """What the activations of a checkpoint's run were (``fingerprint``, ``description``), or None
+    if it does not say (a checkpoint from before this was recorded, or a run on a plain iterable)."""
+    return json.loads(meta["activations"]) if "activations" in meta else None
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, str]:
@@ -110,6 +134,9 @@ def load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
     meta = read_checkpoint_meta(path)
     with safe_open(str(path), framework="pt") as fh:
         tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    if "sha256" in meta and checkpoint_digest(tensors, meta) != meta["sha256"]:
+        raise ValueError(f"checkpoint {path} fails its checksum: it changed after it was written (damaged on disk?), "
+                         "so it is not resumed from; restore a copy, or start over with --force")
     weights = {key.removeprefix("sae/"): value for key, value in tensors.items() if key.startswith("sae/")}
     sae.load_state_dict({name: layout.local(name, value) for name, value in weights.items()})
     params = dict(sae.named_parameters())

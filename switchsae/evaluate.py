@@ -82,10 +82,21 @@ def expert_load_stats(counts: Tensor) -> dict:
     }
 
 
+def check_finite_weights(sae: SparseAutoencoder) -> None:
+    """Refuse an SAE whose weights hold NaN or inf: no metric of it would mean anything."""
+    bad = {name: (int((~torch.isfinite(t)).sum()), t.numel()) for name, t in sae.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()}
+    if bad:
+        counts = ", ".join(f"{name}: {count:,} of {total:,}" for name, (count, total) in bad.items())
+        raise ValueError(f"the SAE's weights hold NaN or inf values ({counts}); it diverged or its file is "
+                         "damaged, so it is not evaluated")
+
+
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, batches: Iterable[Tensor], progress: bool = True) -> dict:
     """Metrics of ``sae`` over every batch in ``batches`` (tensors, or ``(x, token ids)`` pairs),
-    plus FLOPs per token (SPEC §2)."""
+    plus FLOPs per token (SPEC §2); an SAE with NaN or inf weights is refused."""
+    check_finite_weights(sae)
     was_training = sae.training
     sae.eval()
     sums = MetricSums(sae.cfg.width, sae.cfg.n_experts)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from switchsae.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from switchsae.checkpoint import (CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint,
+                                  saved_activations)
 from switchsae.config import LEGACY_TRAIN_DEFAULTS, SAEConfig, TrainConfig, default_lr
 from switchsae.distributed.group import DistributedError
 from switchsae.distributed.world import SINGLE, World
@@ -29,7 +30,7 @@ from switchsae.optim import LazyAdam
 from switchsae.run_folder import RunClaim
 from switchsae.saes import REGISTRY, SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
 from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
-from switchsae.sources.activations import ActivationSource, TensorSource
+from switchsae.sources.activations import ActivationSource, TensorSource, source_identity
 
 Batches = ActivationSource | Tensor | Iterable[Tensor]
 
@@ -172,9 +173,11 @@ def train_loop(
     progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
     world: World = SINGLE,
+    activations: dict[str, str] | None = None,
 ) -> TrainState:
     """Run steps ``state.step .. cfg.steps - 1``; checkpoint to ``run_dir`` every ``checkpoint_every``
-    (then call ``on_checkpoint(step)``); stop with :class:`TrainingDiverged` (:class:`DivergenceGuard`).
+    (then call ``on_checkpoint(step)``; ``activations``, what the batches are, is recorded in the
+    checkpoint); stop with :class:`TrainingDiverged` (:class:`DivergenceGuard`).
     On several ranks (``world``, switchsae/distributed) ``batches`` are this rank's shards, gradients
     are averaged after the backward and rank 0 writes the checkpoints."""
     base_lr = cfg.lr or default_lr(sae.cfg.width if cfg.lr_width == "total" else sae.cfg.expert_width)
@@ -220,7 +223,7 @@ def train_loop(
         if run_dir is not None and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             guard.check_weights(sae, x, done, None if token_ids is None else token_ids.to(device))
             state = TrainState(done, time.perf_counter() - started, history, sae.tokens_since_fired)
-            save_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt, state, cfg.to_dict(), world)
+            save_checkpoint(run_dir / CHECKPOINT_FILE, sae, opt, state, cfg.to_dict(), world, activations)
             if on_checkpoint is not None:
                 on_checkpoint(done)
     bar.close()
@@ -260,6 +263,7 @@ def train(
     or stalls stops the others with :class:`DistributedError` within the process-group timeout.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
+    source = TensorSource(source) if isinstance(source, Tensor) else source  # checked for NaN once
     world.check_start({"sae": sae_cfg.to_dict(), "train": cfg.to_dict(), "run_dir": str(run_dir), "resume": resume,
                        "force": force}, sae_cfg, cfg.batch_size)
     world.agreed(lambda: _check_runnable(sae_cfg, source, cfg))
@@ -295,8 +299,9 @@ def _train_claimed(claim: RunClaim, sae_cfg: SAEConfig, source: Batches, cfg: Tr
     """Build (or reload) the SAE and run the loop in the claimed run folder; on several ranks,
     rank 0 initialises and decides the matmul dtype, and the others follow (``world``)."""
     start, resumed_cfg, matmul_dtype = 0, None, None
+    identity = source_identity(source)
     if claim.run_dir is not None and resume:
-        start, resumed_cfg, matmul_dtype = world.agreed(lambda: _resume_point(claim.run_dir, sae_cfg, cfg))
+        start, resumed_cfg, matmul_dtype = world.agreed(lambda: _resume_point(claim.run_dir, sae_cfg, cfg, identity))
         claim.checkpointed(start)
     if resumed_cfg is not None:
         sae = build_sae(resumed_cfg)
@@ -308,7 +313,7 @@ def _train_claimed(claim: RunClaim, sae_cfg: SAEConfig, source: Batches, cfg: Tr
     world.prepare(sae, broadcast=resumed_cfg is None)
     batches = world.batches(batch_stream(source, cfg, start, sae.needs_token_ids))
     state = train_loop(sae, batches, cfg, TrainState(start), claim.run_dir, progress, on_checkpoint=claim.checkpointed,
-                       world=world)
+                       world=world, activations=identity)
     return world.finished(sae), state
 
 
@@ -363,13 +368,19 @@ def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg:
                              and (key, value) != ("matmul_dtype", "auto")])
 
 
-def _resume_point(run_dir: Path, sae_cfg: SAEConfig, cfg: TrainConfig) -> tuple[int, SAEConfig, str]:
+def _resume_point(run_dir: Path, sae_cfg: SAEConfig, cfg: TrainConfig,
+                  activations: dict[str, str] | None) -> tuple[int, SAEConfig, str]:
     """The checkpointed step, SAE config and selection matmul dtype (as resolved when the run
-    started: a resume never measures again), after checking the run being continued is this one."""
+    started: a resume never measures again), after checking the run being continued is this one,
+    on the same ``activations`` (where both the checkpoint and the source say what they are)."""
     meta = read_checkpoint_meta(run_dir / CHECKPOINT_FILE)
     saved_sae, saved_train = json.loads(meta["sae_cfg"]), json.loads(meta["train_cfg"])
     differs = settings_differ(saved_sae, saved_train, sae_cfg, cfg)
     if differs:
         raise ValueError(f"cannot resume {run_dir}: settings differ from the checkpoint in {differs}")
+    saved = saved_activations(meta)
+    if saved is not None and activations is not None and saved["fingerprint"] != activations["fingerprint"]:
+        raise ValueError(f"cannot resume {run_dir}: it was trained on other activations ({saved['description']}) "
+                         f"than these ({activations['description']}); resume it on the same activations")
     matmul_dtype = meta.get("matmul_dtype") or saved_train.get("matmul_dtype", "float32")  # older: as requested
     return int(meta["step"]), SAEConfig.from_dict(saved_sae), matmul_dtype

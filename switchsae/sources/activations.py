@@ -9,9 +9,14 @@ that is a pure function of ``(seed, step)``; batch ``i`` is the same whether the
 started at step 0 or at step ``i``. That is what makes a resumed run identical to an
 uninterrupted one. ``eval_batches(batch_size)`` makes one ordered pass over the held-out rows,
 which never appear in the training stream.
+
+A source may also say what it holds (``identity()``: a fingerprint of the data and a
+description; see :func:`source_identity`): checkpoints record it, and a resume on other
+activations is refused.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -42,6 +47,7 @@ class TensorSource:
         if not torch.isfinite(acts).all():
             bad = (~torch.isfinite(acts)).any(dim=1).nonzero()[0].item()
             raise ValueError(f"activations contain NaN or inf values (first at row {bad})")
+        self._acts = acts
         n_eval = max(1, min(int(acts.shape[0] * eval_fraction), max_eval_rows))
         self.train = acts[:-n_eval]
         self.held_out = acts[-n_eval:]
@@ -63,6 +69,26 @@ class TensorSource:
     def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
         for start in range(0, self.held_out.shape[0], batch_size):
             yield self.held_out[start:start + batch_size].float()
+
+    def identity(self) -> dict[str, str]:
+        """A fingerprint of the shape, dtype and ``IDENTITY_ROWS`` evenly spaced rows (not every row:
+        it tells data sets apart, it does not check their integrity), and a description."""
+        n, d = self._acts.shape
+        rows = self._acts[torch.linspace(0, n - 1, min(n, IDENTITY_ROWS)).long()].contiguous()
+        digest = hashlib.sha256(f"{n},{d},{self._acts.dtype}".encode())
+        digest.update(rows.reshape(-1).view(torch.uint8).numpy())
+        return {"fingerprint": digest.hexdigest(), "description": f"{n:,} x {d} activations ({self._acts.dtype})"}
+
+
+#: rows a tensor source's fingerprint reads
+IDENTITY_ROWS = 4096
+
+
+def source_identity(source: object) -> dict[str, str] | None:
+    """``{"fingerprint", "description"}`` of the activations ``source`` holds, or None for a source
+    that cannot say (a plain iterable of batches)."""
+    identity = getattr(source, "identity", None)
+    return identity() if callable(identity) else None
 
 
 def load_tensor_file(path: Path) -> Tensor:

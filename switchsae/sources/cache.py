@@ -3,11 +3,16 @@
 :func:`build_cache` runs the model over token windows of a corpus, stopping each forward pass
 at the hook, drops the first ``drop_first`` positions of every window (the attention sink),
 and writes the rows in shards (format in :mod:`switchsae.sources.shards`). The manifest is
-rewritten after every shard, so an interrupted build resumes from its last complete shard.
+rewritten after every shard, so an interrupted build resumes from its last complete shard. A new
+build first runs the model on the corpus's first window, so a wrong model, layer, site or corpus
+fails before any file is written; an earlier build that stored no shard never blocks a new one.
 Shards hold whole windows, so resuming skips exactly the windows already stored.
 
 :class:`ActivationCache` reads a finished cache. The last 5% of rows (at most 65,536) are
-held out for :meth:`~ActivationCache.eval_batches` and never enter the training stream.
+held out for :meth:`~ActivationCache.eval_batches` and never enter the training stream. Opening
+one checks every file's size and a sample of shard blocks against their checksums; each shard is
+hashed and scanned for NaN and inf in full before its first rows are used, ahead of the training
+stream on a background thread (:mod:`switchsae.sources.integrity`).
 
 Training-stream shuffle (two levels, so caches larger than memory work): each epoch permutes
 the order of the training shards with ``(seed, epoch)``; consecutive shards in that order are
@@ -19,6 +24,8 @@ starting at step ``i`` reads only the group that holds batch ``i``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from switchsae.sources import shards
+from switchsae.sources import integrity, shards
 from switchsae.sources.hooks import HookPoint, as_hook, capture
 from switchsae.sources.models import load_model
 from switchsae.sources.text import token_windows
@@ -60,6 +67,8 @@ def _earlier_build(out: Path, settings: dict, resume: bool) -> dict | None:
     manifest = shards.read_manifest(out)
     differ = [f"{key} {manifest.get(key)!r} vs {value!r}" for key, value in settings.items()
               if manifest.get(key) != value]
+    if differ and not manifest["shards"] and not manifest["complete"]:
+        return None  # a build that stored nothing: nothing is lost by starting this one in its place
     if differ:
         raise ValueError(f"{out} holds a cache built with other settings ({'; '.join(differ)}); "
                          f"choose another folder to build this one.")
@@ -103,6 +112,7 @@ def build_cache(model_name: str, hook: HookPoint | str, corpus: str | Path, n_to
     model, tokenizer = load_model(model_name, shards.DTYPES[model_dtype][0])
     model.to(device)
     if manifest is None:
+        _check_start(model, tokenizer, hook, settings)
         manifest = {"format": shards.FORMAT_VERSION, **settings, "d_model": model.config.hidden_size,
                     "tokenizer": _tokenizer_info(model_name, tokenizer), "shards": [], "complete": False}
         out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +121,13 @@ def build_cache(model_name: str, hook: HookPoint | str, corpus: str | Path, n_to
     manifest["complete"] = True
     shards.write_manifest(out, manifest)
     return out
+
+
+def _check_start(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: HookPoint, settings: dict) -> None:
+    """Fail before a new build writes anything if its corpus yields no window or its hook is not in
+    the model: run the model on the corpus's first window up to the hook."""
+    windows = token_windows(tokenizer, settings["corpus"], settings["context_length"], settings["text_field"])
+    capture(model, hook, next(windows).unsqueeze(0))
 
 
 def _fill(out: Path, manifest: dict, model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: HookPoint,
@@ -163,7 +180,8 @@ class ActivationCache:
             stored = sum(entry["rows"] for entry in self.manifest["shards"])
             raise ValueError(f"The activation cache in {self.path} is incomplete ({stored} of "
                              f"{self.manifest['n_tokens']} rows); run build_cache again to resume it.")
-        shards.verify_shards(self.path, self.manifest, checksums=verify)
+        (integrity.check_all if verify else integrity.sample_check)(self.path, self.manifest)
+        self._verifier = integrity.ShardVerifier(self.path, self.manifest)
         self.d_model: int = self.manifest["d_model"]
         self._dtype = self.manifest["dtype"]
         self._maps = [shards.open_shard(self.path, entry, self.manifest) for entry in self.manifest["shards"]]
@@ -178,6 +196,12 @@ class ActivationCache:
         self.has_token_ids = all("windows" in entry for entry in self.manifest["shards"])
         self._windows: np.ndarray | None = None
 
+    def identity(self) -> dict[str, str]:
+        """A fingerprint of the shards' checksums (the data, wherever the folder is), and a description."""
+        digest = hashlib.sha256(json.dumps([self._dtype, self.d_model, [entry["sha256"] for entry in
+                                                                        self.manifest["shards"]]]).encode())
+        return {"fingerprint": digest.hexdigest(), "description": f"the cache in {self.path} ({describe(self.manifest)})"}
+
     def windows(self) -> np.ndarray:
         """Token ids of every window the cache's rows come from, ``int32 [n_windows, context_length]``
         (window ``w`` holds rows ``[w·R, (w+1)·R)``, ``R`` = rows per window)."""
@@ -185,6 +209,8 @@ class ActivationCache:
             raise ValueError(f"The activation cache in {self.path} stores no token ids (it was built before "
                              f"they were stored); rebuild it with `switchsae cache` to get them.")
         if self._windows is None:
+            for entry in self.manifest["shards"]:
+                integrity.verify_windows(self.path, entry)
             self._windows = np.concatenate([shards.open_windows(self.path, entry, self.manifest)
                                             for entry in self.manifest["shards"]])
         return self._windows
@@ -210,7 +236,8 @@ class ActivationCache:
         return pieces
 
     def _read(self, segments: list[tuple[int, int, int]]) -> Tensor:
-        """The rows of ``segments``, concatenated, in the storage dtype."""
+        """The rows of ``segments``, concatenated, in the storage dtype (their shards verified first)."""
+        self._verifier.wait([shard for shard, _, _ in segments])
         return shards.to_tensor(np.concatenate([self._maps[s][a:b] for s, a, b in segments]), self._dtype)
 
     def _epoch_groups(self, seed: int, epoch: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
@@ -236,8 +263,11 @@ class ActivationCache:
                              f"in {self.path}.")
         step, epoch = 0, 0
         while True:
-            for index, group in enumerate(self._epoch_groups(seed, epoch, batch_size)):
-                count = sum(b - a for _, a, b in group) // batch_size
+            groups = self._epoch_groups(seed, epoch, batch_size)
+            counts = [sum(b - a for _, a, b in group) // batch_size for group in groups]
+            first = next((i for i in range(len(groups)) if step + sum(counts[:i + 1]) > start_step), len(groups))
+            self._verifier.ahead([shard for group in groups[first:] for shard, _, _ in group])
+            for index, (group, count) in enumerate(zip(groups, counts)):
                 if step + count > start_step:
                     rows = self._read(group)
                     order = torch.from_numpy(_rng(seed, epoch, index).permutation(len(rows)))
@@ -273,8 +303,15 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 def check(path: str | Path) -> dict:
-    """Fully verify the cache in ``path`` (completeness, sizes, sha256 checksums); return its manifest."""
+    """Fully verify the cache in ``path`` (completeness, sizes, sha256 checksums of every file, no
+    NaN or inf in any shard); return its manifest."""
     return ActivationCache(path, verify=True).manifest
+
+
+def describe(manifest: dict) -> str:
+    """One line naming what a cache holds: rows, width, model, hook, shards."""
+    return (f"{sum(entry['rows'] for entry in manifest['shards']):,} rows x {manifest['d_model']} of "
+            f"{manifest.get('model', '?')} at {manifest.get('hook', '?')} in {len(manifest['shards'])} shards")
 
 
 def check_compatible(manifest: dict, model_name: str, hook: HookPoint | str) -> None:

@@ -10,7 +10,10 @@ Beside each shard, ``windows_00000.bin`` holds the token ids of the windows its 
 row ``r`` of the cache is position ``drop_first + r mod rows_per_window`` of window
 ``r div rows_per_window``, so rows map back to text without re-tokenising the corpus. Its
 manifest entry names it (``windows``, ``windows_sha256``); caches from before it existed have
-no such entry and read as before, without token ids. Every file is written to a ``.tmp`` name and moved into place with
+no such entry and read as before, without token ids. A shard's entry also lists the sha256 of
+each ``block_bytes`` block of its file (``block_sha256``), so that opening a cache can check a
+sample of blocks without reading whole shards (:mod:`switchsae.sources.integrity`); caches from
+before have none. Every file is written to a ``.tmp`` name and moved into place with
 ``os.replace``, so a crash never leaves a half-written shard or manifest under its real name.
 """
 from __future__ import annotations
@@ -30,6 +33,8 @@ MANIFEST = "manifest.json"
 DTYPES = {"bf16": (torch.bfloat16, np.int16), "fp16": (torch.float16, np.float16),
           "fp32": (torch.float32, np.float32)}
 FP16_MAX = float(torch.finfo(torch.float16).max)
+#: the unit shards are read in to be verified, and the size of the blocks their entries list checksums of
+BLOCK_BYTES = 1 << 22
 
 
 def check_dtype(dtype: str) -> None:
@@ -57,20 +62,28 @@ def windows_name(index: int) -> str:
     return f"windows_{index:05d}.bin"
 
 
-def _write_array(path: Path, array: np.ndarray) -> str:
-    """Write ``array``'s raw bytes atomically; return their sha256."""
+def _write_array(path: Path, array: np.ndarray) -> memoryview:
+    """Write ``array``'s raw bytes atomically; return them."""
     data = memoryview(np.ascontiguousarray(array)).cast("B")
     _atomic_write(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return data
+
+
+def block_digests(data: memoryview, block_bytes: int | None = None) -> list[str]:
+    """The sha256 of each ``block_bytes`` (default :data:`BLOCK_BYTES`) block of ``data`` (the last one may be shorter)."""
+    block_bytes = block_bytes or BLOCK_BYTES
+    return [hashlib.sha256(data[start:start + block_bytes]).hexdigest() for start in range(0, len(data), block_bytes)]
 
 
 def write_shard(folder: Path, index: int, rows: Tensor, windows: Tensor | None = None) -> dict:
     """Write ``rows`` (already in the storage dtype) as shard ``index``, and the token ids of the
     ``windows: [n, context_length]`` they come from beside it; return its manifest entry."""
     array = rows.contiguous().view(torch.int16).numpy() if rows.dtype == torch.bfloat16 else rows.contiguous().numpy()
-    entry = {"file": shard_name(index), "rows": rows.shape[0], "sha256": _write_array(folder / shard_name(index), array)}
+    data = _write_array(folder / shard_name(index), array)
+    entry = {"file": shard_name(index), "rows": rows.shape[0], "sha256": hashlib.sha256(data).hexdigest(),
+             "block_bytes": BLOCK_BYTES, "block_sha256": block_digests(data)}
     if windows is not None:
-        digest = _write_array(folder / windows_name(index), windows.to(torch.int32).numpy())
+        digest = hashlib.sha256(_write_array(folder / windows_name(index), windows.to(torch.int32).numpy())).hexdigest()
         entry.update(windows=windows_name(index), windows_sha256=digest)
     return entry
 
@@ -95,14 +108,6 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def rows_per_window(manifest: dict) -> int:
     """Cached rows per token window (its positions after the dropped first ones)."""
     return manifest["context_length"] - manifest["drop_first"]
@@ -113,16 +118,15 @@ def windows_in(entry: dict, manifest: dict) -> int:
     return -(-entry["rows"] // rows_per_window(manifest))
 
 
-def verify_shards(folder: Path, manifest: dict, checksums: bool = False) -> None:
-    """Check that every listed shard (and its token windows) exists with the right size and,
-    optionally, sha256."""
+def verify_shards(folder: Path, manifest: dict) -> None:
+    """Check that every listed shard (and its token windows) exists with the right size (the
+    checksums: :mod:`switchsae.sources.integrity`)."""
     row_bytes = manifest["d_model"] * np.dtype(DTYPES[manifest["dtype"]][1]).itemsize
     for entry in manifest["shards"]:
-        files = [("Shard", entry["file"], entry["rows"] * row_bytes, entry["sha256"])]
+        files = [("Shard", entry["file"], entry["rows"] * row_bytes)]
         if "windows" in entry:
-            files.append(("Token file", entry["windows"], windows_in(entry, manifest) * manifest["context_length"] * 4,
-                          entry["windows_sha256"]))
-        for kind, name, expected, digest in files:
+            files.append(("Token file", entry["windows"], windows_in(entry, manifest) * manifest["context_length"] * 4))
+        for kind, name, expected in files:
             path = Path(folder) / name
             if not path.exists():
                 raise FileNotFoundError(f"{kind} {name} of the cache in {folder} is missing.")
@@ -130,8 +134,6 @@ def verify_shards(folder: Path, manifest: dict, checksums: bool = False) -> None
             if size != expected:
                 raise ValueError(f"{kind} {name} of the cache in {folder} has {size} bytes, "
                                  f"expected {expected}; it is truncated or corrupt.")
-            if checksums and _file_sha256(path) != digest:
-                raise ValueError(f"{kind} {name} of the cache in {folder} fails its sha256 check; it is corrupt.")
 
 
 def open_shard(folder: Path, entry: dict, manifest: dict) -> np.memmap:
