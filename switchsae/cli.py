@@ -108,9 +108,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from switchsae.sources.cache import build_cache
+    from switchsae.sources.cache import build_cache, check, describe
     from switchsae.sources.hooks import HookPoint
 
+    if args.check:
+        print(f"{args.check}: every checksum matches, no NaN or inf ({describe(check(args.check))})")
+        return
+    missing = [flag for flag, value in (("--layer", args.layer), ("--tokens", args.tokens), ("--out", args.out))
+               if value is None]
+    if missing:
+        raise ValueError(f"building a cache needs {', '.join(missing)} (or give --check CACHE to verify one)")
     out = build_cache(args.model, HookPoint(args.layer, args.site), args.corpus, args.tokens, args.out,
                       context_length=args.context_length, batch_size=args.batch_size, dtype=args.dtype,
                       drop_first=args.drop_first, model_dtype=args.model_dtype, text_field=args.text_field,
@@ -237,16 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("cache", help="run an LM over a corpus and cache activations at a hook point")
+    p = sub.add_parser("cache", help="run an LM over a corpus and cache activations at a hook point, or verify a cache")
+    p.add_argument("--check", metavar="CACHE", default=None,
+                   help="only verify the cache in CACHE: every file against its sha256, every row finite; build nothing")
     p.add_argument("--model", default="smollm2-135m",
                    help="HF id, local folder, or embedded short name: smollm2-135m, gemma3-270m (default: smollm2-135m)")
-    p.add_argument("--layer", type=int, required=True, help="decoder layer index (0-based)")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer index (0-based; required to build)")
     p.add_argument("--site", default="resid_post", choices=SITES, help="where in the layer (default: resid_post)")
     p.add_argument("--corpus", default="wiki-vital",
                    help="text file/folder, .jsonl, .parquet, hf:NAME, or wiki-vital (default: wiki-vital)")
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF rows (default: text)")
-    p.add_argument("--tokens", type=positive_int, required=True, help="activation rows to cache")
-    p.add_argument("--out", required=True, help="cache folder (an interrupted build resumes)")
+    p.add_argument("--tokens", type=positive_int, default=None, help="activation rows to cache (required to build)")
+    p.add_argument("--out", default=None, help="cache folder (an interrupted build resumes; required to build)")
     p.add_argument("--context-length", type=positive_int, default=128, help="tokens per window, BOS included (default: 128)")
     p.add_argument("--drop-first", type=int, default=1,
                    help="leave out the first positions of each window, the attention sink (default: 1)")

@@ -131,6 +131,34 @@ def test_a_finished_cache_is_not_rebuilt_and_settings_must_match(built, llama_di
         build(llama_dir, wiki_corpus, built, resume=False)
 
 
+@pytest.mark.parametrize("wrong, words", [
+    (dict(hook="blocks.9.hook_resid_post"), "Layer 9 is out of range"),
+    (dict(corpus="nope.jsonl"), "Corpus not found: nope.jsonl"),
+])
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(llama_dir, wiki_corpus, tmp_path, wrong,
+                                                                         words):
+    out = tmp_path / "acts"
+    settings = {"hook": HOOK, "corpus": wiki_corpus, **wrong}
+    with pytest.raises((ValueError, FileNotFoundError), match=words):
+        build_cache(str(llama_dir), settings["hook"], settings["corpus"], N_TOKENS, out, **SETTINGS)
+    assert not (out / shards.MANIFEST).exists()
+    assert shards.read_manifest(build(llama_dir, wiki_corpus, out))["complete"]
+
+
+def test_a_build_that_stored_no_shard_gives_way_to_one_with_other_settings(llama_dir, wiki_corpus, tmp_path,
+                                                                          monkeypatch):
+    out = tmp_path / "acts"
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(shards, "write_shard", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build(llama_dir, wiki_corpus, out)
+    assert shards.read_manifest(out)["shards"] == []
+    monkeypatch.undo()
+    assert shards.read_manifest(build(llama_dir, wiki_corpus, out, context_length=64))["context_length"] == 64
+
+
 def test_corpus_too_small_for_n_tokens(llama_dir, tmp_path):
     corpus = tmp_path / "short.txt"
     corpus.write_text(" ".join(wiki_texts(3)))
