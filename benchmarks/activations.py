@@ -68,10 +68,7 @@ def read_table(batch_size: int = 4096, rows: int = 600_000, d_model: int = 576) 
     print("|---|---|")
     for dtype in shards.DTYPES:
         with tempfile.TemporaryDirectory() as tmp:
-            data = torch.randn(rows, d_model).to(shards.DTYPES[dtype][0])
-            entries = [shards.write_shard(Path(tmp), i, part) for i, part in enumerate(data.split(262_144))]
-            shards.write_manifest(Path(tmp), {"format": shards.FORMAT_VERSION, "d_model": d_model, "dtype": dtype,
-                                              "n_tokens": rows, "shards": entries, "complete": True})
+            shards.write_cache(Path(tmp), torch.randn(rows, d_model), 262_144, dtype)
             stream = ActivationCache(tmp).train_batches(batch_size, seed=0)
             count = 300
             start = time.perf_counter()

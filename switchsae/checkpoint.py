@@ -7,8 +7,8 @@ resolved it, the log so far, what the activations were (``activations``: a finge
 description, :func:`switchsae.sources.activations.source_identity`; a resume on other data is
 refused) and ``sha256``, the checksum of everything else in the file (:func:`checkpoint_digest`),
 checked on load so a damaged checkpoint is never resumed from (files from before it have none). The file is written
-to a temporary name, fsynced and renamed over the old one, so a run killed at any moment leaves
-either the previous checkpoint or the new one, never a torn file.
+atomically (:func:`switchsae.host.write_atomic`), so a run killed at any moment leaves either the
+previous checkpoint or the new one, never a torn file.
 
 A run split across processes writes the same file (one portable checkpoint): its
 :class:`Layout` gathers the tensors a rank holds only a part of before the write, which only
@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from switchsae.saes import SparseAutoencoder
+from switchsae.saes.io import save_tensors_atomic
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -99,11 +98,7 @@ def save_checkpoint(
     if activations is not None:
         meta["activations"] = json.dumps(activations)
     meta["sha256"] = checkpoint_digest(tensors, meta)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    save_tensors_atomic(tensors, path, meta)
 
 
 def saved_activations(meta: dict[str, str]) -> dict[str, str] | None:

@@ -155,13 +155,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
-    from safetensors.torch import save_file
-
+    from switchsae.saes.io import save_tensors_atomic
     from switchsae.sources.synthetic import synthetic_activations
 
     acts = synthetic_activations(args.tokens, args.d_model, args.features, args.active, args.noise, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"activations": acts}, args.out)
+    save_tensors_atomic({"activations": acts}, Path(args.out))
     print(f"wrote {acts.shape[0]} x {acts.shape[1]} synthetic activations to {args.out}")
 
 

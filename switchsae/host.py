@@ -20,6 +20,7 @@ import secrets
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 #: where the CPU's model name and feature flags are read from (Linux)
 CPUINFO = Path("/proc/cpuinfo")
@@ -83,15 +84,30 @@ def cpu_identity() -> tuple[str, str]:
     return model or platform.processor(), flags
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder
-    (created with the usual umask-based permissions) and ``os.replace``: readers, and concurrent
-    writers, never see half a file."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` by ``write(tmp)`` on a uniquely named temporary file in the same folder
+    (created with the usual umask-based permissions), fsynced, then ``os.replace``d over ``path``:
+    readers, and concurrent writers, never see half a file, a crash leaves the old file, and a
+    failed write (a full disk) leaves no temporary file behind. The one atomic write of the package."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "x") as fh:
-            fh.write(text)
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`write_atomic`)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+    write_atomic(path, write)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`write_atomic`)."""
+    write_bytes_atomic(path, text.encode())

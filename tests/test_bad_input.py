@@ -3,7 +3,7 @@
 Every row runs ``switchsae.cli.main(argv)`` in this process and checks the exit code and that
 stderr is one line naming the problem (after argparse's usage lines, for argparse's own errors).
 ``{acts}``, ``{run}`` (a finished run), ``{tmp}`` and ``{file}`` (a plain file) in an argv are
-filled in per test.
+filled in per test, and so are the damaged inputs of :data:`DAMAGED` (made only where a case uses them).
 """
 from __future__ import annotations
 
@@ -50,6 +50,24 @@ CASES = [  # (id, argv, exit code, words the message must contain)
      ["settings differ from the checkpoint in ['steps']"]),
     ("huge lr", [*TRAIN, "--arch", "topk", "--lr", "1e6", "--steps", "30"], 2,
      ["training diverged at step", "times its lowest running average", "no checkpoint was written"]),
+    ("cache shard damaged", [*TRAIN_ON, "{damaged_cache}"], 2,
+     ["Shard shard_00001.bin of the cache in", "fails its sha256 check (block 0 of 1); it is corrupt"]),
+    ("cache shard damaged, older cache", [*TRAIN_ON, "{damaged_old_cache}", "--batch-size", "64", "--steps", "40"], 2,
+     ["Shard shard_00001.bin of the cache in", "fails its sha256 check; it is corrupt"]),
+    ("cache holds NaN", [*TRAIN_ON, "{nan_cache}", "--batch-size", "64", "--steps", "40"], 2,
+     ["Shard shard_00002.bin of the cache in", "holds NaN or inf values (first at row 7 of the shard)"]),
+    ("cache --check on a damaged cache", ["cache", "--check", "{damaged_old_cache}"], 2,
+     ["Shard shard_00001.bin", "fails its sha256 check"]),
+    ("cache without --layer", ["cache", "--tokens", "10", "--out", "{tmp}/c"], 2,
+     ["building a cache needs --layer (or give --check CACHE to verify one)"]),
+    ("cache of an unknown model", ["cache", "--model", "{tmp}/no-model", "--layer", "1", "--tokens", "10",
+                                   "--out", "{tmp}/c"], 2, ["Cannot load model", "no-model"]),
+    ("resume on other activations", [*TRAIN, "--arch", "topk", "--out", "{run}", "--resume", "--acts", "{acts2}"], 2,
+     ["cannot resume", "it was trained on other activations (1,000 x 16 activations", "than these (1,000 x 16"]),
+    ("resume a damaged checkpoint", [*TRAIN, "--arch", "topk", "--out", "{damaged_run}", "--resume"], 2,
+     ["checkpoint", "fails its checksum: it changed after it was written"]),
+    ("eval of NaN weights", ["eval", "{nan_run}", "--acts", "{acts}"], 2,
+     ["the SAE's weights hold NaN or inf values (W_dec: 1 of 512)", "not evaluated"]),
     ("eval of no run", ["eval", "{tmp}", "--acts", "{acts}"], 2, ["cfg.json is missing"]),
     ("eval batch size 0", ["eval", "{run}", "--acts", "{acts}", "--batch-size", "0"], 2,
      ["argument --batch-size: must be a positive integer, got 0"]),
@@ -61,6 +79,66 @@ CASES = [  # (id, argv, exit code, words the message must contain)
 ]
 
 
+def _flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _cache(tmp_path, name: str, rows: torch.Tensor):
+    from switchsae.sources.shards import write_cache
+
+    return write_cache(tmp_path / name, rows, 250)
+
+
+def _damaged_cache(tmp_path, acts, name="damaged-cache", old=False):
+    """A cache whose shard 1 has one byte changed; ``old``: without block checksums, as built before them."""
+    import json
+
+    folder = _cache(tmp_path, name, acts)
+    if old:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for entry in manifest["shards"]:
+            del entry["block_bytes"], entry["block_sha256"]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    _flip_byte(folder / "shard_00001.bin", 99)
+    return folder
+
+
+def _nan_cache(tmp_path, acts):
+    rows = acts.clone()
+    rows[507, 3] = float("nan")  # shard 2, row 7
+    return _cache(tmp_path, "nan-cache", rows)
+
+
+def _damaged_run(tmp_path, acts):
+    run = tmp_path / "damaged-run"
+    main([*[a.format(acts=acts, tmp=tmp_path) for a in TRAIN], "--arch", "topk", "--out", str(run)])
+    _flip_byte(run / "checkpoint.safetensors", -3)
+    return run
+
+
+def _nan_run(tmp_path, acts):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "nan-run"
+    main([*[a.format(acts=acts, tmp=tmp_path) for a in TRAIN], "--arch", "topk", "--out", str(run)])
+    weights = load_file(str(run / "switchsae_weights.safetensors"))
+    weights["W_dec"][5, 5] = float("nan")
+    save_file(weights, str(run / "switchsae_weights.safetensors"))
+    return run
+
+
+#: placeholders for damaged inputs: (tmp_path, activations tensor) -> path
+DAMAGED = {
+    "damaged_cache": _damaged_cache,
+    "damaged_old_cache": lambda tmp, acts: _damaged_cache(tmp, acts, "damaged-old-cache", old=True),
+    "nan_cache": _nan_cache,
+    "damaged_run": _damaged_run,
+    "nan_run": _nan_run,
+}
+
+
 @pytest.fixture
 def fill(tmp_path):
     """Replaces the placeholders of an argv."""
@@ -68,15 +146,20 @@ def fill(tmp_path):
 
     from switchsae.sources.synthetic import synthetic_activations
 
-    acts = tmp_path / "acts.safetensors"
-    save_file({"activations": synthetic_activations(1000, 16, 64, 3, seed=0)}, str(acts))
+    acts, acts2 = tmp_path / "acts.safetensors", tmp_path / "acts2.safetensors"
+    rows = synthetic_activations(1000, 16, 64, 3, seed=0)
+    save_file({"activations": rows}, str(acts))
+    save_file({"activations": synthetic_activations(1000, 16, 64, 3, seed=1)}, str(acts2))
     (tmp_path / "plain-file").write_text("not a folder")
-    places = {"acts": acts, "tmp": tmp_path, "file": tmp_path / "plain-file", "run": tmp_path / "run"}
+    places = {"acts": acts, "acts2": acts2, "tmp": tmp_path, "file": tmp_path / "plain-file", "run": tmp_path / "run"}
 
     def filled(argv: list[str]) -> list[str]:
         if any("{run}" in arg for arg in argv):
             main(["train", "--acts", str(acts), "--out", str(tmp_path / "run"), "--arch", "topk", "--width", "32",
                   "--steps", "2", "--batch-size", "64", "--quiet"])
+        for name, make in DAMAGED.items():
+            if any(f"{{{name}}}" in arg for arg in argv):
+                places[name] = make(tmp_path, acts if name.endswith("run") else rows)
         return [arg.format(**places) for arg in argv]
     return filled
 

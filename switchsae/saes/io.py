@@ -7,7 +7,6 @@ names for our schema; :func:`sae_files` still finds them, so old runs keep loadi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from switchsae.config import SAEConfig
-from switchsae.host import write_text_atomic
+from switchsae.host import write_atomic, write_text_atomic
 from switchsae.saes import SparseAutoencoder, build_sae
 
 CFG_FILE = "switchsae_cfg.json"
@@ -30,11 +29,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write ``tensors`` (moved to the CPU, made contiguous) as safetensors via a temporary file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (moved to the CPU, made contiguous) and ``metadata`` as safetensors, atomically
+    (:func:`switchsae.host.write_atomic`)."""
+    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    try:
+        write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    except SafetensorError as err:  # how safetensors reports an OS error while writing (a full disk)
+        raise OSError(f"cannot write {path}: {err}") from None
 
 
 def sae_files(folder: str | Path) -> tuple[Path, Path]:

@@ -13,19 +13,20 @@ manifest entry names it (``windows``, ``windows_sha256``); caches from before it
 no such entry and read as before, without token ids. A shard's entry also lists the sha256 of
 each ``block_bytes`` block of its file (``block_sha256``), so that opening a cache can check a
 sample of blocks without reading whole shards (:mod:`switchsae.sources.integrity`); caches from
-before have none. Every file is written to a ``.tmp`` name and moved into place with
-``os.replace``, so a crash never leaves a half-written shard or manifest under its real name.
+before have none. Every file is written atomically (:func:`switchsae.host.write_atomic`), so a crash never
+leaves a half-written shard or manifest under its real name.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from switchsae.host import write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -48,15 +49,6 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.bin"
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def windows_name(index: int) -> str:
     """The file name of the token windows beside shard ``index``."""
     return f"windows_{index:05d}.bin"
@@ -65,7 +57,7 @@ def windows_name(index: int) -> str:
 def _write_array(path: Path, array: np.ndarray) -> memoryview:
     """Write ``array``'s raw bytes atomically; return them."""
     data = memoryview(np.ascontiguousarray(array)).cast("B")
-    _atomic_write(path, data)
+    write_bytes_atomic(path, data)
     return data
 
 
@@ -88,9 +80,21 @@ def write_shard(folder: Path, index: int, rows: Tensor, windows: Tensor | None =
     return entry
 
 
+def write_cache(folder: Path, rows: Tensor, shard_rows: int, dtype: str = "fp32") -> Path:
+    """A finished cache in ``folder`` of ``rows: [n, d_model]`` held in memory (no model, corpus or
+    token ids), cast to storage ``dtype``, in shards of ``shard_rows``; returns ``folder``."""
+    check_dtype(dtype)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = [write_shard(folder, i, part.to(DTYPES[dtype][0])) for i, part in enumerate(rows.split(shard_rows))]
+    write_manifest(folder, {"format": FORMAT_VERSION, "d_model": rows.shape[1], "dtype": dtype,
+                            "n_tokens": rows.shape[0], "shards": entries, "complete": True})
+    return folder
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Replace the manifest in ``folder`` atomically."""
-    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_bytes_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def read_manifest(folder: Path) -> dict:

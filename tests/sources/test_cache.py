@@ -223,10 +223,7 @@ def numbered(tmp_path_factory):
     """A synthetic cache whose row i holds the value i, in shards of 1000, 1000, 1000 and 500 rows."""
     folder = tmp_path_factory.mktemp("numbered")
     rows = torch.arange(3500, dtype=torch.float32).unsqueeze(1).expand(3500, 4)
-    entries = [shards.write_shard(folder, i, part) for i, part in enumerate(rows.split(1000))]
-    shards.write_manifest(folder, {"format": shards.FORMAT_VERSION, "d_model": 4, "dtype": "fp32",
-                                   "n_tokens": 3500, "shards": entries, "complete": True})
-    return folder
+    return shards.write_cache(folder, rows, 1000)
 
 
 def row_ids(batches) -> list[int]:

@@ -12,16 +12,7 @@ import torch
 from switchsae.sources import integrity, shards
 from switchsae.sources.activations import TensorSource
 from switchsae.sources.cache import ActivationCache, check
-
-
-def write_cache(folder: Path, rows: torch.Tensor, shard_rows: int, dtype: str = "fp32") -> Path:
-    """A finished cache of ``rows`` (no model needed), in shards of ``shard_rows``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = [shards.write_shard(folder, i, part.to(shards.DTYPES[dtype][0]))
-               for i, part in enumerate(rows.split(shard_rows))]
-    shards.write_manifest(folder, {"format": shards.FORMAT_VERSION, "d_model": rows.shape[1], "dtype": dtype,
-                                   "n_tokens": rows.shape[0], "shards": entries, "complete": True})
-    return folder
+from switchsae.sources.shards import write_cache
 
 
 def flip_byte(path: Path, offset: int) -> None:
