@@ -3,12 +3,11 @@
 glibc serves every allocation above 32 MiB (its largest mmap threshold) with a fresh ``mmap`` and
 unmaps it on free. A training step allocates its ``[M, d]`` weight gradients anew each time
 (38 MB each at M = 16,384, d = 576), so every step page-faults and zeroes ~9,000 fresh pages
-per tensor: about 15 ms per gradient on this machine, some 18% of a Switch SAE step. Serving
+per tensor, a large share of a Switch SAE step (measured: README, "Measured behind design
+choices"). Serving
 large blocks from the heap (``M_MMAP_MAX = 0``) and never trimming freed memory off its top
 (``M_TRIM_THRESHOLD = -1``) lets the next step reuse the same pages. A 1 GiB trim threshold was
-not enough for wide dictionaries, whose steps free more than that (1M features, sparse
-updates: 17,000 faults and 612 ms per step, against 1 fault and 503 ms untrimmed; 524k
-features, dense gradients: 1,454 → 774 ms). Peak memory is unchanged: the blocks are the same
+not enough for wide dictionaries, whose steps free more than that. Peak memory is unchanged: the blocks are the same
 size every step.
 """
 from __future__ import annotations

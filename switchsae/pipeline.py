@@ -91,7 +91,7 @@ class DemoConfig:
     model: str = "smollm2-135m"
     hook: str = "blocks.10.hook_resid_post"
     corpus: str = "wiki-vital"
-    model_dtype: str = "bf16"  # the LM runs in bf16 (~2x faster on this CPU); activations cached in bf16
+    model_dtype: str = "bf16"  # the LM runs in bf16 (faster on CPU: benchmarks/activations.py); cached in bf16
     tokens: int = 1_000_000
     width: int = 4096          # M0: the TopK's width and each Switch expert's width
     experts: int = 4           # Switch has experts x width latents, at the TopK's FLOPs

@@ -1,7 +1,7 @@
 """``--matmul-dtype auto``: the dtype of the TopK family's selection matmul, chosen per machine.
 
-A bf16 selection is not always faster: on one Intel host without AMX it ran 1.6x *slower* than
-fp32, on an AMD host with AVX-512 bf16 2x faster. So nothing is hard-wired:
+A bf16 selection is not always faster: it was slower than fp32 on an Intel host without AMX and
+faster on an AMD host with AVX-512 bf16 (README, "Training flags"). So nothing is hard-wired:
 
 - CUDA: bf16 where the device supports it (``torch.cuda.is_bf16_supported()``), else fp32.
 - CPU: measured once per machine. Each dtype times one ``SHAPE`` matmul (``[4096, 576] x

@@ -18,7 +18,7 @@ autograd still notices a saved tensor that was modified.
 Threads: the kernels use OpenMP. Loaded after torch, the library binds to the libgomp torch
 already loaded (same soname), so kernels run on torch's thread team and follow
 ``torch.set_num_threads``; a second thread pool beside torch's would make the two spin
-against each other on a small machine (measured: +6 ms around a 5 ms kernel on 2 cores).
+against each other on a small machine (measured: README, "Measured behind design choices").
 """
 from __future__ import annotations
 

@@ -75,8 +75,8 @@ def weight_grad(weights: Tensor, indices: Tensor, inputs: Tensor, n_rows: int, s
     Dense ``[n_rows, d]``, or with ``sparse`` a coalesced row-sparse tensor over the touched rows
     only. With ``rows_of`` (a ``[n_rows, d]`` matrix) also ``Σ_tj weights_tj rows_of[indices_tj]``,
     from the per-row weight sums (an encoder's bias gradient), else None. On CPU the compiled
-    kernel buckets the entries by row and sums each bucket in registers (2.9 vs 11.7 ms at
-    M = 16,384, T = 4096, k = 32); elsewhere a transposed CSR times dense matmul.
+    kernel buckets the entries by row and sums each bucket in registers (timings:
+    ``benchmarks/kernels.py``); elsewhere a transposed CSR times dense matmul.
     """
     if not sparse:
         return _transposed_product(weights, indices, inputs, n_rows, rows_of)
@@ -119,8 +119,8 @@ class SparseDecode(torch.autograd.Function):
 def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     """``out_tj = W[indices_tj] · x_t`` (no autograd): the sampled product ``(x Wᵀ)`` at the code's
     pattern (SDDMM on a CSR pattern with ``k`` entries per row), ``O(T·k·d)`` with no ``[T, k, d]``
-    gather; about twice as fast on CPU as the embedding bag's per-sample-weight gradient, and the
-    compiled loop of kernels/native.py ~1.3x faster again."""
+    gather; on CPU faster than the embedding bag's per-sample-weight gradient, and the compiled
+    loop of kernels/native.py faster again (timings: ``benchmarks/kernels.py``)."""
     if native.usable(x, W, indices):
         return native.gather_dot(x, W.detach(), indices)
     # zeros, not empty: beta = 0 still multiplies the pattern values, and 0 · NaN = NaN
@@ -200,7 +200,7 @@ def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor |
     indices shifted by ``offsets[t]`` (an expert's first latent, see kernels/dispatch.py). A
     ``pre`` in lower precision only selects: the values are recomputed in fp32 as
     ``W[indices_tj] · x_t`` (:func:`gather_dot`). On CPU the compiled top-k of
-    kernels/native.py replaces ``torch.topk`` (~3x faster at 1,024 columns).
+    kernels/native.py replaces ``torch.topk`` (timings: ``benchmarks/kernels.py``).
     """
     if native.usable(pre, dtypes=(torch.float32, torch.bfloat16)):
         values, indices = native.topk(pre, k, offsets)

@@ -82,7 +82,7 @@ class SparseAutoencoder(nn.Module):
         self.cfg = cfg
         self.W_dec = nn.Parameter(torch.empty(cfg.width, cfg.d_model))
         self.b_pre = nn.Parameter(torch.zeros(cfg.d_model))
-        #: dtype of the dense selection matmul (bfloat16 is ~3x faster on CPUs with AMX/AVX-512 bf16)
+        #: dtype of the dense selection matmul (the trainer picks it: kernels/autotune.py)
         self.matmul_dtype = torch.float32
         self._encoder_bf16: BFloat16Copy | None = None
         #: row-sparse weight gradients for the sparse-code (TopK-family) paths, see kernels/sparse.py

