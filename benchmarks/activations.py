@@ -44,9 +44,9 @@ def throughput_table(corpus: str, n_windows: int, context: int, batch_size: int)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model, tokenizer = load_model(MODEL, dtype)
         batches = list(take_windows(tokenizer, corpus, context, n_windows).split(batch_size))
-        early = tokens_per_second(lambda ids: capture(model, HOOK, ids), batches)
+        early = tokens_per_second(lambda ids, model=model: capture(model, HOOK, ids), batches)
         with torch.inference_mode():
-            full = tokens_per_second(lambda ids: model(input_ids=ids, use_cache=False), batches)
+            full = tokens_per_second(lambda ids, model=model: model(input_ids=ids, use_cache=False), batches)
         print(f"| {name} | {early:,.0f} | {full:,.0f} | {early / full:.2f}x |")
 
 

@@ -180,7 +180,8 @@ class TrainConfig:
     normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in the SAE config)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
-    matmul_dtype: str = opt("auto", "dtype of the TopK family's selection matmul: float32, bfloat16 or auto (the faster on this machine, measured once; values and gradients stay fp32)")
+    matmul_dtype: str = opt("auto", "dtype of the TopK family's selection matmul: float32, bfloat16 or auto (the faster "
+                                    "on this machine, measured once; values and gradients stay fp32)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):

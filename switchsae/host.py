@@ -49,7 +49,7 @@ def _cache_root(configured: str, home: str) -> Path:
         problem = _unusable(folder, private=folder == private)
         if problem is None:
             if skipped:
-                warnings.warn(f"switchsae: cache folder {'; '.join(skipped)}; using {folder}")
+                warnings.warn(f"switchsae: cache folder {'; '.join(skipped)}; using {folder}", stacklevel=2)
             return folder
         skipped.append(f"{folder} unusable ({problem})")
     raise OSError(f"no writable cache folder: {'; '.join(skipped)}; set SWITCHSAE_CACHE to a writable folder")

@@ -49,7 +49,7 @@ from typing import Any
 
 from switchsae.analysis.runs import find_runs, write_results
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
-from switchsae.config import ARCHS, FLAT_DEFAULTS, ROUTING_FIELDS, RoutingConfig, SAEConfig, TrainConfig
+from switchsae.config import ARCHS, FLAT_DEFAULTS, RoutingConfig, SAEConfig, TrainConfig
 from switchsae.run_folder import run_lock
 from switchsae.saes import SETTING_ARCHS, reads_setting
 from switchsae.saes.io import read_cfg_dict, sae_files

@@ -357,8 +357,8 @@ def settings_differ(saved_sae: dict, saved_train: dict, sae_cfg: SAEConfig, cfg:
 
     ``act_scale`` and ``unit_scale`` are left out: a run computes them from its first batch. A setting the saved
     run does not name (it predates the field) counts as the behaviour from before the field
-    existed: the field's default, or its old default where that changed (``LEGACY_TRAIN_DEFAULTS``). ``matmul_dtype = "auto"`` matches any saved
-    value: the saved run resolved it when it started, and a resume reuses that choice.
+    existed: the field's default, or its old default where that changed (``LEGACY_TRAIN_DEFAULTS``).
+    ``matmul_dtype = "auto"`` matches any saved value: the saved run resolved it when it started, and a resume reuses that choice.
     """
     saved_sae = SAEConfig.from_dict(saved_sae).flat()
     saved_train = {**TrainConfig().to_dict(), **LEGACY_TRAIN_DEFAULTS, **saved_train}

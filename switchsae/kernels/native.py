@@ -73,7 +73,7 @@ def _library() -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(_build()))
     except OSError as error:
-        warnings.warn(f"switchsae: compiled CPU kernels unavailable ({error}); using torch ops (slower)")
+        warnings.warn(f"switchsae: compiled CPU kernels unavailable ({error}); using torch ops (slower)", stacklevel=2)
         return None
     for name, (argtypes, restype) in SIGNATURES.items():
         getattr(library, name).argtypes, getattr(library, name).restype = argtypes, restype

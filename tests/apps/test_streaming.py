@@ -22,7 +22,8 @@ def test_best_per_slot_equals_one_topk_over_the_whole_stream():
     best = BestPerSlot(SLOTS, 4, {"row": ((), torch.long, -1), "double": ((2,), torch.float16, float("nan"))})
     seen = []
     for slots, scores, rows in _stream():
-        best.offer(slots, scores, lambda i: {"row": rows[i], "double": torch.stack([scores[i], 2 * scores[i]], 1).half()})
+        best.offer(slots, scores, lambda i, rows=rows, scores=scores: {
+            "row": rows[i], "double": torch.stack([scores[i], 2 * scores[i]], 1).half()})
         seen.append((slots, scores, rows))
     slots, scores, rows = (torch.cat(parts) for parts in zip(*seen))
     for slot in range(SLOTS):

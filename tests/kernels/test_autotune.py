@@ -60,5 +60,5 @@ def test_a_cached_decision_is_read_not_measured_again_and_a_corrupt_one_is_repla
 def test_explicit_dtypes_are_kept_and_cuda_follows_the_device(monkeypatch):
     assert autotune.resolve_matmul_dtype("float32", "cpu") == ("float32", "as requested")
     for supported, dtype in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
         assert autotune.resolve_matmul_dtype("auto", "cuda:0")[0] == dtype
