@@ -5,6 +5,7 @@ import argparse
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Container
 
 from switchsae.apps.config import InspectConfig
 from switchsae.apps.steer import SteerConfig
@@ -20,7 +21,7 @@ DERIVED_FIELDS = {"d_model", "act_scale", "unit_scale", "routing"}
 INTEROP_FORMATS = ("saelens",)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: set[str] = frozenset()) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: Container[str] = frozenset()) -> None:
     """One ``--flag`` per dataclass field, help text from the field's metadata. A flag not given
     leaves no attribute (``argparse.SUPPRESS``), so the dataclass default applies and the flags a
     user did give can be told apart."""
@@ -33,7 +34,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: s
         if f.type == "bool":
             group.add_argument(*names, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}[f.type]
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float, "str": str}[str(f.type)]
         required = f.default is MISSING
         default_text = "" if required or f.default is None else f" (default: {f.default})"
         group.add_argument(*names, dest=f.name, type=kind, required=required,

@@ -55,6 +55,7 @@ class MetricSums:
     def result(self) -> dict[str, float]:
         if self.tokens == 0:
             raise ValueError("no held-out activations to evaluate")
+        assert self.sum_x is not None  # set by the first add()
         total_var = self.sum_sq_norm - self.sum_x.pow(2).sum().item() / self.tokens
         fvu = self.sq_err / max(total_var, 1e-30)
         metrics = {

@@ -49,7 +49,7 @@ class BFloat16Copy:
 
     def get(self) -> Tensor:
         """The copy, cast afresh if the weight changed behind its back."""
-        if not self.current():
+        if self.copy is None or not self.current():
             self.copy = self.weight.detach().to(torch.bfloat16)
             self.mark_current()
         return self.copy
@@ -64,6 +64,7 @@ class BFloat16Copy:
 
     def rows_updated(self, rows: Tensor | None) -> None:
         """Rewrite ``rows`` (all if None) from the weight after an update that was not ours."""
+        assert self.copy is not None, "rows_updated needs a copy to update (get() makes it)"
         with torch.no_grad():
             if rows is None:
                 self.copy.copy_(self.weight)
@@ -80,7 +81,7 @@ class LazyAdam(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "unit_norm_rows": False})
 
     @torch.no_grad()
-    def step(self, closure=None) -> None:
+    def step(self, closure=None) -> None:  # type: ignore[override]  # no closure: Optimizer's overloads allow one
         for group in self.param_groups:
             unit_norm = group.get("unit_norm_rows", False)
             if unit_norm and any(p.ndim != 2 for p in group["params"]):

@@ -120,7 +120,7 @@ def switch_geometry(row: dict) -> dict:
     sae = load_sae(row["run_dir"])
     n_experts = sae.cfg.n_experts
     dup = expert_duplication(sae.W_dec, n_experts, DUPLICATION_THRESHOLD)
-    align = router_alignment(sae.W_router, sae.W_dec, n_experts)
+    align = router_alignment(sae.get_parameter("W_router"), sae.W_dec, n_experts)
     return {"setting": row["setting"], "name": row["name"], "n_experts": n_experts, "k": sae.cfg.k,
             "lr_width": row.get("lr_width", "total"), "l0": row["l0"],
             "dup_frac_above": dup["frac_above"], "dup_mean_max_cos": dup["mean_max_cos"],

@@ -81,7 +81,7 @@ class RunClaim:
     def checkpointed(self, step: int) -> None:
         """Record a checkpoint at ``step``; the first one makes replacing the old run final."""
         self.checkpoint_step = step
-        if self.replacing:
+        if self.replacing and self.run_dir is not None:
             shutil.rmtree(self.run_dir / REPLACED)
             self.replacing = False
 

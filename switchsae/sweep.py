@@ -64,10 +64,10 @@ else:  # pragma: no cover - Python 3.10
 ROOT_KEYS = {"acts": "str", "out": "str", "loss_recovered": "bool", "eval_tokens": "int", "train": "table",
              "grid": "array of tables"}
 # SAEConfig fields a grid may set (the rest come from the activations), plus the grid's own keys.
-GRID_FIELDS = {**{f.name: f.type for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "unit_scale", "hook_name",
+GRID_FIELDS = {**{f.name: str(f.type) for f in fields(SAEConfig) if f.name not in ("d_model", "act_scale", "unit_scale", "hook_name",
                                                                                  "model_name", "routing")},
-               **{f.name: f.type for f in fields(RoutingConfig)}}
-TRAIN_FIELDS = {f.name: f.type for f in fields(TrainConfig)}
+               **{f.name: str(f.type) for f in fields(RoutingConfig)}}
+TRAIN_FIELDS = {f.name: str(f.type) for f in fields(TrainConfig)}
 GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS, **TRAIN_FIELDS}
 # How run names spell each setting; the first three always appear where they apply, the rest when not default.
 NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "router": "", "experts_per_token": "e",
@@ -120,8 +120,8 @@ def _type_ok(value: Any, type_name: str) -> bool:
         return type_name == "bool"
     if type_name == "array of tables":
         return isinstance(value, list) and all(isinstance(item, dict) for item in value)
-    accepted = {"int": int, "float": (int, float), "float | None": (int, float), "str": str, "bool": bool,
-                "table": dict}
+    accepted: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "float | None": (int, float),
+                                                    "str": str, "bool": bool, "table": dict}
     return isinstance(value, accepted[type_name])
 
 
@@ -241,7 +241,7 @@ def load_sweep(config_path: str | Path) -> Sweep:
         raise loc.error(f"[train] is invalid: {err}", "train") from None
     if not data.get("grid"):
         raise loc.error("the sweep has no [[grid]] table, so nothing to run.")
-    runs = {}
+    runs: dict[tuple[str, str], RunSpec] = {}
     for index, grid in enumerate(data["grid"]):
         for spec in _expand_grid(grid, index, loc, train_cfg):
             runs.setdefault((spec.setting, spec.name), spec)

@@ -87,7 +87,7 @@ class DivergenceGuard:
             raise TrainingDiverged(f"training diverged at step {step}: {' and '.join(bad)} not finite ({terms}) "
                                    f"at lr {self.lr:.3g}")
         if loss > LOSS_GROWTH_LIMIT * self.lowest:
-            largest = max(parts, key=parts.get, default="loss")
+            largest = max(parts, key=parts.__getitem__, default="loss")
             raise TrainingDiverged(
                 f"training diverged at step {step}: the loss is {loss / self.lowest:.3g} times its lowest running "
                 f"average ({self.lowest:.4g}, step {self.lowest_step}), mostly {largest} ({terms}) at lr {self.lr:.3g}")
@@ -300,8 +300,9 @@ def _train_claimed(claim: RunClaim, sae_cfg: SAEConfig, source: Batches, cfg: Tr
     rank 0 initialises and decides the matmul dtype, and the others follow (``world``)."""
     start, resumed_cfg, matmul_dtype = 0, None, None
     identity = source_identity(source)
-    if claim.run_dir is not None and resume:
-        start, resumed_cfg, matmul_dtype = world.agreed(lambda: _resume_point(claim.run_dir, sae_cfg, cfg, identity))
+    run_dir = claim.run_dir
+    if run_dir is not None and resume:
+        start, resumed_cfg, matmul_dtype = world.agreed(lambda: _resume_point(run_dir, sae_cfg, cfg, identity))
         claim.checkpointed(start)
     if resumed_cfg is not None:
         sae = build_sae(resumed_cfg)

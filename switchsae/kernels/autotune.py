@@ -64,7 +64,7 @@ def measure(shape: tuple[int, int, int], repeats: int) -> dict:
     """Time both dtypes at ``shape``; ``{"choice", "gflops": {dtype: rate}, ...}`` with what was measured."""
     rates = {dtype: 2 * math.prod(shape) / matmul_seconds(getattr(torch, dtype), shape, repeats) / 1e9
              for dtype in CHOICES}
-    return {"choice": max(rates, key=rates.get), "gflops": rates, "shape": list(shape), "repeats": repeats,
+    return {"choice": max(rates, key=rates.__getitem__), "gflops": rates, "shape": list(shape), "repeats": repeats,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": host.cpu_identity()[0]}
 
 

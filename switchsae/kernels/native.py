@@ -80,6 +80,13 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def _kernels() -> ctypes.CDLL:
+    """The loaded library, for a kernel wrapper (whose callers checked :func:`usable` first)."""
+    library = _library()
+    assert library is not None, "a compiled kernel was called where the compiled kernels are unavailable"
+    return library
+
+
 def _build() -> Path:
     """Compile native.c unless this machine's build is cached; the rename makes it atomic."""
     compiler = _compiler()
@@ -159,7 +166,7 @@ def topk(pre: Tensor, k: int, offsets: Tensor | None = None) -> tuple[Tensor, Te
     offsets = None if offsets is None else offsets.to(torch.int64).contiguous()
     values = torch.empty(n_rows, k, dtype=torch.float32)
     indices = torch.empty(n_rows, k, dtype=torch.int64)
-    kernel = {torch.float32: _library().topk_f32, torch.bfloat16: _library().topk_bf16}[pre.dtype]
+    kernel = {torch.float32: _kernels().topk_f32, torch.bfloat16: _kernels().topk_bf16}[pre.dtype]
     if kernel(pre.data_ptr(), n_rows, m, k, _pointer(offsets), values.data_ptr(), indices.data_ptr()):
         raise MemoryError(f"top-k: no memory for {2 * m} scratch entries per thread")
     return values, indices
@@ -190,7 +197,7 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     _check_rows(indices, W.shape[0])
     x, W, indices = x.contiguous(), W.contiguous(), indices.contiguous()
     out = torch.empty(indices.shape, dtype=torch.float32)
-    _library().gather_dot(x.data_ptr(), W.data_ptr(), indices.data_ptr(), *indices.shape, W.shape[1], out.data_ptr())
+    _kernels().gather_dot(x.data_ptr(), W.data_ptr(), indices.data_ptr(), *indices.shape, W.shape[1], out.data_ptr())
     return out
 
 
@@ -211,7 +218,7 @@ def transposed_product(weights: Tensor, rows: Tensor, inputs: Tensor, n_rows: in
     W, W_rows = (None, None) if W is None else (W.contiguous(), None if W_rows is None else W_rows.contiguous())
     out = torch.empty(n_rows, inputs.shape[1], dtype=torch.float32)
     W_sum = None if W is None else torch.empty(inputs.shape[1], dtype=torch.float32)
-    if _library().transposed_product(rows.data_ptr(), weights.data_ptr(), inputs.data_ptr(), *rows.shape,
+    if _kernels().transposed_product(rows.data_ptr(), weights.data_ptr(), inputs.data_ptr(), *rows.shape,
                                      inputs.shape[1], n_rows, out.data_ptr(), _pointer(W), _pointer(W_rows),
                                      _pointer(W_sum)):
         raise MemoryError(f"transposed product: no memory to bucket {rows.numel()} entries")
@@ -238,7 +245,7 @@ def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor,
     residual_sum = torch.empty(d, dtype=torch.float32)
     P = torch.empty(indices.shape, dtype=torch.float32) if value_grads else None
     squares = ctypes.c_double()
-    if _library().decode_residual(z.data_ptr(), indices.data_ptr(), W.data_ptr(), b.data_ptr(), x.data_ptr(),
+    if _kernels().decode_residual(z.data_ptr(), indices.data_ptr(), W.data_ptr(), b.data_ptr(), x.data_ptr(),
                                   *indices.shape, d, x_hat.data_ptr(), _pointer(out_rows), out_scale,
                                   residual.data_ptr(), _pointer(P), ctypes.addressof(squares), residual_sum.data_ptr()):
         raise MemoryError("decode_residual: no memory for per-thread sums")
@@ -262,7 +269,7 @@ def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, 
         _check_rows(rows, param.shape[0])
         rows = rows.contiguous()
     grad = grad.contiguous()  # held here: the pointer below must outlive the call
-    _library().adam_rows(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(),
+    _kernels().adam_rows(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(),
                          _pointer(rows), n, param.shape[1], lr, beta1, beta2, eps,
                          1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, int(unit_norm), _pointer(low))
     increment_version((param, exp_avg, exp_avg_sq) + (() if low is None else (low,)))
@@ -299,7 +306,7 @@ def grouped_select(x: Tensor, W: Tensor, counts: list[int], k: int) -> tuple[Ten
     values = torch.empty(n_tokens, k, dtype=torch.float32)
     indices = torch.empty(n_tokens, k, dtype=torch.int64)
     tile = max(64, min(256, 2**18 // m))  # tokens per gemm: a [tile, m] buffer of ~1 MiB, and W_e packing amortised
-    if _library().grouped_select(_sgemm(), x.data_ptr(), W.data_ptr(), starts.data_ptr(), len(counts), d, m, k,
+    if _kernels().grouped_select(_sgemm(), x.data_ptr(), W.data_ptr(), starts.data_ptr(), len(counts), d, m, k,
                                  tile, values.data_ptr(), indices.data_ptr()):
         raise MemoryError("fused selection: no memory for its per-thread buffers")
     return values, indices

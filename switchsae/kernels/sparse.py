@@ -157,7 +157,9 @@ class GatheredLinear(torch.autograd.Function):
                                          needs_rows_sum)
         grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_b = -(grad_x.sum(0) if grad_x is not None else rows_sum)
+            total = grad_x.sum(0) if grad_x is not None else rows_sum
+            assert total is not None  # encoder_grads returns the row sum when asked (needs_rows_sum)
+            grad_b = -total
         return grad_x, grad_b, grad_W, None, None, None, None
 
 

@@ -16,7 +16,7 @@ input; the trainer, evaluator and apps only ever call the methods defined here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +60,7 @@ class SAEOutput:
 
     x_hat: Tensor
     latents: Latents
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # tensors, a Switch SAE's Assignment
     mse: Tensor | None = None
 
 
@@ -72,6 +72,8 @@ class SparseAutoencoder(nn.Module):
     ``specific_settings``, and implement ``_encode``, ``flops`` and optionally ``extra_losses``.
     """
 
+    #: the encoder weight: every subclass registers one
+    W_enc: nn.Parameter
     unit_norm_decoder: ClassVar[bool] = True
     #: the architecture-specific settings (SAEConfig and TrainConfig field names) this SAE reads;
     #: the CLI refuses one given for an architecture that does not read it, sweeps drop it
@@ -162,7 +164,7 @@ class SparseAutoencoder(nn.Module):
         mse = out.mse if out.mse is not None else (x.float() - out.x_hat).pow(2).sum(-1).mean() * scale**2
         terms = {"mse": mse}
         terms.update(self.extra_losses(x, out))
-        terms["loss"] = sum(terms.values())
+        terms["loss"] = cast(Tensor, sum(terms.values()))
         return terms
 
     def extra_losses(self, x: Tensor, out: SAEOutput) -> dict[str, Tensor]:
@@ -180,6 +182,7 @@ class SparseAutoencoder(nn.Module):
         batch group: every latent's count grows by the batch's tokens, the ones that fired on any
         rank restart at 0."""
         counter = self.tokens_since_fired
+        assert counter is not None, "record_firing runs in training, where the trainer sets tokens_since_fired"
         counter += n_tokens * self.batch_group.size
         counter[self.batch_group.any(latents.fired(self.cfg.width) > 0)] = 0
 
@@ -217,7 +220,7 @@ class SparseAutoencoder(nn.Module):
         (gradient component along each row removed before the step, row renormalised after); with
         a bf16 selection the encoder sits in a group carrying its bf16 copy, which the optimizer
         rewrites as it updates rows (:class:`switchsae.optim.BFloat16Copy`)."""
-        special = []
+        special: list[dict[str, Any]] = []
         if self.unit_norm_decoder:
             special.append({"params": [self.W_dec], "unit_norm_rows": True})
         if self.matmul_dtype != torch.float32:

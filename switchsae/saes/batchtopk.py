@@ -32,6 +32,8 @@ class BatchTopKSAE(TopKSAE):
 
     #: weight of the running threshold estimate kept at each training batch
     threshold_decay: ClassVar[float] = 0.99
+    #: the inference threshold (a buffer)
+    threshold: Tensor
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

@@ -125,8 +125,10 @@ class Router:
         activations scaled to mean norm √d whether or not training normalises them)."""
         losses = {}
         if self.balance_loss:
+            assert a.probs is not None  # a router that balances by loss is learned: it has probabilities
             losses["balance"] = self.cfg.aux_coeff * load_balance_loss(a.probs, a.counts[:self.n_experts]) * unit
         if self.learned and self.cfg.z_loss_coeff:
+            assert a.logits is not None  # a learned router's assignment carries its logits
             losses["z_loss"] = self.cfg.z_loss_coeff * torch.logsumexp(a.logits, dim=-1).pow(2).mean() * unit
         return losses
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -27,11 +27,14 @@ from torch import Tensor
 
 @runtime_checkable
 class ActivationSource(Protocol):
+    """Batches are ``[batch, d_model]`` tensors; with ``token_ids`` (a source that stores them, such
+    as an activation cache; others refuse) ``(batch, ids)`` pairs."""
+
     d_model: int
 
-    def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]: ...
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0, token_ids: bool = False) -> Iterator[Any]: ...
 
-    def eval_batches(self, batch_size: int) -> Iterator[Tensor]: ...
+    def eval_batches(self, batch_size: int, token_ids: bool = False) -> Iterator[Any]: ...
 
 
 class TensorSource:
@@ -53,7 +56,8 @@ class TensorSource:
         self.held_out = acts[-n_eval:]
         self.d_model = acts.shape[1]
 
-    def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0, token_ids: bool = False) -> Iterator[Tensor]:
+        _refuse_token_ids(token_ids)
         n = self.train.shape[0]
         per_epoch = max(1, n // batch_size)
         step = start_step
@@ -66,7 +70,8 @@ class TensorSource:
                 yield self.train[idx].float()
             step = (epoch + 1) * per_epoch
 
-    def eval_batches(self, batch_size: int) -> Iterator[Tensor]:
+    def eval_batches(self, batch_size: int, token_ids: bool = False) -> Iterator[Tensor]:
+        _refuse_token_ids(token_ids)
         for start in range(0, self.held_out.shape[0], batch_size):
             yield self.held_out[start:start + batch_size].float()
 
@@ -76,8 +81,14 @@ class TensorSource:
         n, d = self._acts.shape
         rows = self._acts[torch.linspace(0, n - 1, min(n, IDENTITY_ROWS)).long()].contiguous()
         digest = hashlib.sha256(f"{n},{d},{self._acts.dtype}".encode())
-        digest.update(rows.reshape(-1).view(torch.uint8).numpy())
+        digest.update(rows.reshape(-1).view(torch.uint8).numpy().data)
         return {"fingerprint": digest.hexdigest(), "description": f"{n:,} x {d} activations ({self._acts.dtype})"}
+
+
+def _refuse_token_ids(token_ids: bool) -> None:
+    if token_ids:
+        raise ValueError("activations from a tensor or file store no token ids; use an activation cache built by "
+                         "`switchsae cache`")
 
 
 #: rows a tensor source's fingerprint reads

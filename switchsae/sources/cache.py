@@ -112,8 +112,8 @@ def build_cache(model_name: str, hook: HookPoint | str, corpus: str | Path, n_to
     model, tokenizer = load_model(model_name, shards.DTYPES[model_dtype][0])
     model.to(device)
     if manifest is None:
-        _check_start(model, tokenizer, hook, settings)
-        manifest = {"format": shards.FORMAT_VERSION, **settings, "d_model": model.config.hidden_size,
+        d_model = _check_start(model, tokenizer, hook, settings)
+        manifest = {"format": shards.FORMAT_VERSION, **settings, "d_model": d_model,
                     "tokenizer": _tokenizer_info(model_name, tokenizer), "shards": [], "complete": False}
         out.mkdir(parents=True, exist_ok=True)
         shards.write_manifest(out, manifest)
@@ -123,11 +123,11 @@ def build_cache(model_name: str, hook: HookPoint | str, corpus: str | Path, n_to
     return out
 
 
-def _check_start(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: HookPoint, settings: dict) -> None:
+def _check_start(model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: HookPoint, settings: dict) -> int:
     """Fail before a new build writes anything if its corpus yields no window or its hook is not in
-    the model: run the model on the corpus's first window up to the hook."""
+    the model: run the model on the corpus's first window up to the hook; return the width there."""
     windows = token_windows(tokenizer, settings["corpus"], settings["context_length"], settings["text_field"])
-    capture(model, hook, next(windows).unsqueeze(0))
+    return capture(model, hook, next(windows).unsqueeze(0)).shape[-1]
 
 
 def _fill(out: Path, manifest: dict, model: nn.Module, tokenizer: PreTrainedTokenizerBase, hook: HookPoint,
@@ -274,7 +274,7 @@ class ActivationCache:
                     ids = self.token_ids(self._global_rows(group)) if token_ids else None
                     for j in range(max(0, start_step - step), count):
                         picked = order[j * batch_size:(j + 1) * batch_size]
-                        yield (rows[picked].float(), ids[picked]) if token_ids else rows[picked].float()
+                        yield (rows[picked].float(), ids[picked]) if ids is not None else rows[picked].float()
                 step += count
             epoch += 1
 

@@ -159,10 +159,8 @@ class ShardVerifier:
         """Return once every shard in ``indices`` has passed; raise the error of the first that failed."""
         for index in indices:
             with self._lock:
-                future = self._futures.get(index)
-                mine = future is None
-                if mine:
-                    future = self._futures[index] = Future()
+                mine = index not in self._futures
+                future = self._futures.setdefault(index, Future())
             if mine:
                 self._run(index, future)
             future.result()

@@ -56,7 +56,7 @@ def windows_name(index: int) -> str:
 
 def _write_array(path: Path, array: np.ndarray) -> memoryview:
     """Write ``array``'s raw bytes atomically; return them."""
-    data = memoryview(np.ascontiguousarray(array)).cast("B")
+    data = np.ascontiguousarray(array).data.cast("B")
     write_bytes_atomic(path, data)
     return data
 

@@ -24,7 +24,7 @@ import importlib.util
 import json
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -109,7 +109,7 @@ def _one_string_documents(name: str, text_field: str) -> Iterator[str] | None:
     return None
 
 
-def documents(corpus: str | Path, text_field: str = "text") -> Iterator[Iterator[str]]:
+def documents(corpus: str | Path, text_field: str = "text") -> Iterator[Iterable[str]]:
     """The corpus as a stream of documents, each a stream of text pieces."""
     texts = _one_string_documents(str(corpus), text_field)
     if texts is not None:
