@@ -149,7 +149,7 @@ def claims_section(rows: list[dict], sample_efficiency: list[dict], duplication:
     for setting, group in settings.items():
         kind = kinds[setting]
         table = paired_comparisons(group) if kind else []
-        if not table:
+        if not table or kind is None:
             continue
         verdicts = _series_verdicts(table, group)
         parts += [f"### {titles[kind]}: setting `{setting}`", markdown_table(verdicts, list(verdicts[0])),

@@ -76,7 +76,7 @@ def logit_effects(directions: Tensor, model: nn.Module, n: int) -> tuple[tuple[T
     would add the same vector for every feature. Returns ``((boost_values, boost_ids),
     (suppress_values, suppress_ids))``, each ``[F, n]``, suppressions most negative first.
     """
-    W_U = model.get_output_embeddings().weight.detach().float()
+    W_U = model.get_output_embeddings().weight.detach().float()  # type: ignore[operator]  # a transformers model
     norm = final_norm(model)
     v = directions.to(W_U.dtype)
     if norm is not None:

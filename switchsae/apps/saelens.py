@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -185,7 +185,7 @@ def switchsae_cfg(cfg: dict, cfg_path: Path) -> SAEConfig:
         if cfg.get(key, "none") not in supported:
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported (only {', '.join(supported)})")
     metadata = cfg.get("metadata") or {}
-    fields = dict(arch=IMPORT_ARCH[arch], d_model=int(cfg["d_in"]), width=int(cfg["d_sae"]),
+    fields: dict[str, Any] = dict(arch=IMPORT_ARCH[arch], d_model=int(cfg["d_in"]), width=int(cfg["d_sae"]),
                   model_name=metadata.get("model_name") or "", hook_name=metadata.get("hook_name") or "")
     if arch in ("topk", "batchtopk", "switch"):
         fields["k"] = max(1, round(cfg["k"]))  # BatchTopK's k is a mean count, a float in SAELens

@@ -211,7 +211,7 @@ def distribution_shift(clean: Tensor, steered: Tensor, tokenizer: PreTrainedToke
     kl = float((p * (log_p - log_q)).sum())
 
     def shifts(ids: Tensor) -> list[TokenShift]:
-        return [TokenShift(tokenizer.decode([i]), i, float(p[i]), float(q[i])) for i in ids.tolist()]
+        return [TokenShift(str(tokenizer.decode([i])), i, float(p[i]), float(q[i])) for i in ids.tolist()]
     change = q - p
     return kl, shifts(change.topk(top).indices), shifts((-change).topk(top).indices)
 
@@ -258,7 +258,7 @@ def steer_model(sae: SparseAutoencoder, model: nn.Module, tokenizer: PreTrainedT
         steered_logits, steered_ids = generate(model, ids, **run)
     kl, gained, lost = distribution_shift(clean_logits, steered_logits, tokenizer, settings.top)
     rows = act[0, settings.drop_first:].float()
-    return SteerResult(prompt, hook.name, settings, tokenizer.decode(clean_ids), tokenizer.decode(steered_ids), kl,
+    return SteerResult(prompt, hook.name, settings, str(tokenizer.decode(clean_ids)), str(tokenizer.decode(steered_ids)), kl,
                        gained, lost, float(steering.shift(rows).norm(dim=-1).mean()), float(rows.norm(dim=-1).mean()))
 
 

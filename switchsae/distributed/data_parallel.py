@@ -51,17 +51,17 @@ def average_gradients(params: Iterable[Tensor], group: Group, divisor: int, buck
     Every rank must pass the same parameters in the same order, with gradients of the same
     layout (the same code computes them). Row-sparse gradients come back coalesced.
     """
-    with_grad = [p for p in params if p.grad is not None]
+    with_grad = [(p, p.grad) for p in params if p.grad is not None]
     if group.size == 1 and divisor == 1:
         return
-    dense = [p for p in with_grad if not p.grad.is_sparse]
+    dense = [grad for _, grad in with_grad if not grad.is_sparse]
     for bucket in _buckets(dense, bucket_bytes):
-        flat = group.sum(torch.cat([p.grad.reshape(-1) for p in bucket])).div_(divisor)
-        for p, part in zip(bucket, flat.split([p.grad.numel() for p in bucket])):
-            p.grad.copy_(part.view_as(p.grad))
-    for p in with_grad:
-        if p.grad.is_sparse:
-            p.grad = sum_row_sparse(p.grad, group).div_(divisor)
+        flat = group.sum(torch.cat([grad.reshape(-1) for grad in bucket])).div_(divisor)
+        for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket])):
+            grad.copy_(part.view_as(grad))
+    for p, grad in with_grad:
+        if grad.is_sparse:
+            p.grad = sum_row_sparse(grad, group).div_(divisor)
 
 
 def sum_row_sparse(grad: Tensor, group: Group) -> Tensor:
@@ -73,17 +73,17 @@ def sum_row_sparse(grad: Tensor, group: Group) -> Tensor:
     return torch.sparse_coo_tensor(rows[None], values, grad.shape).coalesce()
 
 
-def _buckets(params: list[Tensor], bucket_bytes: int) -> Iterator[list[Tensor]]:
-    """Consecutive parameters of one dtype and device, about ``bucket_bytes`` per bucket."""
+def _buckets(grads: list[Tensor], bucket_bytes: int) -> Iterator[list[Tensor]]:
+    """Consecutive gradients of one dtype and device, about ``bucket_bytes`` per bucket."""
     bucket: list[Tensor] = []
     size = 0
-    for p in params:
-        nbytes = p.grad.numel() * p.grad.element_size()
-        if bucket and (size + nbytes > bucket_bytes or (p.grad.dtype, p.grad.device) != (bucket[0].grad.dtype,
-                                                                                          bucket[0].grad.device)):
+    for grad in grads:
+        nbytes = grad.numel() * grad.element_size()
+        if bucket and (size + nbytes > bucket_bytes or (grad.dtype, grad.device) != (bucket[0].dtype,
+                                                                                      bucket[0].device)):
             yield bucket
             bucket, size = [], 0
-        bucket.append(p)
+        bucket.append(grad)
         size += nbytes
     if bucket:
         yield bucket

@@ -79,7 +79,7 @@ class Group:
             return mask
         return self.max(mask.to(torch.uint8)).bool()
 
-    def _reduce(self, tensor: Tensor, op: dist.ReduceOp, name: str) -> Tensor:
+    def _reduce(self, tensor: Tensor, op: dist.ReduceOp.RedOpType, name: str) -> Tensor:
         if self.size > 1:
             self._run(f"an all-reduce ({name})", lambda: dist.all_reduce(tensor, op=op, group=self.process_group))
         return tensor
@@ -120,6 +120,7 @@ class Group:
     def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
         """``tensor`` of the group's rank ``src`` on every rank, in place."""
         if self.size > 1:
+            assert self.process_group is not None  # a group of several ranks has one
             root = dist.get_global_rank(self.process_group, src)
             self._run("a broadcast", lambda: dist.broadcast(tensor, root, group=self.process_group))
         return tensor

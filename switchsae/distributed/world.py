@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -80,24 +80,24 @@ class World(Layout):
         if self.size == 1:
             if error is not None:
                 raise error
-            return result
+            return cast(T, result)
         reports = self.mesh.world.gather_objects(None if error is None else f"{type(error).__name__}: {error}")
         failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
         if failed:
             self._everywhere(error or DistributedError("; ".join(f"rank {rank} failed: {report}"
                                                                  for rank, report in failed)))
-        return result
+        return cast(T, result)
 
     def _everywhere(self, error: Exception) -> None:
         """Raise ``error`` on this rank; only rank 0 reports it (the CLI prints it once)."""
         if not self.writes:
-            error.reported_elsewhere = True
+            setattr(error, "reported_elsewhere", True)  # noqa: B010 - read by the CLI with getattr
         raise error
 
     def decided(self, fn: Callable[[], T]) -> T:
         """``fn()`` run by rank 0 alone (agreed), its picklable result on every rank."""
         result = self.agreed(fn if self.writes else lambda: None)
-        return result if self.size == 1 else self.mesh.world.gather_objects(result)[0]
+        return cast(T, result if self.size == 1 else self.mesh.world.gather_objects(result)[0])
 
     def initialised(self, init: Callable[[], SparseAutoencoder]) -> SparseAutoencoder:
         """The SAE rank 0 initialises with ``init()``; the others build one of its config, and

@@ -100,6 +100,7 @@ class SwitchSAE(SparseAutoencoder):
         x = self._check_input(x)
         assignment = self.route(x, token_ids, expert)
         latents, x_hat, mse = self._expert_forward(x, assignment, decode=True)
+        assert x_hat is not None  # decode=True reconstructs
         return SAEOutput(x_hat, latents, {"assignment": assignment}, mse)
 
     def encode(self, x: Tensor, token_ids: Tensor | None = None, expert: int | None = None) -> Latents:
@@ -111,6 +112,8 @@ class SwitchSAE(SparseAutoencoder):
         """Dispatch → each entry's TopK within its expert → combine; with ``decode`` also the
         reconstruction (raw units, token order) and the squared error of normalised ``x``. With
         experts split across ranks (``expert_parallel``) the entries travel to their experts' ranks."""
+        x_hat: Tensor | None
+        mse: Tensor | None
         if self.expert_parallel is not None:
             return self.expert_parallel.forward(self, x, a, decode)
         x_entries = dispatch(x, a.token)

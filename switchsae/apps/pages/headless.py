@@ -39,7 +39,7 @@ def headless_chrome(width: int = 1280, height: int = 800) -> Iterator["WebDriver
         raise RuntimeError(f"Headless Chromium is unavailable: {reason}")
     with tempfile.TemporaryDirectory(prefix="switchsae-chromium-") as profile:
         options = webdriver.ChromeOptions()
-        options.binary_location = shutil.which("chromium")
+        options.binary_location = shutil.which("chromium") or "chromium"  # missing() checked it is there
         for flag in (*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
