@@ -1,5 +1,6 @@
 """Real OS faults through the real command line: a read-only file system, a full one, a file-size
-limit. The mounts need root (or CAP_SYS_ADMIN) and skip cleanly without it."""
+limit, a folder without write permission. The mounts need root (or CAP_SYS_ADMIN) and skip
+cleanly without it."""
 from __future__ import annotations
 
 import os
@@ -75,14 +76,39 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_run_it_would_replace(tmp_pa
         assert sorted(p.name for p in (disk / "new").iterdir()) == ["run.lock"]
 
 
+def run_switchsae(argv: list[str], prefix: tuple[str, ...] = (), **popen) -> tuple[int, str]:
+    """Exit code and last stderr line of ``switchsae ARGV`` in a new process (after ``prefix``, a
+    command that starts it), with this checkout first on its path."""
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([*prefix, sys.executable, "-m", "switchsae", *argv], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path}, timeout=300, **popen)
+    return done.returncode, (done.stderr.strip().splitlines() or [""])[-1]
+
+
 def test_a_file_size_limit(tmp_path, acts):
     """``ulimit -f``: writes past the limit fail with EFBIG (Python ignores SIGXFSZ)."""
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "switchsae", "train", "--acts", str(acts), "--out",
-                           str(tmp_path / "run"), *LARGE], capture_output=True, text=True, preexec_fn=limit, env=env,
-                          timeout=300)
-    assert done.returncode == 2, done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("switchsae train: error: cannot write ") and "File too large" in last, done.stderr
+    code, line = run_switchsae(["train", "--acts", str(acts), "--out", str(tmp_path / "run"), *LARGE], preexec_fn=limit)
+    assert code == 2 and line.startswith("switchsae train: error: cannot write ") and "File too large" in line, line
+
+
+def test_permission_denied(tmp_path, acts):
+    """A folder its owner may not write to: root passes every permission check, so the command runs
+    as root without CAP_DAC_OVERRIDE (``setpriv``), which the owner's mode bits then bind."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run without the permission-override capability")
+    main(["train", "--acts", str(acts), "--out", str(tmp_path / "run"), *SMALL])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (tmp_path / "run").chmod(0o500)
+    locked.chmod(0o500)
+    try:
+        without = ("setpriv", "--bounding-set", "-dac_override", "--")
+        code, line = run_switchsae(["train", "--acts", str(acts), "--out", str(locked / "run"), *SMALL], without)
+        assert code == 2 and "cannot write to the run folder" in line and "Permission denied" in line, line
+        code, line = run_switchsae(["eval", str(tmp_path / "run"), "--acts", str(acts), "--quiet"], without)
+        assert code == 2 and line.startswith("switchsae eval: error: ") and "Permission denied" in line, line
+    finally:
+        (tmp_path / "run").chmod(0o755)
+        locked.chmod(0o755)
