@@ -99,8 +99,12 @@ class SwitchSAE(SparseAutoencoder):
         outputs in token order. ``expert`` forces every token to one expert (see :meth:`route`)."""
         x = self._check_input(x)
         assignment = self.route(x, token_ids, expert)
-        latents, x_hat, mse = self._expert_forward(x, assignment, decode=True)
-        return SAEOutput(x_hat, latents, {"assignment": assignment}, mse)
+        extras: dict = {"assignment": assignment}
+        if self.expert_parallel is not None:  # the rows at their owners are kept for AuxK
+            latents, x_hat, mse, extras["dispatched"] = self.expert_parallel.forward(self, x, assignment, decode=True)
+        else:
+            latents, x_hat, mse = self._expert_forward(x, assignment, decode=True)
+        return SAEOutput(x_hat, latents, extras, mse)
 
     def encode(self, x: Tensor, token_ids: Tensor | None = None, expert: int | None = None) -> Latents:
         """The code of raw activations ``x: [T, d]`` (``token_ids`` for hash routing; ``expert`` forces one)."""
@@ -112,7 +116,7 @@ class SwitchSAE(SparseAutoencoder):
         reconstruction (raw units, token order) and the squared error of normalised ``x``. With
         experts split across ranks (``expert_parallel``) the entries travel to their experts' ranks."""
         if self.expert_parallel is not None:
-            return self.expert_parallel.forward(self, x, a, decode)
+            return self.expert_parallel.forward(self, x, a, decode)[:3]
         x_entries = dispatch(x, a.token)
         if not a.one_per_token:  # one TopK over the union of each token's entries, in token order
             values, indices, _ = self._select(x_entries, a.counts)
@@ -169,6 +173,13 @@ class SwitchSAE(SparseAutoencoder):
         1 for ``loss``."""
         cfg = self.cfg
         return (cfg.act_scale / cfg.unit_scale) ** 2 if cfg.routing.aux_units == "data" else 1.0
+
+    def auxk_term(self, x: Tensor, out: SAEOutput, dead: Tensor) -> Tensor:
+        """AuxK within each token's experts; with experts split across ranks, on their owners
+        (switchsae.distributed.union)."""
+        if self.expert_parallel is None:
+            return super().auxk_term(x, out, dead)
+        return self.expert_parallel.auxk_loss(self, x, out, dead)
 
     def auxk_groups(self, out: SAEOutput) -> list[tuple[Tensor, range]]:
         """One group per expert block: the tokens routed there and the block's latents."""
