@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,8 @@ def model(spec: dict, size: int, entries_out: float | None = None) -> dict:
     With ``entries_out`` (measured) the all-to-all uses that count of entries leaving the rank
     instead of the uniform-routing one: a check of the bytes per entry alone.
     All-reduce: the replicated parameters' gradient (all of them for DDP; router, biases and the
-    shared expert for EP) in a ring, ``2(P−1)/P`` of its bytes.
+    shared expert for EP) and the firing mask of the dead-latent counter (``M`` bytes) in a ring,
+    ``2(P−1)/P`` of their bytes.
     """
     d, k, M, N, T = spec["d"], spec["k"], spec["width"], spec["experts"], spec["batch"]
     shared, e = spec.get("shared", False), spec.get("experts_per_token", 1)
@@ -63,7 +65,8 @@ def model(spec: dict, size: int, entries_out: float | None = None) -> dict:
     leaving = t_rank * e * (size - 1) / size if entries_out is None else entries_out
     a2a = leaving * entry + (size - 1) * (N // size) * 8 if ep else 0.0
     ring = 2 * (size - 1) / size
-    reduce = 4 * (replicated if ep else (replicated + 2 * N * m * d if spec["mode"] == "ddp" else replicated)) * ring
+    dense = replicated + (2 * N * m * d if spec["mode"] == "ddp" else 0)
+    reduce = (4 * dense + M) * ring  # and the dead-latent counter's firing mask, one byte a latent
     return {"GB/rank": round((state + buffers) / 1e9, 2), "model a2a MB": round(a2a / 1e6, 3),
             "model all-reduce MB": round(reduce / 1e6, 3)}
 
@@ -149,9 +152,12 @@ def worker(rank: int, size: int, rendezvous: str, spec: dict, out: Path) -> None
     measured = times[spec["warmup"]:]
     steps = len(measured)
     totals = world.total(torch.tensor([sent.get(k, 0.0) for k in sorted(sent)], dtype=torch.float64))
+    peak = world.mesh.world.max(torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0],
+                                             dtype=torch.float64)).item()  # Linux: KiB
     if rank == 0:
         per_step = {key: value / steps / size for key, value in zip(sorted(sent), totals.tolist())}
-        out.write_text(json.dumps({**spec, "world": size, "step_s": sorted(measured)[steps // 2], "bytes": per_step}))
+        out.write_text(json.dumps({**spec, "world": size, "step_s": sorted(measured)[steps // 2], "bytes": per_step,
+                                   "peak_rss": peak}))
     disconnect()
 
 
@@ -187,9 +193,9 @@ def summary(result: dict) -> dict:
             "all-reduce MB": round(b.get("all_reduce.wire", 0) / mb, 3),
             "all-gather MB": round(b.get("all_gather.wire", 0) / mb, 3),
             "payload MB": round(sum(v for k, v in b.items() if k.endswith(".payload")) / mb, 3),
+            "peak RSS GB": round(result["peak_rss"] / 1e9, 2) if "peak_rss" in result else None,
             **model(result, result["world"]),
-            "model a2a MB, measured entries": round(model(result, result["world"], b.get("entries_out"))["model a2a MB"],
-                                                    3)}
+            "model a2a MB, measured entries": model(result, result["world"], b.get("entries_out"))["model a2a MB"]}
 
 
 def main() -> None:

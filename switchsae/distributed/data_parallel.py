@@ -82,8 +82,8 @@ def average_row_ranges(p: Tensor, ranges: list[tuple[slice, Group]], divisor: in
         inside = (ids >= (rows.start or 0)) & (ids < (grad.shape[0] if rows.stop is None else rows.stop))
         part = torch.sparse_coo_tensor(ids[inside][None], values[inside], grad.shape)
         parts.append(sum_row_sparse(part, group))
-    summed = torch.sparse_coo_tensor(torch.cat([q._indices() for q in parts], 1), torch.cat([q._values() for q in parts]),
-                                     grad.shape)
+    summed = torch.sparse_coo_tensor(torch.cat([q._indices() for q in parts], 1),
+                                     torch.cat([q._values() for q in parts]), grad.shape)
     p.grad = summed.coalesce().div_(divisor)
 
 

@@ -79,8 +79,8 @@ class ExpertParallel:
         self.width = self.blocks * cfg.expert_width  # routed rows held here
         self.latents = slice(group.rank * self.width, (group.rank + 1) * self.width)
         self.shared = slice(cfg.n_experts * cfg.expert_width, cfg.width) if cfg.routing.shared_expert else None
-        #: entries the last forward dropped for capacity (0 without a capacity factor)
-        self.dropped = 0
+        #: routed entries the last forward had, and how many of them the capacity dropped (0 without one)
+        self.offered, self.dropped = 0, 0
 
     # -- layout -----------------------------------------------------------------------------
     def local(self, name: str, tensor: Tensor) -> Tensor:
@@ -159,6 +159,7 @@ class ExpertParallel:
                          n_tokens: int) -> tuple[Tensor, Tensor, list[int]]:
         """The entries to send: all of them, or with a capacity factor ``c`` the first
         ``⌈c·T/N⌉`` of each expert (entries are grouped by expert, in token order)."""
+        self.offered = token.numel()
         if not self.capacity:
             return token, gate, counts
         cap = math.ceil(self.capacity * n_tokens / self.n_experts)

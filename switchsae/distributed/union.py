@@ -33,6 +33,7 @@ bias, and the home's loss ``‖r_t − ê_t‖²`` against its residual.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -40,7 +41,11 @@ from torch import Tensor
 from switchsae.distributed.exchange import Dispatched
 from switchsae.kernels.dispatch import union_slots
 from switchsae.kernels.sparse import sparse_decode, topk_encode
-from switchsae.saes.base import Latents
+from switchsae.saes.base import Latents, SAEOutput
+
+if TYPE_CHECKING:
+    from switchsae.distributed.expert_parallel import ExpertParallel
+    from switchsae.saes.switch import SwitchSAE
 
 
 @dataclass
@@ -62,10 +67,11 @@ class Winners:
     found: bool
 
 
-def forward(sae, ep, sent: Dispatched, x: Tensor, decode: bool) -> tuple[Latents, Tensor | None, Tensor | None]:
+def forward(sae: SwitchSAE, ep: ExpertParallel, sent: Dispatched, x: Tensor,
+            decode: bool) -> tuple[Latents, Tensor | None, Tensor | None]:
     """The code (global ids, token order), ``x̂`` (raw units) and the home's share of the squared
     error of normalised ``x``, for entries dispatched to their owners (steps 1-4 above)."""
-    values, local_ids, centred = sae._select(sent.x, sent.counts)
+    values, local_ids, centred = sae.select_candidates(sent.x, sent.counts)
     won = winners(sae, ep, sent, values, local_ids, sae.cfg.k)
     z, decoded = encode_winners(sae, ep, sent, won, values, local_ids, centred, sent.x, sent.gate, decode)
     latents = Latents(z, won.ids)
@@ -76,7 +82,8 @@ def forward(sae, ep, sent: Dispatched, x: Tensor, decode: bool) -> tuple[Latents
     return latents, x_hat * (1 / sae.cfg.act_scale), mse
 
 
-def winners(sae, ep, sent: Dispatched, values: Tensor, local_ids: Tensor, k: int) -> Winners:
+def winners(sae: SwitchSAE, ep: ExpertParallel, sent: Dispatched, values: Tensor, local_ids: Tensor,
+            k: int) -> Winners:
     """Steps 1-2: the owners' candidates (``values, local_ids: [R, c]``, -inf for none) to their
     homes, the TopK of each token there, and the winning candidates back to the owners."""
     home_values, home_ids = sent.to_homes([values, ep.global_ids(local_ids)])
@@ -91,8 +98,9 @@ def winners(sae, ep, sent: Dispatched, values: Tensor, local_ids: Tensor, k: int
     return Winners(entry, slot, valid, ids, owner_keep, bool(padded), bool(found))
 
 
-def encode_winners(sae, ep, sent: Dispatched, won: Winners, values: Tensor, local_ids: Tensor, centred: Tensor,
-                   x_rows: Tensor, gate: Tensor | None, decode: bool) -> tuple[Tensor, Tensor | None]:
+def encode_winners(sae: SwitchSAE, ep: ExpertParallel, sent: Dispatched, won: Winners, values: Tensor,
+                   local_ids: Tensor, centred: Tensor, x_rows: Tensor, gate: Tensor | None,
+                   decode: bool) -> tuple[Tensor, Tensor | None]:
     """Steps 3-4: ``z: [T, k]`` of the home's code (0 where not valid) and, with ``decode``, the sum
     of its entries' partial reconstructions ``[T, d]`` (no bias), both differentiable.
 
@@ -135,7 +143,8 @@ def _pick(per_entry: Tensor, chosen: Tensor, valid: Tensor) -> Tensor:
     return flat.index_select(0, torch.where(valid.view(-1), chosen, per_entry.numel())).view(valid.shape)
 
 
-def auxk_loss(sae, ep, sent: Dispatched, x: Tensor, out, dead: Tensor) -> Tensor:
+def auxk_loss(sae: SwitchSAE, ep: ExpertParallel, sent: Dispatched, x: Tensor, out: SAEOutput,
+              dead: Tensor) -> Tensor:
     """saes/auxk.py's ``auxk_coeff · L_auxk`` with the experts on their owners: candidates among
     each entry's expert's dead latents, the union TopK at home, ``ê`` from the owners' partials."""
     cfg = sae.cfg
@@ -153,7 +162,8 @@ def auxk_loss(sae, ep, sent: Dispatched, x: Tensor, out, dead: Tensor) -> Tensor
     return weight * (residual - e_hat).pow(2).sum(-1).mean()
 
 
-def dead_candidates(sae, ep, counts: list[int], centred: Tensor, dead: Tensor) -> tuple[Tensor, Tensor]:
+def dead_candidates(sae: SwitchSAE, ep: ExpertParallel, counts: list[int], centred: Tensor,
+                    dead: Tensor) -> tuple[Tensor, Tensor]:
     """Each owner row's ``k_aux`` largest pre-activations among its block's dead latents
     (``[R, k_aux]`` values, -inf where the block has fewer, and ids into the rows held here)."""
     k_aux, m = sae.cfg.auxk_k, sae.cfg.expert_width

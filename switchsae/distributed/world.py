@@ -164,19 +164,17 @@ class World(Layout):
         split = set(EXPERT_PARAMS) if self.experts is not None else set()
         named = list(sae.named_parameters())
         average_gradients([p for name, p in named if name not in split], self.mesh.world, self.size)
-        if self.experts is not None and self.experts.shared is not None:  # its rows are replicated
-            for name, p in named:
-                if name in split:
-                    average_row_ranges(p, self.experts.row_groups(self.mesh.dp, self.mesh.world), self.size)
-        else:
-            average_gradients([p for name, p in named if name in split], self.mesh.dp, self.size)
+        for name, p in named:
+            if name in split:
+                average_row_ranges(p, self.experts.row_groups(self.mesh.dp, self.mesh.world), self.size)
 
-    def parallel_stats(self, n_tokens: int) -> dict[str, float]:
-        """``dropped``: the fraction of the batch's tokens the expert capacity dropped (when set)."""
+    def parallel_stats(self) -> dict[str, float]:
+        """``dropped``: the fraction of the batch's routed entries (its tokens, with one entry per
+        token) the expert capacity dropped (when set)."""
         if self.experts is None or not self.expert_capacity:
             return {}
-        dropped, tokens = self.total(torch.tensor([float(self.experts.dropped), float(n_tokens)])).tolist()
-        return {"dropped": dropped / tokens}
+        dropped, offered = self.total(torch.tensor([float(self.experts.dropped), float(self.experts.offered)])).tolist()
+        return {"dropped": dropped / max(offered, 1.0)}
 
     # -- checkpoints ------------------------------------------------------------------------
     def full(self, name: str, tensor: Tensor) -> Tensor:

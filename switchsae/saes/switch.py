@@ -119,7 +119,7 @@ class SwitchSAE(SparseAutoencoder):
             return self.expert_parallel.forward(self, x, a, decode)[:3]
         x_entries = dispatch(x, a.token)
         if not a.one_per_token:  # one TopK over the union of each token's entries, in token order
-            values, indices, _ = self._select(x_entries, a.counts)
+            values, indices, _ = self.select_candidates(x_entries, a.counts)
             values, indices, gate = combine(values, indices, a.gate, a.token, a.n_tokens, self.cfg.k)
             with torch.no_grad():
                 centred = x - self.b_pre
@@ -134,7 +134,7 @@ class SwitchSAE(SparseAutoencoder):
         unsorted = torch.empty_like(a.token).index_copy_(0, a.token, torch.arange(a.token.numel(), device=x.device))
         return Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted)), x_hat, mse
 
-    def _select(self, x_entries: Tensor, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    def select_candidates(self, x_entries: Tensor, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Each entry's ``k`` largest pre-activations within its block (no grad): ``(values, indices,
         x_entries − b_pre)``; ``counts[b]`` entries for each block of the ``W_enc`` held here."""
         with torch.no_grad():
@@ -149,7 +149,7 @@ class SwitchSAE(SparseAutoencoder):
         then the fused core (kernels/core.py) with each row's gate. Returns ``(z, indices)`` in row
         order (indices into the ``W_enc`` held here) and, with ``decode``, ``x̂`` (raw units, row
         ``t`` at ``x_hat_rows[t]``) and the squared error over ``mse_tokens`` tokens (default: rows)."""
-        values, indices, centred = self._select(x_entries, counts)
+        values, indices, centred = self.select_candidates(x_entries, counts)
         if not decode:
             z = topk_encode(x_entries, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) \
                 * gate[:, None]

@@ -100,8 +100,9 @@ def test_expert_parallel_needs_several_processes(tmp_path, acts_file):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, routing", [
     (["--nproc", "2"], []), (["--nproc", "4", "--expert-parallel", "2"], []),
-    (["--nproc", "4", "--expert-parallel", "2"], ["--width", "80", "--router", "top_e", "--experts-per-token", "2",
-                                                  "--shared-expert", "--auxk-coeff", "0.5", "--dead-tokens", "64"]),
+    (["--nproc", "4", "--expert-parallel", "2"],
+     ["--width", "80", "--router", "top_e", "--experts-per-token", "2", "--shared-expert", "--auxk-coeff", "0.5",
+      "--dead-tokens", "64"]),
 ], ids=["data-parallel-2", "mesh-2x2", "mesh-2x2-top2-shared-auxk"])
 def test_nproc_through_torchrun_trains_what_one_process_trains(tmp_path, acts_file, layout, routing):
     args = [*SWITCH, *routing, "--steps", "6", "--checkpoint-every", "3", "--log-every", "1", "--lr", "0.01"]

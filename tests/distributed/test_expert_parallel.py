@@ -5,6 +5,8 @@ checks run in the workers (spawn_ranks.py), the tests compare them with one proc
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -47,6 +49,9 @@ CASES = {  # name: (SAE config, train config, setup: "skewed" routes every token
     "auxk-k8-skewed": (SWITCH.replace(**AUXK, auxk_k=8), TRAIN, "skewed dead"),
     "auxk-top2-sparse": (TOP2.replace(**AUXK, auxk_k=8), SPARSE, "dead"),
     "auxk-shared": (SHARED.replace(**AUXK), SPARSE, "dead"),
+    # the plain-torch kernels, the ops a GPU runs (no compiled CPU kernels)
+    "top2-torch-ops": (TOP2, SPARSE, "torch-ops"),
+    "auxk-shared-torch-ops": (SHARED.replace(**AUXK), TRAIN, "dead torch-ops"),
 }
 TRAINED = ("top1", "top1-normalized", "sparse-updates", "top2-sparse", "shared", "expert-choice-sparse",
            "auxk-top2-sparse")
@@ -55,6 +60,22 @@ RESUME = TrainConfig(steps=8, batch_size=64, log_every=1, checkpoint_every=4, ma
 MIXED = SHARED.replace(routing=RoutingConfig(router="top_e", experts_per_token=2, shared_expert=True), **AUXK)
 RESUMED = {"top1": SWITCH, "top2-shared-auxk": MIXED}
 LATENTS = [slice(0, 32), slice(32, 64)]  # each rank's expert rows
+
+
+@contextmanager
+def kernels(case: str):
+    """With the plain-torch kernels where ``case`` asks for them (kernels/native.py reads the switch
+    at every call)."""
+    before = os.environ.get("SWITCHSAE_NATIVE")
+    if "torch-ops" in CASES[case][2]:
+        os.environ["SWITCHSAE_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SWITCHSAE_NATIVE", None)
+        else:
+            os.environ["SWITCHSAE_NATIVE"] = before
 
 
 def acts() -> torch.Tensor:
@@ -127,26 +148,32 @@ class Interrupted(TensorSource):
 def rank_forward_backward_and_step(ranks) -> dict:
     results = {}
     for case, (_, cfg, _) in CASES.items():
-        sae, x, ids = fresh(case)
-        world = ranks.world(expert_parallel=2)
-        world.prepare(sae, broadcast=True)
-        x, ids = next(shard_batches([(x, ids)], ranks.rank, ranks.size))
-        got = step(sae, x, ids, cfg)
-        world.reduce_gradients(sae)
-        results[case] = {"x_hat": got["x_hat"], "code": got["code"], "losses": world.mean(got["losses"]),
-                         "grads": dense_grads(sae), "weights": optimizer_step(sae, cfg)}
+        with kernels(case):
+            sae, x, ids = fresh(case)
+            world = ranks.world(expert_parallel=2)
+            world.prepare(sae, broadcast=True)
+            x, ids = next(shard_batches([(x, ids)], ranks.rank, ranks.size))
+            got = step(sae, x, ids, cfg)
+            world.reduce_gradients(sae)
+            results[case] = {"x_hat": got["x_hat"], "code": got["code"], "losses": world.mean(got["losses"]),
+                             "encoded": sorted_code(sae.encode(x, token_ids=ids)), "grads": dense_grads(sae),
+                             "weights": optimizer_step(sae, cfg)}
     return results
 
 
 def rank_capacity_drops_tokens(ranks) -> dict:
-    """All tokens to expert 0, at most ceil(0.5 * 32 / 4) = 4 of each rank's 32 kept."""
-    sae, x, ids = fresh("skewed")
-    world = ranks.world(expert_parallel=2, expert_capacity=0.5)
-    world.prepare(sae, broadcast=True)
-    x = next(shard_batches([x], ranks.rank, ranks.size))
-    out = sae(x)
-    return {"x_hat": out.x_hat.detach(), "mse": world.mean({"mse": out.mse})["mse"],
-            "stats": world.parallel_stats(x.shape[0])}
+    """All tokens to expert 0 (top-2: 0 and 1), at most ceil(0.5 * 32 / 4) = 4 of each rank's 32
+    kept per expert."""
+    results = {}
+    for case in ("skewed", "top2-skewed"):
+        sae, x, _ = fresh(case)
+        world = ranks.world(expert_parallel=2, expert_capacity=0.5)
+        world.prepare(sae, broadcast=True)
+        x = next(shard_batches([x], ranks.rank, ranks.size))
+        out = sae(x)
+        results[case] = {"x_hat": out.x_hat.detach(), "mse": world.mean({"mse": out.mse})["mse"],
+                         "stats": world.parallel_stats()}
+    return results
 
 
 def rank_train(ranks) -> dict:
@@ -197,10 +224,11 @@ def expert_part(name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES)
 def test_expert_parallel_equals_one_process(ranks, case):
     results, _ = ranks
-    sae_cfg, cfg, _ = CASES[case]
-    sae, x, ids = fresh(case)
-    expected = step(sae, x, ids, cfg)
-    expected_grads, expected_weights = dense_grads(sae), optimizer_step(sae, cfg)
+    _, cfg, _ = CASES[case]
+    with kernels(case):
+        sae, x, ids = fresh(case)
+        expected = step(sae, x, ids, cfg)
+        expected_grads, expected_weights = dense_grads(sae), optimizer_step(sae, cfg)
     if case == "skewed":
         assert expected["out"].extras["assignment"].counts == [64, 0, 0, 0]  # rank 1 gets no token
     for rank, got in enumerate(results("rank_forward_backward_and_step")):
@@ -208,6 +236,8 @@ def test_expert_parallel_equals_one_process(ranks, case):
         torch.testing.assert_close(got["x_hat"], expected["x_hat"][rows], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["code"][0], expected["code"][0][rows], rtol=1e-5, atol=1e-6)
         assert torch.equal(got["code"][1], expected["code"][1][rows])
+        torch.testing.assert_close(got["encoded"][0], expected["code"][0][rows], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got["encoded"][1], expected["code"][1][rows])
         for name, value in expected["losses"].items():
             torch.testing.assert_close(got["losses"][name], value.detach(), rtol=1e-5, atol=1e-6)
         assert got["grads"].keys() == expected_grads.keys()
@@ -219,11 +249,12 @@ def test_expert_parallel_equals_one_process(ranks, case):
                                        msg=lambda m, n=name, r=rank: f"{n} after a step, rank {r}: {m}")
 
 
-def test_a_capacity_factor_drops_the_tokens_over_it_and_counts_their_error(ranks):
+@pytest.mark.parametrize("case", ["skewed", "top2-skewed"])
+def test_a_capacity_factor_drops_the_tokens_over_it_and_counts_their_error(ranks, case):
     results, _ = ranks
-    sae, x, _ = fresh("skewed")
+    sae, x, _ = fresh(case)
     full = sae(x).x_hat.detach()
-    got = results("rank_capacity_drops_tokens")
+    got = [r[case] for r in results("rank_capacity_drops_tokens")]
     x_hat = torch.cat([r["x_hat"] for r in got])
     kept = torch.zeros(64, dtype=torch.bool)
     kept[[0, 1, 2, 3, 32, 33, 34, 35]] = True  # the first 4 tokens of each rank
@@ -232,7 +263,7 @@ def test_a_capacity_factor_drops_the_tokens_over_it_and_counts_their_error(ranks
     expected_mse = ((x - x_hat) * sae.cfg.act_scale).pow(2).sum(-1).mean()
     for r in got:
         torch.testing.assert_close(r["mse"], expected_mse, rtol=1e-5, atol=1e-6)
-        assert r["stats"] == {"dropped": pytest.approx(56 / 64)}
+        assert r["stats"] == {"dropped": pytest.approx(56 / 64)}  # of the tokens, or of top-2's entries
 
 
 @pytest.mark.parametrize("case", TRAINED)
