@@ -29,12 +29,15 @@ HERE = Path(__file__).resolve().parent
 WORKERS = HERE / "peer_workers"
 RESULT_PREFIX = "PEER_RESULT "  # the same constant as peer_workers/common.py
 PEERS = ("saelens", "sparsify", "dictlearn", "switchsae")
-OURS = ("switchsae", "switchsae-bf16", "switchsae-sparse")
-# Extra worker flags of our variants (each runs switchsae_worker.py in this Python).
+# Extra worker flags of our variants (each runs switchsae_worker.py in this Python); the Switch
+# variants are FLOP-matched to the TopK of --width (N experts of --width latents, top-1 routing).
 OUR_VARIANT_FLAGS = {"switchsae": [], "switchsae-bf16": ["--matmul-dtype", "bfloat16"],
-                     "switchsae-sparse": ["--sparse-updates"]}
+                     "switchsae-sparse": ["--sparse-updates"], "switchsae-norm": ["--normalize"],
+                     **{f"switchsae-switch{n}": ["--experts", str(n), "--normalize"] for n in (4, 8)}}
+OURS = tuple(OUR_VARIANT_FLAGS)
 TARGET_SPEEDUP = 1.5  # issue 4: ours >= 1.5x the fastest peer's tokens/s, FVU no worse after equal steps
-COLUMNS = ("peer", "version", "tokens/s", "peak RSS GB", "FVU", "L0", "dead frac", "train s", "load 1-min")
+COLUMNS = ("peer", "version", "tokens/s", "peak RSS GB", "FVU", "FVU other", "L0", "dead frac", "train s",
+           "load 1-min")
 
 
 def worker_command(name: str, python: str, files: dict[str, Path], args: argparse.Namespace) -> list[str]:
@@ -44,6 +47,8 @@ def worker_command(name: str, python: str, files: dict[str, Path], args: argpars
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--width", str(args.width),
                "--k", str(args.k), "--lr", str(args.lr), "--warmup", str(args.warmup), "--seed", str(args.seed),
                "--threads", str(args.threads)]
+    if "other" in files:
+        command += ["--other", str(files["other"])]
     return command + OUR_VARIANT_FLAGS.get(name, [])
 
 
@@ -57,7 +62,8 @@ def python_for(name: str, overrides: dict[str, str]) -> Path:
 
 
 def write_batches(acts: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Path]:
-    """Write the training batches in order and the held-out rows; return both paths (sets ``args.d_model``)."""
+    """Write the training batches in order, the held-out rows and, with ``--other-acts``, held-out rows of
+    the other domain; return the paths (sets ``args.d_model``)."""
     from switchsae.sources.activations import open_activations
 
     source = open_activations(acts)
@@ -70,14 +76,25 @@ def write_batches(acts: str, args: argparse.Namespace, out_dir: Path) -> dict[st
         train[i * args.batch_size:(i + 1) * args.batch_size] = next(stream).float().numpy()
     train.flush()
     del train
+    write_held_out(source, args, paths["eval"])
+    if args.other_acts:
+        other = open_activations(args.other_acts)
+        if other.d_model != source.d_model:
+            raise SystemExit(f"--other-acts has d_model {other.d_model}, --acts {source.d_model}")
+        paths["other"] = out_dir / "other.npy"
+        write_held_out(other, args, paths["other"])
+    return paths
+
+
+def write_held_out(source, args: argparse.Namespace, path: Path) -> None:
+    """The first ``--eval-rows`` held-out rows of ``source`` as one ``.npy``."""
     held_out, count = [], 0
     for batch in source.eval_batches(args.batch_size):
         held_out.append(batch.float().numpy()[:args.eval_rows - count])
         count += held_out[-1].shape[0]
         if count >= args.eval_rows:
             break
-    np.save(paths["eval"], np.concatenate(held_out))
-    return paths
+    np.save(path, np.concatenate(held_out))
 
 
 def run_worker(name: str, python: Path, command: list[str], timeout: float) -> dict:
@@ -112,7 +129,8 @@ def format_table(results: list[dict]) -> str:
             notes.append(f"- {r['peer']}: FAILED: {r['error']}")
             continue
         cells = [r["peer"], r["version"], f"{r['tokens_per_s']:,.0f}", f"{r['peak_rss_gb']:.2f}",
-                 f"{r['fvu']:.4f}", f"{r['l0']:.1f}", f"{r['dead_frac']:.4f}", f"{r['train_s']:.1f}",
+                 f"{r['fvu']:.4f}", f"{r['fvu_other']:.4f}" if "fvu_other" in r else "—", f"{r['l0']:.1f}",
+                 f"{r['dead_frac']:.4f}", f"{r['train_s']:.1f}",
                  f"{r['load_before']:.1f}→{r['load_after']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
         notes.append(f"- {r['peer']}: {r['notes']}")
@@ -149,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="Adam lr for every peer; default 2e-4/sqrt(width/2^14)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--eval-rows", type=int, default=16384, help="held-out rows for FVU, L0, dead fraction")
+    parser.add_argument("--other-acts", default=None,
+                        help="activations of another domain: FVU etc. also on its held-out rows ('FVU other')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: all cores)")
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS) + list(OURS[1:]))

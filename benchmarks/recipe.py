@@ -57,6 +57,19 @@ STUDIES: dict[str, dict[str, dict]] = {
         "switch4 lr 2x": {**SWITCH8, "width": 4 * M0, "n_experts": 4, "aux_coeff": 0.1, "lr": 8e-4},
         "topk lr 2x auxk": {**TOPK, "lr": 8e-4, "auxk_coeff": 1 / 32},
     },
+    "length": {  # the finalists at 4x the lr law, and one pass (240 steps) against three (720);
+        # 2x at 240 steps is in the auxk and lr studies
+        **{f"{name} lr {mult}x steps {steps}": {**settings, "lr": 4e-4 * mult, "steps": steps}
+           for steps, mult in ((240, 4), (720, 2), (720, 4))
+           for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
+                                  ("switch8", {**SWITCH8, **RECIPE}))},
+    },
+    "batch": {  # batch-size sensitivity at an equal number of training tokens (2x lr law, scaled as sqrt(B))
+        **{f"{name} batch {batch}": {**settings, "batch_size": batch, "steps": 240 * 4096 // batch,
+                                     "lr": 8e-4 * (batch / 4096) ** 0.5}
+           for name, settings in (("topk", TOPK), ("switch8", {**SWITCH8, **RECIPE}))
+           for batch in (1024, 4096, 16384)},
+    },
     "routing": {  # every strategy FLOP-matched to TopK-4096: e routed experts of 4096/e latents, k = 32
         "top1 8x4096": {**SWITCH8, **RECIPE},
         "top2 8x2048": {**SWITCH8, **RECIPE, "width": 8 * 2048, "router": "top_e", "experts_per_token": 2},
@@ -107,7 +120,7 @@ def run_variant(name: str, variant: dict, seed: int, train_cache: ActivationCach
     row = {"fve_in": inside["fve"], "fve_out": outside["fve"], "dead_in": inside["dead_frac"],
            "dead_out": outside["dead_frac"], "l0": inside["l0"], "load_cv_in": inside.get("expert_load_cv", ""),
            "duplication": expert_duplication(sae.W_dec, sae.cfg.n_blocks)["frac_above"] if sae.cfg.n_blocks > 1 else "",
-           "tok_per_s": args.steps * 4096 / seconds,
+           "tok_per_s": train_cfg.steps * train_cfg.batch_size / seconds,
            "encoder_flops": sae.flops()["forward"] - 2 * K * sae.cfg.d_model}
     if args.loss_recovered:
         for name, cache in (("in", train_cache), ("out", other)):

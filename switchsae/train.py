@@ -213,7 +213,7 @@ def train_loop(
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             stats = {**_batch_stats(x, out, losses, world), **world.mean_values(sae.batch_stats(out)),
-                     **world.parallel_stats(x.shape[0])}
+                     **world.parallel_stats()}
             dead_window = min(done * cfg.batch_size, 1_000_000)
             stats.update(step=done, tokens=done * cfg.batch_size, lr=lr_at(step, cfg, base_lr),
                          dead_frac=(sae.tokens_since_fired >= dead_window).float().mean().item(),

@@ -70,3 +70,19 @@ def test_every_installed_peer_through_the_harness(acts_file):
     results = harness.main(["--acts", str(acts_file), "--peers", *installed, "switchsae", *TINY])
     for row in results:
         _check_row(row)
+
+
+def test_switch_variant_scored_on_another_domain(acts_file, tmp_path):
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(1).standard_normal((300, 32)).astype(np.float32) * 3.0)
+    harness = _harness()
+    results = harness.main(["--acts", str(acts_file), "--other-acts", str(other), "--peers", "switchsae",
+                            "switchsae-switch4", *TINY])
+    dense, switch = results
+    _check_row(dense)
+    _check_row(switch)
+    assert "Switch 4 x 128" in switch["notes"] and "Switch" not in dense["notes"]
+    # the other domain is scored on its own rows: a different FVU from the held-out rows'
+    for row in results:
+        assert 0 <= row["fvu_other"] < 10 and row["fvu_other"] != pytest.approx(row["fvu"])
+        assert row["l0_other"] == pytest.approx(4.0)

@@ -34,6 +34,7 @@ def worker_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--train", required=True, help=".npy of steps*batch_size training rows, in batch order")
     parser.add_argument("--eval", required=True, help=".npy of held-out rows")
+    parser.add_argument("--other", default=None, help=".npy of held-out rows of another domain (optional)")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--width", type=int, required=True)
@@ -198,8 +199,17 @@ def encode_decode(model) -> Reconstruct:
 def score_and_report(name: str, package: str, reconstruct: Reconstruct, args: argparse.Namespace,
                      batches: TrainBatches, notes: str) -> None:
     """Score a peer on the held-out rows and print its result line (the end of every peer worker)."""
+    report(name, version(package), batches, held_out_scores(reconstruct, args), notes)
+
+
+def held_out_scores(reconstruct: Reconstruct, args: argparse.Namespace) -> dict[str, float]:
+    """:func:`metrics` on the held-out rows, and with ``--other`` the same on the other domain's
+    rows, suffixed ``_other``."""
     scores = metrics(reconstruct, load_eval(args.eval), args.width, args.batch_size)
-    report(name, version(package), batches, scores, notes)
+    if args.other:
+        other = metrics(reconstruct, load_eval(args.other), args.width, args.batch_size)
+        scores.update({f"{key}_other": value for key, value in other.items()})
+    return scores
 
 
 def run_loop(step: Callable[[int, Tensor], None], batches: TrainBatches) -> None:

@@ -18,12 +18,17 @@ def main() -> None:
     parser = common.worker_parser(__doc__.splitlines()[0])
     parser.add_argument("--matmul-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--sparse-updates", action="store_true", help="row-sparse gradients + lazy Adam")
+    parser.add_argument("--experts", type=int, default=0,
+                        help="a Switch SAE of this many experts of --width latents each (FLOP-matched to TopK --width)")
+    parser.add_argument("--normalize", action="store_true", help="train on activations scaled to mean norm sqrt(d)")
     args = parser.parse_args()
     common.setup(args)
     batches = common.TrainBatches(args.train, args.batch_size, args.steps, args.warmup)
-    sae_cfg = SAEConfig(arch="topk", d_model=batches.d_model, width=args.width, k=args.k)
+    shape = (dict(arch="switch", width=args.experts * args.width, n_experts=args.experts, aux_coeff=0.1)
+             if args.experts else dict(arch="topk", width=args.width))
+    sae_cfg = SAEConfig.from_flat(d_model=batches.d_model, k=args.k, **shape)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_decay_frac=0.0,
-                            seed=args.seed, checkpoint_every=0, log_every=args.steps,
+                            seed=args.seed, checkpoint_every=0, log_every=args.steps, normalize=args.normalize,
                             matmul_dtype=args.matmul_dtype, sparse_updates=args.sparse_updates)
     sae = train(sae_cfg, batches, train_cfg, progress=False)
     batches.stop()
@@ -35,10 +40,15 @@ def main() -> None:
         out = sae(x)
         return out.x_hat, (out.latents.values, out.latents.indices)
 
-    scores = common.metrics(reconstruct, rows, args.width, args.batch_size)
+    args.width = sae.cfg.width  # the dead fraction counts every latent of every expert
+    scores = common.held_out_scores(reconstruct, args)
     own = evaluate(sae, rows.split(args.batch_size), progress=False)
     name = "switchsae" + ("-bf16" if args.matmul_dtype == "bfloat16" else "") + ("-sparse" if args.sparse_updates else "")
     notes = "geometric-median b_pre from batch 0; W_enc = W_dec^T init; no b_enc; no AuxK"
+    if args.experts:
+        notes += f"; Switch {args.experts} x {sae.cfg.width // args.experts}, top-1 router, alpha 0.1"
+    if args.normalize:
+        notes += "; --normalize"
     if args.matmul_dtype == "bfloat16":
         notes += "; bf16 selection matmul"
     common.report(name, version("switchsae"), batches, scores, notes, fvu_own_evaluate=own["fvu"])

@@ -64,6 +64,29 @@ def average_gradients(params: Iterable[Tensor], group: Group, divisor: int, buck
             p.grad = sum_row_sparse(grad, group).div_(divisor)
 
 
+def average_row_ranges(p: Tensor, ranges: list[tuple[slice, Group]], divisor: int) -> None:
+    """``p.grad ← (Σ_group p.grad) / divisor`` with each range of rows summed over its own group
+    (an expert shard holding replicated rows, the shared expert's); dense or row-sparse."""
+    grad = p.grad
+    if grad is None:
+        return
+    if not grad.is_sparse:
+        for rows, group in ranges:
+            group.sum(grad[rows])  # a range of rows of a contiguous gradient is contiguous: reduced in place
+        grad.div_(divisor)
+        return
+    grad = grad.coalesce()
+    ids, values = grad._indices()[0], grad._values()
+    parts = []
+    for rows, group in ranges:
+        inside = (ids >= (rows.start or 0)) & (ids < (grad.shape[0] if rows.stop is None else rows.stop))
+        part = torch.sparse_coo_tensor(ids[inside][None], values[inside], grad.shape)
+        parts.append(sum_row_sparse(part, group))
+    summed = torch.sparse_coo_tensor(torch.cat([q._indices() for q in parts], 1),
+                                     torch.cat([q._values() for q in parts]), grad.shape)
+    p.grad = summed.coalesce().div_(divisor)
+
+
 def sum_row_sparse(grad: Tensor, group: Group) -> Tensor:
     """``Σ_group grad`` for row-sparse COO gradients: every rank's (row, value) pairs gathered,
     duplicates summed. On the wire: the touched rows of all ranks, ``Σ_r R_r · (d + 2)`` words."""

@@ -1,55 +1,54 @@
 """Expert parallelism for Switch SAEs: experts split across ranks, tokens sent to their experts.
 
-With ``P_e`` ranks in an expert-parallel group and ``B`` expert blocks, rank ``j`` holds blocks
-``[j·B/P_e, (j+1)·B/P_e)``, i.e. rows ``[j·M/P_e, (j+1)·M/P_e)`` of ``W_enc`` and ``W_dec``; the
-router (``W_r``, ``b_r``) and ``b_pre`` are replicated. Each rank routes its own tokens; then
+With ``P_e`` ranks in an expert-parallel group and ``N`` routed experts of ``m`` latents, rank
+``j`` holds experts ``[j·N/P_e, (j+1)·N/P_e)``, i.e. rows ``[j·Nm/P_e, (j+1)·Nm/P_e)`` of
+``W_enc`` and ``W_dec``; the router (``W_r``, ``b_r``), ``b_pre`` and the shared expert (rows
+``[Nm, (N+1)m)``, appended after the rank's own rows) are replicated. The shared expert is
+replicated, not owned: every token uses it, so an owner would receive the whole batch (``P_e``
+times the rows of any other rank) and every token would cross the network once more; held by
+every rank it runs on the home's own tokens, costs one expert of memory per rank, and its
+gradient is averaged over all ranks like the router's. Each rank routes its own tokens; then
 
-1. the entries' per-block counts are exchanged (an all-to-all of ``P_e × B/P_e`` integers), so
-   every rank knows how many rows it receives from each peer for each of its blocks;
-2. each entry's input row and gate go to the rank owning its expert (:class:`RowExchange`, one
+1. the entries' per-block counts are exchanged (an all-to-all of ``P_e × N/P_e`` integers), so
+   every rank knows how many rows it receives from each peer for each of its experts;
+2. each entry's input row and gate go to the rank owning its expert (exchange.py, one
    ``all_to_all_single`` of ``d + 1`` floats per entry, uneven and empty splits allowed);
-3. the owner regroups what it received by block and runs the same expert compute as one
-   process (:meth:`SwitchSAE.expert_compute`: fused selection, sparse encode, decode and squared
-   error), with latent ids local to its shard;
-4. the reconstructions and codes go back (the reverse all-to-all: ``d + 3k`` words per entry)
-   and are put in token order.
+3. with **one entry per token** (top1, hash, sinkhorn; expert choice at inference) the owner runs
+   the same fused expert compute as one process (:meth:`SwitchSAE.expert_compute`: selection,
+   sparse encode, decode and squared error) and sends back ``x̂`` and the code (``d + 3k`` words
+   per entry); with **several entries per token** (top-e, a shared expert, expert choice in
+   training) the one TopK over the union of a token's experts is taken at its home (union.py).
 
-**The loss.** The squared error of a token is computed where its expert lives, so rank ``q``'s
-``mse`` is ``S_q / T`` with ``S_q`` the squared error of the entries it *received* and ``T`` its
-own batch: ``L = (1/P) Σ_q ℓ_q`` over all ``P`` ranks is the one-process loss of the whole batch,
-and so is the mean of the logged terms. Gradients follow: the gate's gradient travels back
-with the reverse exchange (:class:`RowExchange` is an autograd function), expert gradients stay
-on the owner, and data_parallel.py divides every parameter's summed gradient by ``P``. A rank
-that receives no entries still runs the expert compute on zero rows, so every rank calls every
-backward all-to-all.
+**The loss.** On the one-entry path the squared error of a token is computed where its expert
+lives, so rank ``q``'s ``mse`` is ``S_q / T`` with ``S_q`` the squared error of the entries it
+*received* and ``T`` its own batch; on the union path it is computed at the home. Either way
+``L = (1/P) Σ_q ℓ_q`` over all ``P`` ranks is the one-process loss of the whole batch, and so is
+the mean of the logged terms. Gradients follow: gates and partial reconstructions travel back
+with the reverse exchanges (autograd functions), expert gradients stay on the owner, and
+world.py divides every parameter's summed gradient by ``P``. A rank that receives no entries
+still runs the expert compute on zero rows, so every rank calls every backward all-to-all.
 
 **Capacity.** By default no entry is dropped (uneven splits cost nothing but balance). With a
-capacity factor ``c``, each rank sends at most ``⌈c·T/N⌉`` entries to each expert (the first in
-token order); a dropped token is reconstructed by ``b_pre`` alone, its squared error counted on
-its own rank, and the fraction dropped is logged (``dropped``).
-
-Routers with at most one entry per token are supported (top1, hash, sinkhorn): a token routed to
-several experts needs a TopK across ranks, which this module does not do.
+capacity factor ``c``, each rank sends at most ``⌈c·T/N⌉`` entries to each routed expert (the
+first in token order); a token left without entries is reconstructed by ``b_pre`` alone, its
+squared error counted on its own rank, and the fraction of entries dropped is logged (``dropped``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from switchsae.config import SAEConfig
+from switchsae.config import RoutingConfig, SAEConfig
+from switchsae.distributed import union
+from switchsae.distributed.exchange import Dispatched, Route, send
 from switchsae.distributed.group import Group
-from switchsae.kernels.dispatch import dispatch
 from switchsae.saes.base import Latents
 from switchsae.saes.routing import Assignment
 
 #: the Switch SAE parameters split along the latent axis; all others are replicated
 EXPERT_PARAMS = ("W_enc", "W_dec")
-#: routers giving every token at most one entry
-ONE_ENTRY_ROUTERS = ("top1", "hash", "sinkhorn")
 
 
 def check_expert_parallel(cfg: SAEConfig, ranks: int) -> None:
@@ -57,89 +56,90 @@ def check_expert_parallel(cfg: SAEConfig, ranks: int) -> None:
     if cfg.arch != "switch":
         raise ValueError(f"expert parallelism splits a Switch SAE's experts; --arch {cfg.arch} has none "
                          "(use data parallelism alone)")
-    if cfg.n_blocks % ranks:
-        raise ValueError(f"the {cfg.n_blocks} experts do not split evenly across {ranks} expert-parallel ranks "
-                         f"(choose an --expert-parallel size that divides {cfg.n_blocks})")
-    if cfg.routing.router not in ONE_ENTRY_ROUTERS or cfg.routing.shared_expert:
-        raise ValueError(f"expert parallelism supports routers with one expert per token "
-                         f"({', '.join(ONE_ENTRY_ROUTERS)}, no shared expert), not {cfg.routing.router}"
-                         f"{' with a shared expert' if cfg.routing.shared_expert else ''}")
-    if cfg.auxk_coeff:
-        raise ValueError("AuxK (--auxk-coeff) is not supported with expert parallelism")
+    if cfg.n_experts % ranks:
+        raise ValueError(f"the {cfg.n_experts} experts do not split evenly across {ranks} expert-parallel ranks "
+                         f"(choose an --expert-parallel size that divides {cfg.n_experts})")
 
 
-@dataclass(frozen=True)
-class Route:
-    """Who sends how many rows to whom: ``send[r]`` rows to rank ``r``, ``recv[r]`` from it."""
-
-    group: Group
-    send: list[int]
-    recv: list[int]
-
-    def reverse(self) -> "Route":
-        return Route(self.group, self.recv, self.send)
-
-    def exchange(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Send row-aligned tensors (``[rows, ...]``, any dtypes) along the route in one message:
-        each row's bytes are packed side by side, so one all-to-all carries them all."""
-        rows = sum(self.send)
-        flat = [t.reshape(rows, math.prod(t.shape[1:])).contiguous() for t in tensors]
-        packed = torch.cat([t.view(torch.uint8) for t in flat], 1)
-        received = self.group.all_to_all(packed, self.send, self.recv)
-        parts = received.split([t.shape[1] * t.element_size() for t in flat], 1)
-        return [part.contiguous().view(t.dtype).reshape(received.shape[0], *t.shape[1:])
-                for part, t in zip(parts, tensors)]
-
-
-class RowExchange(torch.autograd.Function):
-    """:meth:`Route.exchange` as an autograd function: the backward sends the gradients of the
-    floating-point inputs that need one back along the reverse route (one message)."""
-
-    @staticmethod
-    def forward(ctx, route: Route, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.route = route
-        out = route.exchange(tensors)
-        ctx.mark_non_differentiable(*(t for t in out if not t.is_floating_point()))
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        needed = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
-        back = iter(ctx.route.reverse().exchange([grads[i] for i in needed]) if needed else [])
-        return (None, *(next(back) if i in needed else None for i in range(len(grads))))
+def several_entries(routing: RoutingConfig, training: bool) -> bool:
+    """Whether a token may have more than one entry (then the code is a TopK across ranks)."""
+    return routing.shared_expert or (routing.router == "top_e" and routing.experts_per_token > 1) or (
+        routing.router == "expert_choice" and training)
 
 
 class ExpertParallel:
     """The exchange around a Switch SAE's expert compute (see the module docstring); the SAE's
-    ``W_enc, W_dec`` hold this rank's blocks (:func:`shard_experts`)."""
+    ``W_enc, W_dec`` hold this rank's experts, then the shared one (:func:`shard_experts`)."""
 
     def __init__(self, group: Group, cfg: SAEConfig, capacity: float = 0.0):
         check_expert_parallel(cfg, group.size)
         self.group, self.capacity, self.n_experts = group, capacity, cfg.n_experts
-        self.blocks = cfg.n_blocks // group.size
-        width = self.blocks * cfg.expert_width
-        self.latents = slice(group.rank * width, (group.rank + 1) * width)
-        #: entries the last forward dropped for capacity (0 without a capacity factor)
-        self.dropped = 0
+        self.routing = cfg.routing
+        self.blocks = cfg.n_experts // group.size
+        self.width = self.blocks * cfg.expert_width  # routed rows held here
+        self.latents = slice(group.rank * self.width, (group.rank + 1) * self.width)
+        self.shared = slice(cfg.n_experts * cfg.expert_width, cfg.width) if cfg.routing.shared_expert else None
+        #: routed entries the last forward had, and how many of them the capacity dropped (0 without one)
+        self.offered, self.dropped = 0, 0
 
-    def forward(self, sae, x: Tensor, a: Assignment, decode: bool) -> tuple[Latents, Tensor | None, Tensor | None]:
+    # -- layout -----------------------------------------------------------------------------
+    def local(self, name: str, tensor: Tensor) -> Tensor:
+        """This rank's rows of a full tensor (an expert parameter or its optimizer moments)."""
+        if name not in EXPERT_PARAMS or tensor.ndim != 2:
+            return tensor
+        return tensor[self.latents] if self.shared is None else torch.cat([tensor[self.latents], tensor[self.shared]])
+
+    def full(self, name: str, tensor: Tensor) -> Tensor:
+        """The full tensor from every rank's rows (collective over the expert-parallel group)."""
+        if name not in EXPERT_PARAMS or tensor.ndim != 2:
+            return tensor
+        routed = self.group.gather(tensor[:self.width])
+        return routed if self.shared is None else torch.cat([routed, tensor[self.width:]])
+
+    def global_ids(self, local: Tensor) -> Tensor:
+        """Latent ids into the full SAE of ids into the rows held here."""
+        if self.shared is None:
+            return local + self.latents.start
+        return torch.where(local < self.width, local + self.latents.start, local - self.width + self.shared.start)
+
+    def row_groups(self, dp: Group, world: Group) -> list[tuple[slice, Group]]:
+        """Which ranks share each range of the expert rows held here: the routed ones the
+        data-parallel column, the shared expert's every rank."""
+        routed = [(slice(0, self.width), dp)]
+        return routed if self.shared is None else [*routed, (slice(self.width, None), world)]
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, sae, x: Tensor, a: Assignment, decode: bool,
+                ) -> tuple[Latents, Tensor | None, Tensor | None, Dispatched]:
         """``SwitchSAE._expert_forward`` across ranks: codes with global latent ids and ``x̂`` in
-        token order, and this rank's share of the squared error (module docstring)."""
-        n_tokens, ranks = a.n_tokens, self.group.size
-        token, gate, counts = self._within_capacity(a)
+        token order, this rank's share of the squared error (module docstring), and the rows at
+        their owners (AuxK reuses them)."""
+        sent = self.dispatch(sae, x, a)
+        if several_entries(self.routing, sae.training):
+            return (*union.forward(sae, self, sent, x, decode), sent)
+        return (*self._one_entry(sae, sent, x, decode), sent)
+
+    def dispatch(self, sae, x: Tensor, a: Assignment) -> Dispatched:
+        """Exchange the counts, then send every routed entry's row and gate to its owner."""
+        ranks = self.group.size
+        routed = sum(a.counts[:self.n_experts])  # the shared expert's entries come last and stay here
+        token, gate, counts = self._within_capacity(a.token[:routed], a.gate[:routed], a.counts[:self.n_experts],
+                                                    a.n_tokens)
         sent = torch.tensor(counts, dtype=torch.long).view(ranks, self.blocks)
         received = self.group.all_to_all(sent.to(self.group.device), [1] * ranks, [1] * ranks).cpu()
         route = Route(self.group, sent.sum(1).tolist(), received.sum(1).tolist())
-        x_in, gate_in = RowExchange.apply(route, dispatch(x, token), gate)
-        # rows arrive grouped by sender, then block: the expert compute wants them grouped by block
-        block = torch.arange(self.blocks).repeat(ranks).repeat_interleave(received.flatten()).to(x.device)
-        order = torch.argsort(block, stable=True)
-        z, indices, x_hat, mse = sae.expert_compute(x_in.index_select(0, order), gate_in.index_select(0, order),
-                                                    received.sum(0).tolist(), decode, x_hat_rows=order,
+        return Dispatched.send_rows(route, received, x, token, gate, self.shared is not None)
+
+    def _one_entry(self, sae, sent: Dispatched, x: Tensor, decode: bool):
+        """One entry per token: the fused expert compute at the owner, ``x̂`` and codes back."""
+        n_tokens = x.shape[0]
+        z, indices, x_hat, mse = sae.expert_compute(sent.x, sent.gate, sent.counts, decode, x_hat_rows=sent.order,
                                                     mse_tokens=n_tokens)
-        arrival = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
-        z, indices = z.index_select(0, arrival), indices.index_select(0, arrival) + self.latents.start
-        home = RowExchange.apply(route.reverse(), *([z, indices] if x_hat is None else [z, indices, x_hat]))
+        arrival = sent.arrival
+        z, indices = z.index_select(0, arrival), self.global_ids(indices.index_select(0, arrival))
+        # x̂ comes out of the kernel in arrival order already
+        home = send(sent.route.reverse(), [z, indices] if x_hat is None else [z, indices, x_hat], differentiable=True)
+        token = sent.token
         z = z.new_zeros((n_tokens, z.shape[1])).index_copy(0, token, home[0])
         indices = indices.new_zeros((n_tokens, indices.shape[1])).index_copy(0, token, home[1])
         if x_hat is None:
@@ -151,31 +151,29 @@ class ExpertParallel:
             mse = mse + (x[~kept] - sae.b_pre).pow(2).sum() / n_tokens
         return Latents(z, indices), x_hat, mse
 
-    def _within_capacity(self, a: Assignment) -> tuple[Tensor, Tensor, list[int]]:
+    def auxk_loss(self, sae, x: Tensor, out, dead: Tensor) -> Tensor:
+        """AuxK with the experts on their owners (union.py), on the rows the forward dispatched."""
+        return union.auxk_loss(sae, self, out.extras["dispatched"], x, out, dead)
+
+    def _within_capacity(self, token: Tensor, gate: Tensor, counts: list[int],
+                         n_tokens: int) -> tuple[Tensor, Tensor, list[int]]:
         """The entries to send: all of them, or with a capacity factor ``c`` the first
         ``⌈c·T/N⌉`` of each expert (entries are grouped by expert, in token order)."""
+        self.offered = token.numel()
         if not self.capacity:
-            return a.token, a.gate, a.counts
-        cap = math.ceil(self.capacity * a.n_tokens / self.n_experts)
-        counts = torch.tensor(a.counts, device=a.token.device)
-        within = torch.arange(a.token.numel(), device=a.token.device) - (counts.cumsum(0) - counts).repeat_interleave(
-            counts)
+            return token, gate, counts
+        cap = math.ceil(self.capacity * n_tokens / self.n_experts)
+        per_expert = torch.tensor(counts, device=token.device)
+        within = torch.arange(token.numel(), device=token.device) - (per_expert.cumsum(0) - per_expert
+                                                                     ).repeat_interleave(per_expert)
         keep = within < cap
-        self.dropped = a.token.numel() - int(keep.sum())
-        return a.token[keep], a.gate[keep], [min(c, cap) for c in a.counts]
-
-    def local(self, name: str, tensor: Tensor) -> Tensor:
-        """This rank's rows of a full tensor (an expert parameter or its optimizer moments)."""
-        return tensor[self.latents] if name in EXPERT_PARAMS and tensor.ndim == 2 else tensor
-
-    def full(self, name: str, tensor: Tensor) -> Tensor:
-        """The full tensor from every rank's rows (collective over the expert-parallel group)."""
-        return self.group.gather(tensor) if name in EXPERT_PARAMS and tensor.ndim == 2 else tensor
+        self.dropped = token.numel() - int(keep.sum())
+        return token[keep], gate[keep], [min(c, cap) for c in counts]
 
 
 def shard_experts(sae, group: Group, capacity: float = 0.0) -> ExpertParallel:
-    """Keep only this rank's expert rows of ``sae`` (a Switch SAE) and route its forward through
-    the exchange; the other parameters stay replicated."""
+    """Keep only this rank's expert rows of ``sae`` (a Switch SAE; the shared expert stays whole)
+    and route its forward through the exchange; the other parameters stay replicated."""
     ep = ExpertParallel(group, sae.cfg, capacity)
     for name in EXPERT_PARAMS:
         setattr(sae, name, nn.Parameter(ep.local(name, getattr(sae, name).detach()).clone()))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from switchsae.checkpoint import Layout
-from switchsae.distributed.data_parallel import average_gradients, shard_batches
+from switchsae.distributed.data_parallel import average_gradients, average_row_ranges, shard_batches
 from switchsae.distributed.expert_parallel import EXPERT_PARAMS, ExpertParallel, check_expert_parallel, shard_experts
 from switchsae.distributed.group import LOCAL, DistributedError
 from switchsae.distributed.mesh import SINGLE_MESH, Mesh
@@ -156,21 +156,26 @@ class World(Layout):
         return self.mesh.world.sum(values.clone())
 
     def reduce_gradients(self, sae: SparseAutoencoder) -> None:
-        """Average the gradients of the whole batch: replicated parameters over every rank, expert
-        shards over their data-parallel column, each sum divided by the world size."""
+        """Average the gradients of the whole batch: replicated parameters (and the shared expert's
+        rows) over every rank, expert shards over their data-parallel column, each sum divided by
+        the world size."""
         if self.size == 1:
             return
         split = set(EXPERT_PARAMS) if self.experts is not None else set()
         named = list(sae.named_parameters())
         average_gradients([p for name, p in named if name not in split], self.mesh.world, self.size)
-        average_gradients([p for name, p in named if name in split], self.mesh.dp, self.size)
+        for name, p in named:
+            if name in split:
+                assert self.experts is not None  # split is empty without experts
+                average_row_ranges(p, self.experts.row_groups(self.mesh.dp, self.mesh.world), self.size)
 
-    def parallel_stats(self, n_tokens: int) -> dict[str, float]:
-        """``dropped``: the fraction of the batch's tokens the expert capacity dropped (when set)."""
+    def parallel_stats(self) -> dict[str, float]:
+        """``dropped``: the fraction of the batch's routed entries (its tokens, with one entry per
+        token) the expert capacity dropped (when set)."""
         if self.experts is None or not self.expert_capacity:
             return {}
-        dropped, tokens = self.total(torch.tensor([float(self.experts.dropped), float(n_tokens)])).tolist()
-        return {"dropped": dropped / tokens}
+        dropped, offered = self.total(torch.tensor([float(self.experts.dropped), float(self.experts.offered)])).tolist()
+        return {"dropped": dropped / max(offered, 1.0)}
 
     # -- checkpoints ------------------------------------------------------------------------
     def full(self, name: str, tensor: Tensor) -> Tensor:

@@ -32,12 +32,11 @@ def dispatch(x: Tensor, token: Tensor) -> Tensor:
     return x.index_select(0, token)
 
 
-def combine(values: Tensor, indices: Tensor, gate: Tensor, token: Tensor, n_tokens: int,
-            k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One code per token from its entries' candidates: the ``k`` largest pre-activations among
-    all of token ``t``'s entries, ``values, indices, gate: [T, k]`` in token order (each selected
-    latent carries the gate of the entry it came from). A token with fewer than ``k`` candidates
-    (or none) is padded with value 0, index 0, gate 0 (no latent, no gradient)."""
+def union_slots(values: Tensor, token: Tensor, n_tokens: int, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where each token's code comes from: the ``k`` largest of all candidates of its entries
+    (``values: [E, c]``, entry ``e`` belonging to token ``token[e]``). Returns ``best, entry, slot,
+    valid: [T, k]``: the value, the entry and the slot within the entry of every chosen candidate,
+    and whether it is one (a token with fewer than ``k`` finite candidates has invalid slots)."""
     n_entries, k_entry = values.shape
     device = values.device
     order = torch.argsort(token, stable=True)
@@ -50,13 +49,21 @@ def combine(values: Tensor, indices: Tensor, gate: Tensor, token: Tensor, n_toke
     candidates[rows, slot] = values.index_select(0, order)
     entry_of[rows, slot] = order
     flat = candidates.view(n_tokens, -1)
-    k_out = min(k, flat.shape[1])
-    best, where = flat.topk(k_out, dim=-1, sorted=False)
-    valid = best > float("-inf")
-    entry = entry_of.gather(1, where // k_entry)
-    chosen = indices.view(-1).index_select(0, (entry * k_entry + where % k_entry).view(-1)).view(n_tokens, k_out)
+    best, where = flat.topk(min(k, flat.shape[1]), dim=-1, sorted=False)
+    return best, entry_of.gather(1, where // k_entry), where % k_entry, best > float("-inf")
+
+
+def combine(values: Tensor, indices: Tensor, gate: Tensor, token: Tensor, n_tokens: int,
+            k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One code per token from its entries' candidates: the ``k`` largest pre-activations among
+    all of token ``t``'s entries, ``values, indices, gate: [T, k]`` in token order (each selected
+    latent carries the gate of the entry it came from). A token with fewer than ``k`` candidates
+    (or none) is padded with value 0, index 0, gate 0 (no latent, no gradient)."""
+    best, entry, slot, valid = union_slots(values, token, n_tokens, k)
+    k_entry, shape = values.shape[1], best.shape
+    chosen = indices.view(-1).index_select(0, (entry * k_entry + slot).view(-1)).view(shape)
     return (torch.where(valid, best, 0.0), torch.where(valid, chosen, 0),
-            torch.where(valid, gate.index_select(0, entry.view(-1)).view(n_tokens, k_out), 0.0))
+            torch.where(valid, gate.index_select(0, entry.view(-1)).view(shape), 0.0))
 
 
 def grouped_select_topk(

@@ -123,6 +123,9 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
     loop of kernels/native.py faster again (timings: ``benchmarks/kernels.py``)."""
     if native.usable(x, W, indices):
         return native.gather_dot(x, W.detach(), indices)
+    if indices.shape[1] > W.shape[0]:  # more slots than rows (AuxK padding a small shard): a CSR pattern
+        # denser than the matrix is refused by sampled_addmm; then W is small and a gather is cheap
+        return torch.einsum("tkd,td->tk", W.detach()[indices], x.to(W.dtype))
     # zeros, not empty: beta = 0 still multiplies the pattern values, and 0 · NaN = NaN
     pattern = code_matrix(torch.zeros(indices.shape, dtype=W.dtype, device=W.device), indices, W.shape[0])
     dots = torch.sparse.sampled_addmm(pattern, x.to(W.dtype), W.detach().t(), beta=0.0)

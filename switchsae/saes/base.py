@@ -198,7 +198,11 @@ class SparseAutoencoder(nn.Module):
         dead = self.dead_latents()
         if dead is None or not dead.any():
             return {}
-        return {"auxk": auxk_loss(self, x, out, dead, self.auxk_groups(out))}
+        return {"auxk": self.auxk_term(x, out, dead)}
+
+    def auxk_term(self, x: Tensor, out: SAEOutput, dead: Tensor) -> Tensor:
+        """``auxk_coeff · L_auxk`` for the dead latents ``dead`` (saes/auxk.py)."""
+        return auxk_loss(self, x, out, dead, self.auxk_groups(out))
 
     def auxk_groups(self, out: SAEOutput) -> list[tuple[Tensor, range]]:
         """``(tokens, latent range)`` pairs AuxK picks dead latents within (TopK-family SAEs)."""

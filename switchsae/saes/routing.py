@@ -6,7 +6,8 @@ A router turns them into entries ``(t, e, g)``: token ``t`` is encoded by expert
 expert's latents are scaled by the gate ``g`` (``p_{t,e}`` for a learned router, which is what
 makes it trainable; 1 where nothing is learned). Every consumer reads the same object: the
 expert compute (kernels/dispatch.py), the auxiliary losses (owned by the router), the
-expert-load metrics, AuxK, steering and, later, the all-to-all of expert parallelism.
+expert-load metrics, AuxK, steering and the all-to-all of expert parallelism
+(distributed/exchange.py).
 
 Strategies (``RoutingConfig.router``; cost per token in encoder rows: ``e·M/N``):
 

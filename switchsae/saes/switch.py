@@ -99,9 +99,13 @@ class SwitchSAE(SparseAutoencoder):
         outputs in token order. ``expert`` forces every token to one expert (see :meth:`route`)."""
         x = self._check_input(x)
         assignment = self.route(x, token_ids, expert)
-        latents, x_hat, mse = self._expert_forward(x, assignment, decode=True)
+        extras: dict = {"assignment": assignment}
+        if self.expert_parallel is not None:  # the rows at their owners are kept for AuxK
+            latents, x_hat, mse, extras["dispatched"] = self.expert_parallel.forward(self, x, assignment, decode=True)
+        else:
+            latents, x_hat, mse = self._expert_forward(x, assignment, decode=True)
         assert x_hat is not None  # decode=True reconstructs
-        return SAEOutput(x_hat, latents, {"assignment": assignment}, mse)
+        return SAEOutput(x_hat, latents, extras, mse)
 
     def encode(self, x: Tensor, token_ids: Tensor | None = None, expert: int | None = None) -> Latents:
         """The code of raw activations ``x: [T, d]`` (``token_ids`` for hash routing; ``expert`` forces one)."""
@@ -115,10 +119,10 @@ class SwitchSAE(SparseAutoencoder):
         x_hat: Tensor | None
         mse: Tensor | None
         if self.expert_parallel is not None:
-            return self.expert_parallel.forward(self, x, a, decode)
+            return self.expert_parallel.forward(self, x, a, decode)[:3]
         x_entries = dispatch(x, a.token)
         if not a.one_per_token:  # one TopK over the union of each token's entries, in token order
-            values, indices, _ = self._select(x_entries, a.counts)
+            values, indices, _ = self.select_candidates(x_entries, a.counts)
             values, indices, gate = combine(values, indices, a.gate, a.token, a.n_tokens, self.cfg.k)
             with torch.no_grad():
                 centred = x - self.b_pre
@@ -133,7 +137,7 @@ class SwitchSAE(SparseAutoencoder):
         unsorted = torch.empty_like(a.token).index_copy_(0, a.token, torch.arange(a.token.numel(), device=x.device))
         return Latents(z.index_select(0, unsorted), indices.index_select(0, unsorted)), x_hat, mse
 
-    def _select(self, x_entries: Tensor, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    def select_candidates(self, x_entries: Tensor, counts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Each entry's ``k`` largest pre-activations within its block (no grad): ``(values, indices,
         x_entries − b_pre)``; ``counts[b]`` entries for each block of the ``W_enc`` held here."""
         with torch.no_grad():
@@ -148,7 +152,7 @@ class SwitchSAE(SparseAutoencoder):
         then the fused core (kernels/core.py) with each row's gate. Returns ``(z, indices)`` in row
         order (indices into the ``W_enc`` held here) and, with ``decode``, ``x̂`` (raw units, row
         ``t`` at ``x_hat_rows[t]``) and the squared error over ``mse_tokens`` tokens (default: rows)."""
-        values, indices, centred = self._select(x_entries, counts)
+        values, indices, centred = self.select_candidates(x_entries, counts)
         if not decode:
             z = topk_encode(x_entries, self.b_pre, self.W_enc, indices, values, self.sparse_grads, centred) \
                 * gate[:, None]
@@ -172,6 +176,13 @@ class SwitchSAE(SparseAutoencoder):
         1 for ``loss``."""
         cfg = self.cfg
         return (cfg.act_scale / cfg.unit_scale) ** 2 if cfg.routing.aux_units == "data" else 1.0
+
+    def auxk_term(self, x: Tensor, out: SAEOutput, dead: Tensor) -> Tensor:
+        """AuxK within each token's experts; with experts split across ranks, on their owners
+        (switchsae.distributed.union)."""
+        if self.expert_parallel is None:
+            return super().auxk_term(x, out, dead)
+        return self.expert_parallel.auxk_loss(self, x, out, dead)
 
     def auxk_groups(self, out: SAEOutput) -> list[tuple[Tensor, range]]:
         """One group per expert block: the tokens routed there and the block's latents."""

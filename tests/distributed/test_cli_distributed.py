@@ -98,10 +98,14 @@ def test_expert_parallel_needs_several_processes(tmp_path, acts_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--nproc", "2"], ["--nproc", "4", "--expert-parallel", "2"]],
-                         ids=["data-parallel-2", "mesh-2x2"])
-def test_nproc_through_torchrun_trains_what_one_process_trains(tmp_path, acts_file, layout):
-    args = [*SWITCH, "--steps", "6", "--checkpoint-every", "3", "--log-every", "1", "--lr", "0.01"]
+@pytest.mark.parametrize("layout, routing", [
+    (["--nproc", "2"], []), (["--nproc", "4", "--expert-parallel", "2"], []),
+    (["--nproc", "4", "--expert-parallel", "2"],
+     ["--width", "80", "--router", "top_e", "--experts-per-token", "2", "--shared-expert", "--auxk-coeff", "0.5",
+      "--dead-tokens", "64"]),
+], ids=["data-parallel-2", "mesh-2x2", "mesh-2x2-top2-shared-auxk"])
+def test_nproc_through_torchrun_trains_what_one_process_trains(tmp_path, acts_file, layout, routing):
+    args = [*SWITCH, *routing, "--steps", "6", "--checkpoint-every", "3", "--log-every", "1", "--lr", "0.01"]
     alone = subprocess.run([sys.executable, "-m", "switchsae", "train", "--acts", str(acts_file), "--out",
                             str(tmp_path / "alone"), *args], env=ENV, capture_output=True, text=True)
     assert alone.returncode == 0, alone.stderr

@@ -5,6 +5,8 @@ checks run in the workers (spawn_ranks.py), the tests compare them with one proc
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,20 +19,63 @@ from switchsae.sources.synthetic import synthetic_activations
 from switchsae.train import _initialise, batch_stream, optimizer_for, train
 
 SWITCH = SAEConfig(arch="switch", d_model=16, width=64, k=4, n_experts=4)
+SHARED = SWITCH.replace(width=80, routing=RoutingConfig(shared_expert=True))  # 4 routed experts + the shared one
+TOP2 = SWITCH.replace(routing=RoutingConfig(router="top_e", experts_per_token=2))
+CHOICE = SWITCH.replace(routing=RoutingConfig(router="expert_choice"))
+AUXK = {"auxk_coeff": 0.5, "dead_tokens": 32}
 TRAIN = TrainConfig(steps=6, batch_size=64, log_every=1, checkpoint_every=0, matmul_dtype="float32", lr=1e-2)
-CASES = {  # name: (SAE config, train config, route every token to expert 0)
-    "top1": (SWITCH, TRAIN, False),
-    "top1-normalized": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "normalize": True}), False),
-    "skewed": (SWITCH, TRAIN, True),
-    "sparse-updates": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "sparse_updates": True}), False),
-    "bf16-selection": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "matmul_dtype": "bfloat16"}), False),
-    "sinkhorn": (SWITCH.replace(routing=RoutingConfig(router="sinkhorn")), TRAIN, False),
-    "hash": (SWITCH.replace(routing=RoutingConfig(router="hash")), TRAIN, False),
-    "z-loss": (SWITCH.replace(routing=RoutingConfig(z_loss_coeff=0.1)), TRAIN, False),
+SPARSE = TrainConfig(**{**TRAIN.to_dict(), "sparse_updates": True})
+CASES = {  # name: (SAE config, train config, setup: "skewed" routes every token to expert 0, "dead" kills latents)
+    "top1": (SWITCH, TRAIN, ""),
+    "top1-normalized": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "normalize": True}), ""),
+    "skewed": (SWITCH, TRAIN, "skewed"),
+    "sparse-updates": (SWITCH, SPARSE, ""),
+    "bf16-selection": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "matmul_dtype": "bfloat16"}), ""),
+    "sinkhorn": (SWITCH.replace(routing=RoutingConfig(router="sinkhorn")), TRAIN, ""),
+    "hash": (SWITCH.replace(routing=RoutingConfig(router="hash")), TRAIN, ""),
+    "z-loss": (SWITCH.replace(routing=RoutingConfig(z_loss_coeff=0.1)), TRAIN, ""),
+    # several entries per token: the TopK over a token's experts is taken at its home
+    "top2": (TOP2, TRAIN, ""),
+    "top2-skewed": (TOP2, TRAIN, "skewed"),  # experts 0 and 1 both on rank 0
+    "top2-sparse": (TOP2, SPARSE, ""),
+    "shared": (SHARED, TRAIN, ""),
+    "shared-sparse-skewed": (SHARED, SPARSE, "skewed"),
+    "hash-shared": (SHARED.replace(routing=RoutingConfig(router="hash", shared_expert=True)), TRAIN, ""),
+    "expert-choice": (CHOICE, TRAIN, ""),
+    "expert-choice-sparse": (CHOICE.replace(routing=RoutingConfig(router="expert_choice", capacity_factor=0.5)),
+                             SPARSE, ""),
+    # AuxK on the experts' owners: dead counters for every latent, the same on every rank
+    "auxk": (SWITCH.replace(**AUXK), TRAIN, "dead"),
+    "auxk-k8-skewed": (SWITCH.replace(**AUXK, auxk_k=8), TRAIN, "skewed dead"),
+    "auxk-top2-sparse": (TOP2.replace(**AUXK, auxk_k=8), SPARSE, "dead"),
+    "auxk-shared": (SHARED.replace(**AUXK), SPARSE, "dead"),
+    # the plain-torch kernels, the ops a GPU runs (no compiled CPU kernels)
+    "top2-torch-ops": (TOP2, SPARSE, "torch-ops"),
+    "auxk-shared-torch-ops": (SHARED.replace(**AUXK), TRAIN, "dead torch-ops"),
 }
-TRAINED = ("top1", "top1-normalized", "sparse-updates")
+TRAINED = ("top1", "top1-normalized", "sparse-updates", "top2-sparse", "shared", "expert-choice-sparse",
+           "auxk-top2-sparse")
 RESUME = TrainConfig(steps=8, batch_size=64, log_every=1, checkpoint_every=4, matmul_dtype="float32", lr=1e-2)
+#: every routing novelty at once, for the resume test: top-2, a shared expert, AuxK
+MIXED = SHARED.replace(routing=RoutingConfig(router="top_e", experts_per_token=2, shared_expert=True), **AUXK)
+RESUMED = {"top1": SWITCH, "top2-shared-auxk": MIXED}
 LATENTS = [slice(0, 32), slice(32, 64)]  # each rank's expert rows
+
+
+@contextmanager
+def kernels(case: str):
+    """With the plain-torch kernels where ``case`` asks for them (kernels/native.py reads the switch
+    at every call)."""
+    before = os.environ.get("SWITCHSAE_NATIVE")
+    if "torch-ops" in CASES[case][2]:
+        os.environ["SWITCHSAE_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SWITCHSAE_NATIVE", None)
+        else:
+            os.environ["SWITCHSAE_NATIVE"] = before
 
 
 def acts() -> torch.Tensor:
@@ -39,13 +84,15 @@ def acts() -> torch.Tensor:
 
 def fresh(case: str):
     """The SAE of ``case`` initialised on the first batch, that batch, and token ids for it."""
-    sae_cfg, cfg, skewed = CASES[case]
+    sae_cfg, cfg, setup = CASES[case]
     sae = _initialise(sae_cfg, cfg, batch_stream(acts(), cfg, 0))
     sae.matmul_dtype = getattr(torch, cfg.matmul_dtype)
     sae.sparse_grads = cfg.sparse_updates
-    if skewed:  # equal logits: every token to expert 0, so rank 1 receives none
+    if "skewed" in setup:  # equal logits: every token to expert 0 (top-2: 0 and 1), so rank 1 receives none
         with torch.no_grad():
             sae.W_router.zero_()
+    if "dead" in setup:  # every third latent dead, latent 0 alive (so only padding puts it in a gradient)
+        sae.tokens_since_fired = torch.where(torch.arange(sae_cfg.width) % 3 == 1, sae_cfg.dead_tokens, 0)
     return sae, next(batch_stream(acts(), cfg, 0)), torch.arange(64) * 7 % 50
 
 
@@ -64,8 +111,15 @@ def sorted_code(latents) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dense_grads(sae) -> dict[str, torch.Tensor]:
-    return {name: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for name, p in sae.named_parameters()
-            if p.grad is not None}
+    """Every gradient as a dense tensor and, for a row-sparse one, which rows it holds (``NAME rows``:
+    a row holding zeros still moves under LazyAdam once it has moments, so the rows must agree too)."""
+    grads = {}
+    for name, p in sae.named_parameters():
+        if p.grad is not None:
+            grads[name] = (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+            if p.grad.is_sparse:
+                grads[f"{name} rows"] = torch.zeros(p.shape[0]).index_fill_(0, p.grad.coalesce()._indices()[0], 1)
+    return grads
 
 
 def optimizer_step(sae, cfg) -> dict[str, torch.Tensor]:
@@ -94,26 +148,32 @@ class Interrupted(TensorSource):
 def rank_forward_backward_and_step(ranks) -> dict:
     results = {}
     for case, (_, cfg, _) in CASES.items():
-        sae, x, ids = fresh(case)
-        world = ranks.world(expert_parallel=2)
-        world.prepare(sae, broadcast=True)
-        x, ids = next(shard_batches([(x, ids)], ranks.rank, ranks.size))
-        got = step(sae, x, ids, cfg)
-        world.reduce_gradients(sae)
-        results[case] = {"x_hat": got["x_hat"], "code": got["code"], "losses": world.mean(got["losses"]),
-                         "grads": dense_grads(sae), "weights": optimizer_step(sae, cfg)}
+        with kernels(case):
+            sae, x, ids = fresh(case)
+            world = ranks.world(expert_parallel=2)
+            world.prepare(sae, broadcast=True)
+            x, ids = next(shard_batches([(x, ids)], ranks.rank, ranks.size))
+            got = step(sae, x, ids, cfg)
+            world.reduce_gradients(sae)
+            results[case] = {"x_hat": got["x_hat"], "code": got["code"], "losses": world.mean(got["losses"]),
+                             "encoded": sorted_code(sae.encode(x, token_ids=ids)), "grads": dense_grads(sae),
+                             "weights": optimizer_step(sae, cfg)}
     return results
 
 
 def rank_capacity_drops_tokens(ranks) -> dict:
-    """All tokens to expert 0, at most ceil(0.5 * 32 / 4) = 4 of each rank's 32 kept."""
-    sae, x, ids = fresh("skewed")
-    world = ranks.world(expert_parallel=2, expert_capacity=0.5)
-    world.prepare(sae, broadcast=True)
-    x = next(shard_batches([x], ranks.rank, ranks.size))
-    out = sae(x)
-    return {"x_hat": out.x_hat.detach(), "mse": world.mean({"mse": out.mse})["mse"],
-            "stats": world.parallel_stats(x.shape[0])}
+    """All tokens to expert 0 (top-2: 0 and 1), at most ceil(0.5 * 32 / 4) = 4 of each rank's 32
+    kept per expert."""
+    results = {}
+    for case in ("skewed", "top2-skewed"):
+        sae, x, _ = fresh(case)
+        world = ranks.world(expert_parallel=2, expert_capacity=0.5)
+        world.prepare(sae, broadcast=True)
+        x = next(shard_batches([x], ranks.rank, ranks.size))
+        out = sae(x)
+        results[case] = {"x_hat": out.x_hat.detach(), "mse": world.mean({"mse": out.mse})["mse"],
+                         "stats": world.parallel_stats()}
+    return results
 
 
 def rank_train(ranks) -> dict:
@@ -131,17 +191,20 @@ def rank_train(ranks) -> dict:
 
 def rank_resume_across_world_sizes(ranks) -> dict:
     """Experts split over 2 ranks, killed after the step-4 checkpoint (the test resumes it alone);
-    one process killed likewise, then resumed with the experts split."""
-    with pytest.raises(KeyboardInterrupt):
-        train(SWITCH, Interrupted(acts(), at=5), RESUME, run_dir=ranks.shared / "2to1",
-              world=ranks.world(expert_parallel=2), progress=False)
-    if ranks.rank == 0:
+    one process killed likewise, then resumed with the experts split; for each resumed config."""
+    results = {}
+    for name, sae_cfg in RESUMED.items():
         with pytest.raises(KeyboardInterrupt):
-            train(SWITCH, Interrupted(acts(), at=5), RESUME, run_dir=ranks.shared / "1to2", progress=False)
-    ranks.barrier()
-    sae = train(SWITCH, acts(), RESUME, run_dir=ranks.shared / "1to2", resume=True,
-                world=ranks.world(expert_parallel=2), progress=False)
-    return {name: t.clone() for name, t in sae.state_dict().items()}
+            train(sae_cfg, Interrupted(acts(), at=5), RESUME, run_dir=ranks.shared / name / "2to1",
+                  world=ranks.world(expert_parallel=2), progress=False)
+        if ranks.rank == 0:
+            with pytest.raises(KeyboardInterrupt):
+                train(sae_cfg, Interrupted(acts(), at=5), RESUME, run_dir=ranks.shared / name / "1to2", progress=False)
+        ranks.barrier()
+        sae = train(sae_cfg, acts(), RESUME, run_dir=ranks.shared / name / "1to2", resume=True,
+                    world=ranks.world(expert_parallel=2), progress=False)
+        results[name] = {key: t.clone() for key, t in sae.state_dict().items()}
+    return results
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -152,16 +215,20 @@ def ranks(tmp_path_factory):
 
 
 def expert_part(name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-    return tensor[LATENTS[rank]] if name in ("W_enc", "W_dec") else tensor
+    """Rank ``rank``'s rows of a full expert tensor: its two routed experts, then the shared one if any."""
+    if name.split()[0] not in ("W_enc", "W_dec"):
+        return tensor
+    return tensor[LATENTS[rank]] if tensor.shape[0] == 64 else torch.cat([tensor[LATENTS[rank]], tensor[64:]])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_expert_parallel_equals_one_process(ranks, case):
     results, _ = ranks
-    sae_cfg, cfg, _ = CASES[case]
-    sae, x, ids = fresh(case)
-    expected = step(sae, x, ids, cfg)
-    expected_grads, expected_weights = dense_grads(sae), optimizer_step(sae, cfg)
+    _, cfg, _ = CASES[case]
+    with kernels(case):
+        sae, x, ids = fresh(case)
+        expected = step(sae, x, ids, cfg)
+        expected_grads, expected_weights = dense_grads(sae), optimizer_step(sae, cfg)
     if case == "skewed":
         assert expected["out"].extras["assignment"].counts == [64, 0, 0, 0]  # rank 1 gets no token
     for rank, got in enumerate(results("rank_forward_backward_and_step")):
@@ -169,6 +236,8 @@ def test_expert_parallel_equals_one_process(ranks, case):
         torch.testing.assert_close(got["x_hat"], expected["x_hat"][rows], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["code"][0], expected["code"][0][rows], rtol=1e-5, atol=1e-6)
         assert torch.equal(got["code"][1], expected["code"][1][rows])
+        torch.testing.assert_close(got["encoded"][0], expected["code"][0][rows], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got["encoded"][1], expected["code"][1][rows])
         for name, value in expected["losses"].items():
             torch.testing.assert_close(got["losses"][name], value.detach(), rtol=1e-5, atol=1e-6)
         assert got["grads"].keys() == expected_grads.keys()
@@ -180,11 +249,12 @@ def test_expert_parallel_equals_one_process(ranks, case):
                                        msg=lambda m, n=name, r=rank: f"{n} after a step, rank {r}: {m}")
 
 
-def test_a_capacity_factor_drops_the_tokens_over_it_and_counts_their_error(ranks):
+@pytest.mark.parametrize("case", ["skewed", "top2-skewed"])
+def test_a_capacity_factor_drops_the_tokens_over_it_and_counts_their_error(ranks, case):
     results, _ = ranks
-    sae, x, _ = fresh("skewed")
+    sae, x, _ = fresh(case)
     full = sae(x).x_hat.detach()
-    got = results("rank_capacity_drops_tokens")
+    got = [r[case] for r in results("rank_capacity_drops_tokens")]
     x_hat = torch.cat([r["x_hat"] for r in got])
     kept = torch.zeros(64, dtype=torch.bool)
     kept[[0, 1, 2, 3, 32, 33, 34, 35]] = True  # the first 4 tokens of each rank
@@ -193,7 +263,7 @@ def test_a_capacity_factor_drops_the_tokens_over_it_and_counts_their_error(ranks
     expected_mse = ((x - x_hat) * sae.cfg.act_scale).pow(2).sum(-1).mean()
     for r in got:
         torch.testing.assert_close(r["mse"], expected_mse, rtol=1e-5, atol=1e-6)
-        assert r["stats"] == {"dropped": pytest.approx(56 / 64)}
+        assert r["stats"] == {"dropped": pytest.approx(56 / 64)}  # of the tokens, or of top-2's entries
 
 
 @pytest.mark.parametrize("case", TRAINED)
@@ -214,14 +284,16 @@ def test_a_capacity_no_batch_reaches_drops_nothing_and_logs_it(ranks, tmp_path):
     assert {json.loads(line)["dropped"] for line in (shared / "train" / "capacity" / "log.jsonl").open()} == {0.0}
 
 
-def test_an_expert_parallel_checkpoint_resumes_at_another_world_size(ranks, tmp_path):
+@pytest.mark.parametrize("name", RESUMED)
+def test_an_expert_parallel_checkpoint_resumes_at_another_world_size(ranks, name, tmp_path):
     results, shared = ranks
-    full = train(SWITCH, acts(), RESUME, run_dir=tmp_path, progress=False).state_dict()
-    alone = train(SWITCH, acts(), RESUME, run_dir=shared / "2to1", resume=True, progress=False).state_dict()
+    sae_cfg = RESUMED[name]
+    full = train(sae_cfg, acts(), RESUME, run_dir=tmp_path, progress=False).state_dict()
+    alone = train(sae_cfg, acts(), RESUME, run_dir=shared / name / "2to1", resume=True, progress=False).state_dict()
     assert_same_weights(alone, full)
-    assert_same_logs(shared / "2to1", tmp_path)
+    assert_same_logs(shared / name / "2to1", tmp_path)
     for got in results("rank_resume_across_world_sizes"):
-        assert_same_weights(got, full)
+        assert_same_weights(got[name], full)
 
 
 def assert_same_weights(got: dict, expected: dict) -> None:

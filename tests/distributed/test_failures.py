@@ -12,7 +12,7 @@ import pytest
 from spawn_ranks import run_on_ranks
 
 from switchsae.checkpoint import CHECKPOINT_FILE, read_checkpoint_meta
-from switchsae.config import RoutingConfig, SAEConfig, TrainConfig
+from switchsae.config import SAEConfig, TrainConfig
 from switchsae.sources.activations import TensorSource
 from switchsae.sources.synthetic import synthetic_activations
 from switchsae.train import train
@@ -61,8 +61,8 @@ def rank_experts_that_do_not_split(ranks) -> dict:
     return refusal(ranks, lambda: train(sae_cfg, acts(), TRAIN, world=ranks.world(expert_parallel=2), progress=False))
 
 
-def rank_a_router_expert_parallelism_cannot_run(ranks) -> dict:
-    sae_cfg = SWITCH.replace(routing=RoutingConfig(router="top_e", experts_per_token=2))
+def rank_an_sae_without_experts_for_expert_parallelism(ranks) -> dict:
+    sae_cfg = SWITCH.replace(arch="topk", n_experts=1)
     return refusal(ranks, lambda: train(sae_cfg, acts(), TRAIN, world=ranks.world(expert_parallel=2), progress=False))
 
 
@@ -123,9 +123,9 @@ def test_experts_that_do_not_split_across_the_expert_parallel_ranks_are_refused(
                               "the 3 experts do not split evenly across 2 expert-parallel ranks")
 
 
-def test_a_router_with_several_experts_per_token_is_refused_for_expert_parallelism(results):
-    assert_refused_everywhere(results[0], "rank_a_router_expert_parallelism_cannot_run", "ValueError",
-                              "one expert per token", "not top_e")
+def test_an_sae_without_experts_is_refused_for_expert_parallelism(results):
+    assert_refused_everywhere(results[0], "rank_an_sae_without_experts_for_expert_parallelism", "ValueError",
+                              "splits a Switch SAE's experts; --arch topk has none")
 
 
 def test_a_batch_that_does_not_split_across_the_ranks_is_refused(results):

@@ -41,6 +41,18 @@ def test_sparse_decode_equals_dense_matmul(gen, sparse_grad, repeats):
         torch.testing.assert_close(got.to_dense(), want)
 
 
+def test_sparse_decode_with_more_slots_per_row_than_latents(gen):
+    """AuxK pads ``k_aux`` slots per token, which may exceed a small SAE's (or expert shard's) rows."""
+    values = torch.randn(T, 12, generator=gen, requires_grad=True)
+    W_dec = torch.randn(8, D, generator=gen, requires_grad=True)
+    indices = torch.randint(0, 8, (T, 12), generator=gen)
+    upstream = torch.randn(T, D, generator=gen)
+    grads = torch.autograd.grad((sparse_decode(values, indices, W_dec, True) * upstream).sum(), (values, W_dec))
+    ref_grads = torch.autograd.grad(((dense_codes(values, indices, 8) @ W_dec) * upstream).sum(), (values, W_dec))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.to_dense(), want)
+
+
 @pytest.mark.parametrize("x_needs_grad", [True, False], ids=["x-grad", "data-x"])
 def test_topk_encode_and_decode_equal_a_dense_reference(gen, x_needs_grad):
     """Values and gradients of x, b, W_enc, W_dec; without an x gradient b's takes the row-sum path."""
