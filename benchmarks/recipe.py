@@ -57,12 +57,20 @@ STUDIES: dict[str, dict[str, dict]] = {
         "switch4 lr 2x": {**SWITCH8, "width": 4 * M0, "n_experts": 4, "aux_coeff": 0.1, "lr": 8e-4},
         "topk lr 2x auxk": {**TOPK, "lr": 8e-4, "auxk_coeff": 1 / 32},
     },
-    "length": {  # the finalists at 4x the lr law, and one pass (240 steps) against three (720);
+    "length": {  # the finalists at 4x, 8x and 16x the lr law, and one pass (240 steps) against three (720);
         # 2x at 240 steps is in the auxk and lr studies
         **{f"{name} lr {mult}x steps {steps}": {**settings, "lr": 4e-4 * mult, "steps": steps}
-           for steps, mult in ((240, 4), (720, 2), (720, 4))
+           for steps, mult in ((240, 4), (240, 8), (240, 16), (720, 4))
            for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
                                   ("switch8", {**SWITCH8, **RECIPE}))},
+    },
+    "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
+        "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},
+        "shared + top1 4x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 5 * 2048, "n_experts": 4,
+                                       "shared_expert": True, "lr": 1.6e-3},
+        "top2 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 8 * 2048, "router": "top_e", "experts_per_token": 2,
+                              "lr": 1.6e-3},
+        "hash 8x4096 lr 4x": {**SWITCH8, **RECIPE, "router": "hash", "lr": 1.6e-3},
     },
     "batch": {  # batch-size sensitivity at an equal number of training tokens (2x lr law, scaled as sqrt(B))
         **{f"{name} batch {batch}": {**settings, "batch_size": batch, "steps": 240 * 4096 // batch,
