@@ -15,7 +15,12 @@ from switchsae.apps.autointerp import prompts
 from switchsae.apps.autointerp.config import AutointerpConfig, EndpointConfig
 from switchsae.apps.autointerp.examples import split_examples, stratified_sample
 from switchsae.apps.autointerp.score import fuzz_cases, quiet_positions
-from switchsae.apps.autointerp.stats import balanced_accuracy, confusion, mean_ci, t_quantile
+from switchsae.apps.autointerp.stats import (
+    balanced_accuracy,
+    confusion,
+    mean_ci,
+    t_quantile,
+)
 from switchsae.apps.autointerp.store import FEATURES, RunStore
 
 EXAMPLE = {"row": 7, "value": 2.5, "at": 2, "tokens": ["The", " big", " cat", " sat", "."],
@@ -109,7 +114,7 @@ def test_the_explainer_and_the_scorer_never_share_an_example():
               "samples": [{"lo": 0, "hi": 1, "examples": [_record_example(100 + 2 * g, 1), _record_example(101 + 2 * g, 1)]}
                           for g in range(4)] + [{"lo": 1, "hi": 2, "examples": [_record_example(200, 1)]}]}
     explain, held = split_examples(record, 5, np.random.default_rng(0))
-    rows = lambda examples: [e[0] for e in examples]  # noqa: E731
+    rows = lambda examples: [e[0] for e in examples]
     assert rows(explain)[:5] == [0, 1, 2, 3, 4] and len(explain) == 5 + 5  # one sample per interval
     assert not set(rows(explain)) & set(rows(held)) and len(held) == 4 + 5
     assert rows(held)[-5:] == [5, 6, 7, 8, 9]  # interval samples first, then the rest of the top

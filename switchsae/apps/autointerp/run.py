@@ -9,7 +9,7 @@ threads stop taking features, the finished ones are kept and the error says how 
 from __future__ import annotations
 
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -138,34 +138,31 @@ def summarise(results: list[dict], model: str) -> dict:
 def score_all(client: ChatClient, entries: list[dict], store: RunStore, cfg: AutointerpConfig, workers: int,
               progress: bool) -> tuple[int, float]:
     """Score every entry not yet in ``store`` on ``workers`` threads; returns how many and the seconds
-    taken. On an
-    :class:`EndpointError` the threads stop taking features and the error names what is kept."""
+    taken. On a failure (or Ctrl-C) the features not started are dropped, those running finish and
+    are kept, and an :class:`EndpointError` says what is kept."""
     todo = [entry for entry in entries if entry["id"] not in store.done]
     start = time.perf_counter()
     bar = tqdm(total=len(entries), initial=len(entries) - len(todo), desc="autointerp", unit="feature",
                disable=not progress)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(score_feature, client, entry, cfg.scored, cfg.seed) for entry in todo}
-        while futures:
-            finished, futures = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f.exception() for f in finished if f.exception() is not None]
-            for future in finished:
-                if future.exception() is None:
-                    store.append(future.result())
-                    bar.update()
-            if failed:
-                for future in futures:
-                    future.cancel()
-                wait(futures)
-                for future in futures:
-                    if not future.cancelled() and future.exception() is None:
-                        store.append(future.result())
-                bar.close()
-                if isinstance(failed[0], EndpointError):
-                    raise EndpointError(f"{failed[0]}; the {len(store.done)} features scored so far are kept in "
-                                        f"{store.folder / FEATURES}; run the command again to resume") from None
-                raise failed[0]
-    bar.close()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(score_feature, client, entry, cfg.scored, cfg.seed) for entry in todo]
+    try:
+        for future in as_completed(futures):
+            store.append(future.result())
+            bar.update()
+    except BaseException as err:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:
+            finished = future.done() and not future.cancelled() and future.exception() is None
+            if finished and future.result()["id"] not in store.done:
+                store.append(future.result())
+        if isinstance(err, EndpointError):
+            raise EndpointError(f"{err}; the {len(store.done)} features scored so far are kept in "
+                                f"{store.folder / FEATURES}; run the command again to resume") from None
+        raise
+    finally:
+        pool.shutdown()
+        bar.close()
     return len(todo), time.perf_counter() - start
 
 
@@ -179,7 +176,7 @@ def run_autointerp(run_dir: str | Path, cache_dir: str | Path, cfg: AutointerpCo
     model = llm.model or LOCAL_MODEL
     settings = {"run": str(Path(run_dir).resolve()), "acts": str(Path(cache_dir).resolve()),
                 "inspect": str(Path(inspect_dir).resolve()) if inspect_dir else None, "config": asdict(cfg),
-                "llm": {"endpoint": llm.endpoint or "local", "model": model}}
+                "model": model}  # not the endpoint's URL: the same model may be served elsewhere on a rerun
     store = RunStore(out, settings)
     with ExitStack() as stack:
         endpoint = llm.endpoint or stack.enter_context(local_server(out / "llm_server.log"))
@@ -192,8 +189,8 @@ def run_autointerp(run_dir: str | Path, cache_dir: str | Path, cfg: AutointerpCo
             store.write_examples(entries)
         scored, seconds = score_all(client, entries, store, cfg, llm.concurrency, progress)
     summary = summarise([store.done[e["id"]] for e in entries], model)
-    summary["this_run"] = {"features": scored, "seconds": round(seconds, 1), "concurrency": llm.concurrency,
-                           "features_per_minute": round(60 * scored / seconds, 2) if scored else None}
+    summary["this_run"] = {"endpoint": llm.endpoint or "local", "features": scored, "seconds": round(seconds, 1),
+                           "concurrency": llm.concurrency, "features_per_minute": round(60 * scored / seconds, 2) if scored else None}
     store.write_summary(summary)
     return summary
 
