@@ -31,6 +31,7 @@ def test_explainer_sees_every_active_token_marked():
     assert prompts.render(EXAMPLE, prompts.active_positions(EXAMPLE)) == "The big <<cat>> <<sat>>."
     user = prompts.explain_messages([EXAMPLE, EXAMPLE])[1]["content"]
     assert "1. The big <<cat>> <<sat>>." in user and "2. The big" in user
+    assert "Most often marked: cat, sat" in user
 
 
 def test_detection_shows_the_text_unmarked_and_fuzzing_marks_one_token():

@@ -12,6 +12,7 @@ cached prompt prefix evaluates only the text of each new request.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 Messages = list[dict[str, str]]
@@ -51,7 +52,15 @@ def explain_messages(examples: list[dict]) -> Messages:
     """The explainer's request: each example with its active tokens marked, numbered."""
     lines = [f"{n}. {render(example, active_positions(example))}" for n, example in enumerate(examples, 1)]
     return [{"role": "system", "content": EXPLAIN_SYSTEM},
-            {"role": "user", "content": "Excerpts:\n" + "\n".join(lines) + "\n\nWhat does the feature detect?"}]
+            {"role": "user", "content": "Excerpts:\n" + "\n".join(lines) + "\n\nMost often marked: "
+                                        + ", ".join(marked_tokens(examples)) + "\n\nWhat does the feature detect?"}]
+
+
+def marked_tokens(examples: list[dict], n: int = 8) -> list[str]:
+    """The ``n`` token texts the feature is most often active on in ``examples`` (a hint that small
+    explainer models need: they rarely find the common word in the excerpts themselves)."""
+    counts = Counter(example["tokens"][i].strip() for example in examples for i in active_positions(example))
+    return [token for token, _ in counts.most_common(n) if token]
 
 
 def detect_messages(explanation: str, example: dict) -> Messages:
