@@ -203,3 +203,26 @@ def test_the_local_model_explains_scores_and_resumes_end_to_end(switch_run, tiny
     again = (tmp_path / FEATURES).read_text().splitlines()
     assert again[0] == lines[0] and len(again) == 2
     assert json.loads((tmp_path / SUMMARY).read_text())["this_run"]["features"] == 1
+
+
+def test_examples_come_from_feature_pages_with_inspect(switch_run, tiny_cache, pages_dir, tmp_path, scripted):
+    from switchsae.apps.pages import load_record
+
+    server = scripted("ok")
+    main(_autointerp(switch_run, tiny_cache, tmp_path, "--features", "2", "--scored", "1", "--inspect", str(pages_dir),
+                     "--endpoint", server.url))
+    for entry in json.loads((tmp_path / EXAMPLES).read_text()):
+        record = load_record(pages_dir, entry["id"])
+        shown = {e[0] for e in record["top"]} | {e[0] for g in record["samples"] for e in g["examples"]}
+        assert {e["row"] for e in entry["explain"] + entry["positives"]} <= shown
+        assert entry["explain"][0]["row"] == record["top"][0][0] and entry["count"] == record["count"]
+    assert json.loads((tmp_path / SUMMARY).read_text())["features"] == 2
+
+
+def test_pages_of_another_sae_are_refused(tiny_cache, pages_dir, tmp_path, capsys, scripted):
+    other = tmp_path / "topk"
+    main(["train", "--acts", str(tiny_cache), "--arch", "topk", "--width", "64", "--k", "4", "--steps", "2",
+          "--batch-size", "64", "--out", str(other), "--quiet"])
+    err = _one_line_error(capsys, _autointerp(other, tiny_cache, tmp_path / "out", "--features", "2", "--inspect",
+                                              str(pages_dir), "--endpoint", scripted("ok").url))
+    assert "are of another SAE or cache" in err
