@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from switchsae.apps import pages
 from switchsae.apps.autointerp import examples as ex
 from switchsae.apps.autointerp.client import ChatClient, EndpointError
 from switchsae.apps.autointerp.config import AutointerpConfig, EndpointConfig
@@ -31,8 +32,6 @@ from switchsae.sources.shards import rows_per_window
 
 
 def _check_pages(folder: str, sae, manifest: dict) -> dict:
-    from switchsae.apps import pages
-
     if not pages.is_pages(folder):
         raise ValueError(f"{folder} holds no finished feature pages (written by `switchsae inspect`).")
     meta = pages.read_data(folder, pages.META)
@@ -71,7 +70,7 @@ def _sample(counts: dict[int, int], width: int, group_width: int, cfg: Autointer
 def _from_pages(folder: str, sae, manifest: dict, cfg: AutointerpConfig, group_width: int) -> tuple[int, list[dict], dict]:
     """(rows read, records of the chosen latents, inspection settings) from feature pages."""
     meta = _check_pages(folder, sae, manifest)
-    index = ex.pages.read_data(folder, ex.pages.INDEX)
+    index = pages.read_data(folder, pages.INDEX)
     counts = {j: max(1, round(d * meta["rows"])) for j, d in zip(index["id"], index["density"]) if d > 0}
     if cfg.ids:
         chosen = _ids(cfg, sae.cfg.width)
