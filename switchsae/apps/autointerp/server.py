@@ -92,7 +92,7 @@ def local_server(log: Path, threads: int | None = None) -> Iterator[str]:
     """The embedded SmolLM2-135M-Instruct served on 127.0.0.1 for the ``with`` block (its base URL).
     Default threads: all cores but one (llama.cpp's threads spin while they wait for each other, so
     a thread that shares its core with the client process slows every step: on a loaded 2-core
-    machine 1 thread answered 5-20x faster than 2)."""
+    machine 1 thread wrote explanations 19-24x faster than 2)."""
     port = free_port()
     command = server_command(embedded_gguf(), port, threads or max(1, (os.cpu_count() or 2) - 1))
     with serve_process(command, port, log) as base:
