@@ -7,6 +7,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Container
 
+from switchsae.apps.autointerp.config import AutointerpConfig, EndpointConfig
 from switchsae.apps.config import InspectConfig
 from switchsae.apps.steer import SteerConfig
 from switchsae.config import ARCHS, ROUTERS, ParallelConfig, RoutingConfig, SAEConfig, TrainConfig
@@ -140,6 +141,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     out = inspect_run(args.run, args.acts, args.out, _config_from_args(InspectConfig, args), features=features,
                       expert=args.expert, progress=not args.quiet)
     print(f"wrote feature pages to {out}: {how_to_open(out)}")
+
+
+def cmd_autointerp(args: argparse.Namespace) -> None:
+    from switchsae.apps.autointerp.run import format_summary, run_autointerp
+
+    out = args.out or str(Path(args.run) / "autointerp")
+    summary = run_autointerp(args.run, args.acts, _config_from_args(AutointerpConfig, args),
+                             _config_from_args(EndpointConfig, args), out=out, inspect_dir=args.inspect,
+                             progress=not args.quiet)
+    print(format_summary(summary, out))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -282,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p, InspectConfig)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("autointerp", help="explain sampled latents with an LLM and score the explanations "
+                                          "(detection, fuzzing); resumable")
+    p.add_argument("run", help="run folder written by `switchsae train`")
+    p.add_argument("--acts", required=True, help="activation cache folder (with token ids) of the SAE's model and hook")
+    p.add_argument("--out", default=None, help="folder for prompts, replies and scores; a rerun resumes it "
+                                               "(default: RUN/autointerp)")
+    p.add_argument("--inspect", default=None, help="feature pages of this run and cache (`switchsae inspect`) to take "
+                                                   "the examples from, instead of a pass over the cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p, AutointerpConfig)
+    _add_config_flags(p, EndpointConfig)
+    p.set_defaults(func=cmd_autointerp)
 
     p = sub.add_parser("serve", help="serve feature pages on 127.0.0.1 (they also open from file://)")
     p.add_argument("dir", help="folder written by `switchsae inspect`")
