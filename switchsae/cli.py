@@ -20,6 +20,8 @@ FLAG_ALIASES = {"n_experts": "--experts", "l1_coeff": "--l1", "aux_coeff": "--al
 DERIVED_FIELDS = {"d_model", "act_scale", "unit_scale", "routing"}
 # Formats `switchsae export` / `switchsae import` convert to and from (switchsae/apps/).
 INTEROP_FORMATS = ("saelens",)
+#: what `switchsae export` writes: an SAE (saelens) or, from feature pages, Neuronpedia batch files
+EXPORT_FORMATS = ("saelens", "neuronpedia")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: Container[str] = frozenset()) -> None:
@@ -197,6 +199,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "neuronpedia":
+        from switchsae.apps.neuronpedia import export_neuronpedia
+
+        if args.acts is not None:
+            raise ValueError("--acts applies to --format saelens; Neuronpedia files come from the feature pages.")
+        out = export_neuronpedia(args.run, args.out, sae_set=args.sae_set, model_id=args.model_id, layer=args.layer,
+                                 force=args.force)
+        print(f"wrote Neuronpedia batch files to {out}")
+        return
     from switchsae.apps.saelens import export_saelens
 
     out = export_saelens(args.run, args.out, acts=args.acts, batch_size=args.batch_size, force=args.force)
@@ -328,15 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("export", help="write a trained SAE in another library's format (SAELens)")
-    p.add_argument("run", help="run folder written by `switchsae train` or `switchsae import`")
-    p.add_argument("--format", required=True, choices=INTEROP_FORMATS, help="target format")
-    p.add_argument("--out", required=True, help="folder to write (cfg.json, sae_weights.safetensors)")
+    p = sub.add_parser("export", help="write a trained SAE in another library's format (SAELens), or its "
+                                      "feature pages as Neuronpedia/SAEDashboard JSON")
+    p.add_argument("run", help="run folder written by `switchsae train` or `switchsae import` (saelens), or "
+                               "feature pages written by `switchsae inspect` (neuronpedia)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="target format")
+    p.add_argument("--out", required=True, help="folder to write (saelens: cfg.json, sae_weights.safetensors; "
+                                                "neuronpedia: batch-N.json, skipped_indexes.json)")
     p.add_argument("--acts", default=None,
                    help="activations to measure each latent's firing density on (held-out rows) for sparsity.safetensors; "
                         "without it no sparsity file is written")
     p.add_argument("--batch-size", type=int, default=4096, help="activations per batch with --acts (default: 4096)")
-    p.add_argument("--force", action="store_true", help="overwrite an SAE already in --out")
+    p.add_argument("--sae-set", default=None, help="neuronpedia: the SAE set's name (default: switchsae-ARCH-WIDTH)")
+    p.add_argument("--model-id", default=None, help="neuronpedia: the model's id (default: the cache's model)")
+    p.add_argument("--layer", type=int, default=None, help="neuronpedia: the layer (default: read from the hook name)")
+    p.add_argument("--force", action="store_true", help="overwrite an export already in --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="convert another library's SAE folder (SAELens) into a run folder")

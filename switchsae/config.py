@@ -66,6 +66,8 @@ class SAEConfig:
     n_experts: int = opt(1, "number of experts N (Switch only)")
     l1_coeff: float = opt(5.0, "sparsity coefficient lambda (ReLU, Gated: L1; JumpReLU: L0)")
     routing: RoutingConfig = opt(RoutingConfig(), "how a Switch SAE routes tokens (RoutingConfig)")
+    encoder_bias: bool = opt(False, "TopK, BatchTopK: a learned encoder bias b_enc added to every latent's "
+                                    "pre-activation (SAELens's TopK has one; trains through the unfused path)")
     auxk_coeff: float = opt(0.0, "AuxK weight: dead latents reconstruct the residual (Gao et al.; TopK family)")
     auxk_k: int = opt(256, "AuxK: dead latents per token (within its own experts for Switch)")
     dead_tokens: int = opt(262_144, "AuxK: a latent is dead after this many training tokens without firing")
@@ -98,6 +100,8 @@ class SAEConfig:
             changed = [name for name in ROUTING_FIELDS if getattr(self.routing, name) != getattr(RoutingConfig(), name)]
             raise ValueError(f"routing settings ({', '.join(changed)}) apply only to the switch architecture, "
                              f"not {self.arch}.")
+        if self.encoder_bias and self.arch not in ("topk", "batchtopk"):
+            raise ValueError(f"encoder_bias applies only to the topk and batchtopk architectures, not {self.arch}.")
         if self.auxk_coeff and self.arch not in TOPK_FAMILY:
             raise ValueError(f"auxk_coeff needs a TopK code ({', '.join(TOPK_FAMILY)}); {self.arch} has none.")
         if self.auxk_coeff < 0 or self.auxk_k < 1 or self.dead_tokens < 1:

@@ -73,7 +73,7 @@ GRID_KEYS = {"name": "str", "expert_width": "int", **GRID_FIELDS, **TRAIN_FIELDS
 NAME_LABELS = {"n_experts": "N", "k": "k", "l1_coeff": "lam", "router": "", "experts_per_token": "e",
                "shared_expert": "shared", "capacity_factor": "cap", "aux_coeff": "alpha", "z_loss_coeff": "z",
                "aux_units": "units_",
-               "auxk_coeff": "auxk", "auxk_k": "kaux", "dead_tokens": "dead", "jump_threshold": "theta",
+               "encoder_bias": "bias", "auxk_coeff": "auxk", "auxk_k": "kaux", "dead_tokens": "dead", "jump_threshold": "theta",
                "jump_bandwidth": "eps"}
 ALWAYS_NAMED = ("n_experts", "k", "l1_coeff")
 SETTING_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -130,6 +130,8 @@ def inspect_run(run_dir: str | Path, cache_dir: str | Path, out: str | Path, cfg
     contexts = ContextReader(cache.windows(), rows_per_window(manifest), manifest["drop_first"], cfg.before, cfg.after)
     records = feature_records(collector, contexts, sae.cfg.n_blocks, boost, suppress, near)
     meta = {"run": str(run_dir), "cache": str(cache_dir), "model": manifest["model"], "hook": manifest["hook"],
+            "corpus": manifest["corpus"], "context_length": manifest["context_length"],
+            "drop_first": manifest["drop_first"],
             "arch": sae.cfg.arch, "width": sae.cfg.width, "experts": sae.cfg.n_blocks, "k": sae.cfg.k,
             "shared_expert": sae.cfg.routing.shared_expert,
             "rows": collector.rows, "config": asdict(cfg),

@@ -16,8 +16,8 @@ thresholds, ``b_gate`` (our ``b_enc``), ``b_mag``, ``r_mag``. Decoder rows come 
 leaves them. Architectures, ours → SAELens:
 
     relu      → standard    ReLU(pre)
-    topk      → topk        b_enc = 0, rescale_acts_by_decoder_norm = false
-    batchtopk → jumprelu    θ_j = our one learned threshold θ for every latent, b_enc = 0:
+    topk      → topk        b_enc = ours (0 without cfg.encoder_bias), rescale_acts_by_decoder_norm = false
+    batchtopk → jumprelu    θ_j = our one learned threshold θ for every latent, b_enc as for topk:
                             ReLU(pre)·1[pre > θ] is our a·1[a > θ] with a = ReLU(pre), θ ≥ 0
                             (SAELens saves its own BatchTopK SAEs this way)
     jumprelu  → jumprelu    θ = exp(log_threshold)
@@ -28,8 +28,11 @@ Import is the reverse with ``act_scale = 1``. SAELens's ``apply_b_dec_to_input =
 (``pre = x W_enc + b_enc``) is absorbed into the encoder bias, ``b_enc ← b_enc + b_dec W_enc``
 (for Gated ``b_gate`` likewise and ``b_mag ← b_mag + exp(r_mag) ⊙ b_dec W_enc``);
 ``rescale_acts_by_decoder_norm`` (TopK, BatchTopK) is folded as SAELens folds it
-(``W_enc[:, j], b_enc_j ×= ‖W_dec[j]‖``, ``W_dec[j] /= ‖W_dec[j]‖``). Our TopK family has no
-encoder bias, so a TopK or BatchTopK SAE whose resulting ``b_enc`` is not zero is refused.
+(``W_enc[:, j], b_enc_j ×= ‖W_dec[j]‖``, ``W_dec[j] /= ‖W_dec[j]‖``). A TopK or BatchTopK SAE
+whose resulting ``b_enc`` is not zero imports with our optional encoder bias (``encoder_bias``,
+saes/topk.py), the same ``ReLU(TopK(x W_enc + b_enc))``; with ``b_enc = 0`` it imports without
+one (the fused training path). Our Switch SAE has no encoder bias, so a ``switch`` folder whose
+resulting ``b_enc`` is not zero (only ``apply_b_dec_to_input = false`` makes one) is refused.
 A JumpReLU threshold ``θ ≤ 0`` becomes the smallest positive float (ours stores ``log θ``), which
 changes only latents whose value lies in ``(0, 1.2e-38]``. Weights are read with safetensors only.
 """
@@ -61,7 +64,7 @@ IMPORT_ARCH = {"standard": "relu", "topk": "topk", "batchtopk": "batchtopk", "ju
                "gated": "gated", "switch": "switch"}
 #: SAEConfig fields the SAELens format carries (or that only matter for training); any other field
 #: set away from its default changes the SAE in a way an export would silently drop
-EXPORTABLE_FIELDS = {"arch", "d_model", "width", "k", "n_experts", "l1_coeff", "aux_coeff", "z_loss_coeff",
+EXPORTABLE_FIELDS = {"arch", "d_model", "width", "k", "encoder_bias", "n_experts", "l1_coeff", "aux_coeff", "z_loss_coeff",
                      "aux_units", "auxk_coeff", "auxk_k", "dead_tokens", "jump_threshold", "jump_bandwidth",
                      "act_scale", "unit_scale", "hook_name", "model_name"}
 #: added to each firing density before the log10, as SAELens does (a latent that never fires: -10)
@@ -119,7 +122,7 @@ def saelens_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
     if arch == "jumprelu":
         out["threshold"] = ours.pop("log_threshold").exp()
     if arch in ("topk", "batchtopk"):
-        out["b_enc"] = torch.zeros(width)
+        out["b_enc"] = ours.pop("b_enc") if "b_enc" in ours else torch.zeros(width)
     if arch == "batchtopk":
         out["threshold"] = ours.pop("threshold").expand(width).clone()
     if arch == "gated":
@@ -160,8 +163,11 @@ def import_saelens(folder: str | Path, out: str | Path, force: bool = False) -> 
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_path} is corrupt or not a safetensors file: {err}") from None
     try:
-        sae = build_sae(switchsae_cfg(cfg, cfg_path))
+        sae_cfg = switchsae_cfg(cfg, cfg_path)
         ours = switchsae_tensors(cfg, tensors)
+        if sae_cfg.arch in ("topk", "batchtopk") and "b_enc" in ours:
+            sae_cfg = sae_cfg.replace(encoder_bias=True)
+        sae = build_sae(sae_cfg)
     except KeyError as err:
         raise ValueError(f"{folder} is not a complete SAELens {cfg.get('architecture', 'standard')} SAE: "
                          f"{err} is missing") from None
@@ -211,8 +217,10 @@ def switchsae_tensors(cfg: dict, tensors: dict[str, Tensor]) -> dict[str, Tensor
     if arch == "jumprelu":
         ours["log_threshold"] = t.pop("threshold").clamp_min(torch.finfo(torch.float32).tiny).log()
     if arch in ("topk", "batchtopk", "switch"):
-        bias = t.pop("b_enc", torch.zeros(())) + shift
-        if bias.abs().max() > 0:
+        bias = t.pop("b_enc", torch.zeros(W_enc.shape[1])) + shift
+        if bias.any() and arch != "switch":  # our optional encoder bias; none when it is 0
+            ours["b_enc"] = bias
+        elif bias.any():
             raise ValueError(f"SAELens {arch} SAE has an encoder bias (max |b_enc| = {bias.abs().max():.3g}"
                              f"{'' if cfg.get('apply_b_dec_to_input', True) else ', from apply_b_dec_to_input=false'}); "
                              f"switchsae's {IMPORT_ARCH[arch]} has none")

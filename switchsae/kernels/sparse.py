@@ -133,11 +133,13 @@ def gather_dot(x: Tensor, W: Tensor, indices: Tensor) -> Tensor:
 
 
 class GatheredLinear(torch.autograd.Function):
-    """``z_tj = W[i_tj] · (x_t − b)`` with values already known; backward is sparse in every input:
+    """``z_tj = W[i_tj] · (x_t − b) + c[i_tj]`` with values already known (``c`` an optional encoder
+    bias); backward is sparse in every input:
 
         ∂L/∂x_t = Σ_j g_tj W[i_tj]   (an embedding bag with per-sample weights g)
         ∂L/∂b    = −Σ_t ∂L/∂x_t = −Σ_i c_i W[i]   with c_i = Σ_{tj: i_tj = i} g_tj
         ∂L/∂W    = :func:`weight_grad` of g with upstream x − b (dense or row-sparse)
+        ∂L/∂c_i  = Σ_{tj: i_tj = i} g_tj
 
     When ``x`` needs no gradient (activations read from a model or a cache) the bias gradient
     reads each used row of ``W`` once instead of once per token and slot.
@@ -145,7 +147,7 @@ class GatheredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, b: Tensor, W: Tensor, indices: Tensor, values: Tensor, centred: Tensor,
-                sparse_grad: bool = False) -> Tensor:
+                sparse_grad: bool = False, enc_bias: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(W, indices, centred)
         ctx.sparse_grad = sparse_grad
         return values
@@ -158,12 +160,14 @@ class GatheredLinear(torch.autograd.Function):
         needs_rows_sum = ctx.needs_input_grad[1] and grad_x is None
         grad_W, rows_sum = encoder_grads(grad, indices, centred, W, ctx.sparse_grad, ctx.needs_input_grad[2],
                                          needs_rows_sum)
-        grad_b = None
+        grad_b = grad_enc_bias = None
         if ctx.needs_input_grad[1]:
             total = grad_x.sum(0) if grad_x is not None else rows_sum
             assert total is not None  # encoder_grads returns the row sum when asked (needs_rows_sum)
             grad_b = -total
-        return grad_x, grad_b, grad_W, None, None, None, None
+        if ctx.needs_input_grad[7]:
+            grad_enc_bias = grad.new_zeros(W.shape[0]).index_add_(0, indices.flatten(), grad.flatten())
+        return grad_x, grad_b, grad_W, None, None, None, None, grad_enc_bias
 
 
 def encoder_grads(grad: Tensor, indices: Tensor, centred: Tensor, W: Tensor, sparse: bool, needs_W: bool,
@@ -190,21 +194,26 @@ def weighted_rows_sum(weights: Tensor, indices: Tensor, W: Tensor, n_bags: int =
     return F.embedding_bag(rows, W, starts, per_sample_weights=row_weights, mode="sum").sum(0)
 
 
-def select_topk(x: Tensor, W: Tensor, k: int, W_selection: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Indices and (no-grad, fp32) values of the k largest ``x Wᵀ`` entries per row; the matmul
-    runs on ``W_selection`` (``W`` in a lower precision, e.g. bf16) where given."""
+def select_topk(x: Tensor, W: Tensor, k: int, W_selection: Tensor | None = None,
+                bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Indices and (no-grad, fp32) values of the k largest ``x Wᵀ (+ bias)`` entries per row; the
+    matmul runs on ``W_selection`` (``W`` in a lower precision, e.g. bf16) where given."""
     W_selection = W if W_selection is None else W_selection
     with torch.no_grad():
-        return largest_entries(torch.mm(x.to(W_selection.dtype), W_selection.t()), k, x, W)
+        pre = torch.mm(x.to(W_selection.dtype), W_selection.t())
+        if bias is not None:
+            pre += bias.to(pre.dtype)
+        return largest_entries(pre, k, x, W, bias=bias)
 
 
-def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest entries of each row of the selection pre-activations ``pre ≈ x Wᵀ``.
+def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor | None = None,
+                    bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of the selection pre-activations ``pre ≈ x Wᵀ + bias``.
 
     Returns fp32 ``values`` and ``indices``, ``[T, k]``, in no particular order, with row ``t``'s
     indices shifted by ``offsets[t]`` (an expert's first latent, see kernels/dispatch.py). A
     ``pre`` in lower precision only selects: the values are recomputed in fp32 as
-    ``W[indices_tj] · x_t`` (:func:`gather_dot`). On CPU the compiled top-k of
+    ``W[indices_tj] · x_t + bias[indices_tj]`` (:func:`gather_dot`). On CPU the compiled top-k of
     kernels/native.py replaces ``torch.topk`` (timings: ``benchmarks/kernels.py``).
     """
     if native.usable(pre, dtypes=(torch.float32, torch.bfloat16)):
@@ -214,18 +223,20 @@ def largest_entries(pre: Tensor, k: int, x: Tensor, W: Tensor, offsets: Tensor |
         indices = indices if offsets is None else indices + offsets[:, None]
     if pre.dtype != torch.float32:
         values = gather_dot(x, W, indices)
+        if bias is not None:
+            values = values + bias.detach()[indices]
     return values.float(), indices
 
 
 def topk_encode(x: Tensor, b: Tensor, W: Tensor, indices: Tensor, values: Tensor, sparse_grad: bool = False,
-                centred: Tensor | None = None) -> Tensor:
-    """Attach the selected pre-activations ``values = W[i_tj] · (x_t − b)`` to the graph and apply
-    the ReLU: ``ReLU(W[i_tj] · (x_t − b))``, gradients flowing to ``x``, ``b`` and ``W``.
+                centred: Tensor | None = None, enc_bias: Tensor | None = None) -> Tensor:
+    """Attach the selected pre-activations ``values = W[i_tj] · (x_t − b) (+ enc_bias[i_tj])`` to
+    the graph and apply the ReLU, gradients flowing to ``x``, ``b``, ``W`` and ``enc_bias``.
     ``centred`` is ``x − b`` where the caller has it already (it selected on it)."""
     if centred is None:
         with torch.no_grad():
             centred = x - b
-    return torch.relu(GatheredLinear.apply(x, b, W, indices, values, centred, sparse_grad))
+    return torch.relu(GatheredLinear.apply(x, b, W, indices, values, centred, sparse_grad, enc_bias))
 
 
 def dense_codes(values: Tensor, indices: Tensor, width: int) -> Tensor:

@@ -3,7 +3,8 @@
 With ``r = x − x̂`` the residual of the normalised input (no gradient; ``x̂`` already holds
 ``b_pre``, so the bias is counted once) and ``D`` the dead latents (no firing for
 ``dead_tokens`` training tokens), each token's ``k_aux`` largest dead pre-activations
-``v_tj = W_enc[j] · (x_t − b_pre)`` within its own experts give
+``v_tj = W_enc[j] · (x_t − b_pre) + b_enc[j]`` (``b_enc`` only where the SAE has one) within its
+own experts give
 
     ê_t = Σ_{j ∈ TopK_aux(D ∩ experts(t))} ReLU(v_tj) W_dec[j]           (no bias)
     L_auxk = min(1, |D| / k_aux) · (1/T) Σ_t ‖r_t − ê_t‖²
@@ -30,6 +31,7 @@ def auxk_loss(sae, x: Tensor, out, dead: Tensor, groups: Sequence[tuple[Tensor, 
     output ``out``; ``groups`` are ``(tokens, latent range)`` pairs (an expert and its tokens)."""
     cfg = sae.cfg
     scale = cfg.act_scale
+    enc_bias = getattr(sae, "b_enc", None)
     with torch.no_grad():
         x_norm = x.float() * scale
         residual = x_norm - out.x_hat.detach() * scale
@@ -41,6 +43,8 @@ def auxk_loss(sae, x: Tensor, out, dead: Tensor, groups: Sequence[tuple[Tensor, 
             continue
         with torch.no_grad():
             pre = centred.index_select(0, group_tokens) @ sae.W_enc[dead_ids].t()
+            if enc_bias is not None:
+                pre += enc_bias[dead_ids]
             top, where = pre.topk(min(cfg.auxk_k, dead_ids.numel()), dim=-1, sorted=False)
         pad = cfg.auxk_k - top.shape[1]
         tokens.append(group_tokens)
@@ -51,7 +55,7 @@ def auxk_loss(sae, x: Tensor, out, dead: Tensor, groups: Sequence[tuple[Tensor, 
     token = torch.cat(tokens)
     v, i, gate = combine(torch.cat(values), torch.cat(indices), torch.ones(token.numel(), device=x.device), token,
                          x.shape[0], cfg.auxk_k)
-    z = topk_encode(x_norm, sae.b_pre, sae.W_enc, i, v, sae.sparse_grads, centred) * gate
+    z = topk_encode(x_norm, sae.b_pre, sae.W_enc, i, v, sae.sparse_grads, centred, enc_bias) * gate
     e_hat = sparse_decode(z, i, sae.W_dec, sae.sparse_grads)
     weight = cfg.auxk_coeff * min(1.0, int(dead.sum()) / cfg.auxk_k)
     return weight * (residual - e_hat).pow(2).sum(-1).mean()

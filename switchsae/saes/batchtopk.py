@@ -15,7 +15,7 @@ from switchsae.saes.topk import TopKSAE
 class BatchTopKSAE(TopKSAE):
     """TopK with the budget shared across the batch, SPEC §1::
 
-        a = ReLU(W_enc (x − b_pre))                                   [T, M]
+        a = ReLU(W_enc (x − b_pre) + b_enc)                           [T, M]   (b_enc = 0 without cfg.encoder_bias)
         training:   z = a ⊙ 1[a among the T·k largest entries of the batch]
         inference:  z = a ⊙ 1[a > θ]                                  (no batch dependence)
         x̂ = W_dec z + b_pre,      loss ‖x − x̂‖²
@@ -26,8 +26,8 @@ class BatchTopKSAE(TopKSAE):
     then it is 0, i.e. inference keeps every positive activation. Codes stay sparse:
     ``values, indices: [T, K_max]`` with ``K_max`` the largest per-token count and padding
     entries value 0, index 0 (their ReLU at 0 passes no gradient). As for TopK, selection is one
-    no-grad matmul and only the selected latents enter the graph; there is no ``b_enc``, so
-    the kernels and the FLOP count are TopK's, with ``k`` the mean count per token.
+    no-grad matmul and only the selected latents enter the graph; the kernels, the optional
+    encoder bias and the FLOP count are TopK's, with ``k`` the mean count per token.
     """
 
     #: weight of the running threshold estimate kept at each training batch
@@ -44,13 +44,18 @@ class BatchTopKSAE(TopKSAE):
         with torch.no_grad():
             centred = x - self.b_pre
             W_selection = self.selection_weights()
-            acts = torch.mm(centred.to(W_selection.dtype), W_selection.t()).relu_()
+            acts = torch.mm(centred.to(W_selection.dtype), W_selection.t())
+            if self.b_enc is not None:
+                acts += self.b_enc.to(acts.dtype)
+            acts.relu_()
             keep = self._batch_topk(acts) if self.training else acts > self.threshold
             indices, valid = pack_rows(keep)
             if acts.dtype == torch.float32:
                 chosen = acts.gather(1, indices)
             else:  # bf16 selection: recompute the chosen pre-activations exactly, in fp32
                 chosen = gather_dot(centred, self.W_enc, indices)
+                if self.b_enc is not None:
+                    chosen += self.b_enc[indices]
             values = chosen.float() * valid
             if self.training:
                 self._update_threshold(values[valid])

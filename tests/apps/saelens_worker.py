@@ -32,11 +32,9 @@ def outputs(sae: SAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def randomise(sae: SAE, gen: torch.Generator) -> None:
-    """Every parameter random except TopK-family encoder biases (switchsae's TopK has none)."""
+    """Every parameter random (TopK-family encoder biases too: they import as switchsae's ``encoder_bias``)."""
     with torch.no_grad():
         for name, param in sae.named_parameters():
-            if name == "b_enc" and sae.cfg.architecture() in ("topk", "batchtopk"):
-                continue
             scale = 0.5 if name in ("b_dec", "threshold") else 0.1
             param.copy_(torch.randn(param.shape, generator=gen) * scale)
         if hasattr(sae, "threshold"):
@@ -51,6 +49,7 @@ def native_saes(gen: torch.Generator) -> dict[str, SAE]:
         "standard_raw_input": {"architecture": "standard", "apply_b_dec_to_input": False},
         "topk": {"architecture": "topk", "k": K},
         "topk_rescaled": {"architecture": "topk", "k": K, "rescale_acts_by_decoder_norm": True},
+        "topk_raw_input": {"architecture": "topk", "k": K, "apply_b_dec_to_input": False},
         "jumprelu": {"architecture": "jumprelu"},
         "gated": {"architecture": "gated"},
         "gated_raw_input": {"architecture": "gated", "apply_b_dec_to_input": False},

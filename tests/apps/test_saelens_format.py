@@ -18,11 +18,12 @@ from switchsae.saes.io import load_sae, save_sae
 D, M, K, SCALE = 16, 64, 4, 3.7
 
 
-def trained_like(arch: str) -> torch.nn.Module:
+def trained_like(arch: str, encoder_bias: bool = False) -> torch.nn.Module:
     """An SAE with act_scale ≠ 1 and every weight moved off its initialisation (decoder rows kept unit norm)."""
     torch.manual_seed(0)
     sae = build_sae(SAEConfig(arch=arch, d_model=D, width=M, k=K, n_experts=4 if arch == "switch" else 1,
-                              act_scale=SCALE, hook_name="blocks.2.hook_resid_post", model_name="tiny"))
+                              act_scale=SCALE, hook_name="blocks.2.hook_resid_post", model_name="tiny",
+                              encoder_bias=encoder_bias))
     x = batch()
     sae.init_from_data(x)
     sae(x)  # a training-mode forward sets BatchTopK's threshold
@@ -44,13 +45,14 @@ def outputs(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return code.to_dense(sae.cfg.width), sae.decode(code)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_export_then_import_gives_the_same_sae(arch, tmp_path):
-    sae = trained_like(arch)
+@pytest.mark.parametrize("arch, encoder_bias", [(arch, False) for arch in ARCHS] + [("topk", True), ("batchtopk", True)])
+def test_export_then_import_gives_the_same_sae(arch, encoder_bias, tmp_path):
+    sae = trained_like(arch, encoder_bias)
     save_sae(sae, tmp_path / "run")
     export_saelens(tmp_path / "run", tmp_path / "saelens")
     back = load_sae(import_saelens(tmp_path / "saelens", tmp_path / "back")).eval()
     assert back.cfg.arch == ("jumprelu" if arch == "batchtopk" else arch)
+    assert back.cfg.encoder_bias == (encoder_bias and arch == "topk")
     assert back.cfg.act_scale == 1 and back.cfg.hook_name == sae.cfg.hook_name
     x = batch()
     (z, x_hat), (z_back, x_hat_back) = outputs(sae, x), outputs(back, x)
@@ -97,14 +99,41 @@ def write_saelens(folder, cfg: dict, tensors: dict[str, torch.Tensor]):
 
 
 TOPK_TENSORS = {"W_enc": torch.randn(D, M), "b_enc": torch.zeros(M), "W_dec": torch.randn(M, D), "b_dec": torch.randn(D)}
+SWITCH_CFG = {"architecture": "switch", "d_in": D, "d_sae": M, "k": K, "n_experts": 4}
+SWITCH_TENSORS = {**TOPK_TENSORS, "W_router": torch.randn(D, 4), "b_router": torch.randn(D)}
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_a_topk_encoder_bias_imports_as_ours(arch, apply_b_dec_to_input, tmp_path):
+    """``ReLU(TopK((x − b_dec·a) W_enc + b_enc))`` (``a = apply_b_dec_to_input``), ``x̂ = z W_dec + b_dec``,
+    written out by hand (BatchTopK: every positive pre-activation above ``topk_threshold``)."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"W_enc": torch.randn(D, M, generator=gen), "b_enc": torch.randn(M, generator=gen),
+               "W_dec": torch.randn(M, D, generator=gen), "b_dec": torch.randn(D, generator=gen)}
+    cfg = {"architecture": arch, "d_in": D, "d_sae": M, "k": K, "apply_b_dec_to_input": apply_b_dec_to_input}
+    if arch == "batchtopk":
+        tensors["topk_threshold"] = torch.tensor(1.5)
+    sae = load_sae(import_saelens(write_saelens(tmp_path / "sl", cfg, tensors), tmp_path / "run")).eval()
+    assert sae.cfg.encoder_bias
+    x = batch() * SCALE
+    pre = (x - tensors["b_dec"] * apply_b_dec_to_input) @ tensors["W_enc"] + tensors["b_enc"]
+    if arch == "topk":
+        top = pre.topk(K, dim=-1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    else:
+        z = pre.relu() * (pre.relu() > 1.5)
+    z_ours, x_hat_ours = outputs(sae, x)
+    assert (z != 0).any()
+    x_hat = z @ tensors["W_dec"] + tensors["b_dec"]
+    for mine, want in ((z_ours, z), (x_hat_ours, x_hat)):  # float32 error relative to the largest value
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("cfg, tensors, message", [
     ({"architecture": "transcoder", "d_in": D, "d_sae": M}, TOPK_TENSORS, "SAELens architecture 'transcoder' is not supported"),
-    ({"architecture": "topk", "d_in": D, "d_sae": M, "k": K}, {**TOPK_TENSORS, "b_enc": torch.ones(M)},
-     "has an encoder bias (max |b_enc| = 1)"),
-    ({"architecture": "topk", "d_in": D, "d_sae": M, "k": K, "apply_b_dec_to_input": False}, TOPK_TENSORS,
-     "from apply_b_dec_to_input=false"),
+    ({**SWITCH_CFG}, {**SWITCH_TENSORS, "b_enc": torch.ones(M)}, "has an encoder bias (max |b_enc| = 1)"),
+    ({**SWITCH_CFG, "apply_b_dec_to_input": False}, SWITCH_TENSORS, "from apply_b_dec_to_input=false"),
     ({"architecture": "topk", "d_in": D, "d_sae": M, "k": K, "normalize_activations": "layer_norm"}, TOPK_TENSORS,
      "normalize_activations='layer_norm' is not supported"),
     ({"architecture": "jumprelu", "d_in": D, "d_sae": M}, TOPK_TENSORS, "'threshold' is missing"),

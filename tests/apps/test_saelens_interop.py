@@ -26,11 +26,16 @@ pytestmark = pytest.mark.skipif(not PYTHON.exists(), reason=f"no SAELens virtual
                                                              "`bash scripts/install_saelens.sh`")
 
 D, M, K = 64, 256, 8
-OUR_ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "switch"]
+#: our exports (folder name → architecture, encoder_bias) and the SAELens class each must load as
+EXPORTS = {"relu": ("relu", False), "topk": ("topk", False), "batchtopk": ("batchtopk", False),
+           "jumprelu": ("jumprelu", False), "gated": ("gated", False), "switch": ("switch", False),
+           "topk_encoder_bias": ("topk", True), "batchtopk_encoder_bias": ("batchtopk", True)}
 LOADS_AS = {"relu": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE", "jumprelu": "JumpReLUSAE",
-            "gated": "GatedSAE", "switch": "SwitchSAE"}
+            "gated": "GatedSAE", "switch": "SwitchSAE", "topk_encoder_bias": "TopKSAE",
+            "batchtopk_encoder_bias": "JumpReLUSAE"}
 #: SAEs the worker has SAELens save (saelens_worker.py) → the architecture they import as
 NATIVE = {"standard": "relu", "standard_raw_input": "relu", "topk": "topk", "topk_rescaled": "topk",
+          "topk_raw_input": "topk",
           "jumprelu": "jumprelu", "gated": "gated", "gated_raw_input": "gated", "batchtopk": "jumprelu",
           "batchtopk_checkpoint": "batchtopk", "switch": "switch"}
 #: worst absolute difference allowed, relative to the largest magnitude of the compared tensor
@@ -45,12 +50,12 @@ def work(tmp_path_factory) -> Path:
     acts_file = work / "acts.safetensors"
     save_file({"activations": acts}, str(acts_file))
     save_file({"x": acts[-128:].contiguous()}, str(work / "inputs.safetensors"))
-    for arch in OUR_ARCHS:
+    for name, (arch, encoder_bias) in EXPORTS.items():
         cfg = SAEConfig(arch=arch, d_model=D, width=M, k=K, n_experts=4 if arch == "switch" else 1, l1_coeff=0.01,
-                        hook_name="blocks.3.hook_resid_post", model_name="tiny-model")
-        train(cfg, acts, TrainConfig(steps=4, batch_size=256, normalize=True, lr=1e-3), run_dir=work / "runs" / arch,
+                        encoder_bias=encoder_bias, hook_name="blocks.3.hook_resid_post", model_name="tiny-model")
+        train(cfg, acts, TrainConfig(steps=4, batch_size=256, normalize=True, lr=1e-3), run_dir=work / "runs" / name,
               progress=False)
-        export_saelens(work / "runs" / arch, work / "exported" / arch, acts=acts_file if arch == "topk" else None)
+        export_saelens(work / "runs" / name, work / "exported" / name, acts=acts_file if arch == "topk" else None)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([str(PYTHON), str(Path(__file__).with_name("saelens_worker.py")), str(work)],
                             env=env, capture_output=True, text=True, timeout=600)
@@ -75,15 +80,17 @@ def assert_same(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], 
     assert ((mine["z"] != 0) == (theirs["z"] != 0)).all(), f"{label}: other latents fire"
 
 
-@pytest.mark.parametrize("arch", OUR_ARCHS)
-def test_our_export_loads_in_saelens_with_our_outputs(work, arch):
+@pytest.mark.parametrize("name", EXPORTS)
+def test_our_export_loads_in_saelens_with_our_outputs(work, name):
     report = json.loads((work / "report.json").read_text())
-    assert report[f"exported/{arch}"] == LOADS_AS[arch]
+    assert report[f"exported/{name}"] == LOADS_AS[name]
     x = load_file(str(work / "inputs.safetensors"))["x"]
-    theirs = load_file(str(work / "exported_out" / f"{arch}.safetensors"))
-    mine = ours(work / "runs" / arch, x)
+    theirs = load_file(str(work / "exported_out" / f"{name}.safetensors"))
+    mine = ours(work / "runs" / name, x)
     assert (mine["z"] != 0).any(), "a test without firing latents proves nothing"
-    assert_same(mine, theirs, f"export {arch}")
+    if EXPORTS[name][1]:  # a trained encoder bias, not the zeros an SAE without one exports
+        assert load_file(str(work / "exported" / name / "sae_weights.safetensors"))["b_enc"].abs().max() > 0
+    assert_same(mine, theirs, f"export {name}")
 
 
 def test_saelens_switch_takes_leading_dimensions_and_refuses_to_fold_decoder_norms(work):
@@ -99,4 +106,6 @@ def test_an_sae_saelens_saved_imports_with_saelens_outputs(work, name, tmp_path)
     theirs = load_file(str(work / "native_out" / f"{name}.safetensors"))
     assert (theirs["z"] != 0).any()
     assert load_sae(run).cfg.arch == NATIVE[name]
+    if NATIVE[name] in ("topk", "batchtopk"):  # SAELens's random b_enc ≠ 0 needs our encoder bias
+        assert load_sae(run).cfg.encoder_bias
     assert_same(ours(run, x), theirs, f"import {name}")

@@ -14,16 +14,19 @@ pytestmark = pytest.mark.usefixtures("kernel_backend")
 D, M, N, K, K_AUX, T = 16, 64, 4, 4, 6, 48
 
 
-def make(arch: str, routing: RoutingConfig = RoutingConfig()) -> ss.SparseAutoencoder:
+def make(arch: str, routing: RoutingConfig = RoutingConfig(), encoder_bias: bool = False) -> ss.SparseAutoencoder:
     torch.manual_seed(0)
     experts = N if arch == "switch" else 1
     width = M // N * (N + int(routing.shared_expert)) if arch == "switch" else M
     sae = build_sae(SAEConfig(arch=arch, d_model=D, width=width, k=K, n_experts=experts, auxk_coeff=0.5,
-                              auxk_k=K_AUX, dead_tokens=100, act_scale=0.7,
+                              auxk_k=K_AUX, dead_tokens=100, act_scale=0.7, encoder_bias=encoder_bias,
                               routing=routing if arch == "switch" else RoutingConfig()))
     if arch == "switch":
         with torch.no_grad():
             sae.W_router.mul_(8.0)
+    if encoder_bias:
+        with torch.no_grad():
+            sae.b_enc.copy_(torch.randn(width) * 0.5)
     sae.tokens_since_fired = torch.zeros(width, dtype=torch.long)
     sae.tokens_since_fired[::3] = 100  # every third latent is dead
     return sae
@@ -35,6 +38,8 @@ def dense_auxk(sae, x: torch.Tensor, x_hat: torch.Tensor, allowed: torch.Tensor)
     s, dead = sae.cfg.act_scale, sae.dead_latents()
     residual = (x - x_hat.detach()) * s
     pre = (x * s - sae.b_pre) @ sae.W_enc.t()
+    if getattr(sae, "b_enc", None) is not None:
+        pre = pre + sae.b_enc
     candidates = pre.masked_fill(~(allowed & dead), float("-inf"))
     top = candidates.topk(K_AUX, dim=-1)
     keep = torch.zeros_like(pre, dtype=torch.bool).scatter(1, top.indices, top.values > float("-inf"))
@@ -42,15 +47,15 @@ def dense_auxk(sae, x: torch.Tensor, x_hat: torch.Tensor, allowed: torch.Tensor)
     return 0.5 * min(1.0, int(dead.sum()) / K_AUX) * (residual - e_hat).pow(2).sum(-1).mean()
 
 
-@pytest.mark.parametrize("arch, routing", [("topk", RoutingConfig()), ("batchtopk", RoutingConfig()),
-                                           ("switch", RoutingConfig()),
-                                           ("switch", RoutingConfig(router="top_e", experts_per_token=2)),
-                                           ("switch", RoutingConfig(shared_expert=True))],
-                         ids=["topk", "batchtopk", "switch-top1", "switch-top2", "switch-shared"])
-def test_auxk_equals_the_dense_reference_within_each_tokens_experts(arch, routing):
+@pytest.mark.parametrize("arch, routing, encoder_bias", [
+    ("topk", RoutingConfig(), False), ("batchtopk", RoutingConfig(), False), ("topk", RoutingConfig(), True),
+    ("switch", RoutingConfig(), False), ("switch", RoutingConfig(router="top_e", experts_per_token=2), False),
+    ("switch", RoutingConfig(shared_expert=True), False)],
+    ids=["topk", "batchtopk", "topk-encoder-bias", "switch-top1", "switch-top2", "switch-shared"])
+def test_auxk_equals_the_dense_reference_within_each_tokens_experts(arch, routing, encoder_bias):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(T, D, generator=gen) + 0.5
-    sae = make(arch, routing)
+    sae = make(arch, routing, encoder_bias)
     out = sae(x)
     width = sae.cfg.width
     if arch == "switch":
@@ -63,8 +68,9 @@ def test_auxk_equals_the_dense_reference_within_each_tokens_experts(arch, routin
     got = sae.loss(x, out)["auxk"]
     want = dense_auxk(sae, x, out.x_hat, allowed)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    params = [sae.W_enc, sae.W_dec, sae.b_pre]
-    for name, g, w in zip(["W_enc", "W_dec", "b_pre"], torch.autograd.grad(got, params),
+    names = ["W_enc", "W_dec", "b_pre"] + (["b_enc"] if encoder_bias else [])
+    params = [getattr(sae, name) for name in names]
+    for name, g, w in zip(names, torch.autograd.grad(got, params),
                           torch.autograd.grad(want, params)):
         g = g.to_dense() if g.is_sparse else g
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
