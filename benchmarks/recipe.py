@@ -57,10 +57,10 @@ STUDIES: dict[str, dict[str, dict]] = {
         "switch4 lr 2x": {**SWITCH8, "width": 4 * M0, "n_experts": 4, "aux_coeff": 0.1, "lr": 8e-4},
         "topk lr 2x auxk": {**TOPK, "lr": 8e-4, "auxk_coeff": 1 / 32},
     },
-    "length": {  # the finalists at 4x, 8x and 16x the lr law, and one pass (240 steps) against three (720);
+    "length": {  # the finalists at 4x to 32x the lr law, and one pass (240 steps) against three (720);
         # 2x at 240 steps is in the auxk and lr studies
         **{f"{name} lr {mult}x steps {steps}": {**settings, "lr": 4e-4 * mult, "steps": steps}
-           for steps, mult in ((240, 4), (240, 8), (240, 16), (720, 4))
+           for steps, mult in ((240, 4), (240, 8), (240, 16), (240, 32), (720, 4), (720, 8))
            for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
                                   ("switch8", {**SWITCH8, **RECIPE}))},
     },
