@@ -33,6 +33,8 @@ PEERS = ("saelens", "sparsify", "dictlearn", "switchsae")
 # variants are FLOP-matched to the TopK of --width (N experts of --width latents, top-1 routing).
 OUR_VARIANT_FLAGS = {"switchsae": [], "switchsae-bf16": ["--matmul-dtype", "bfloat16"],
                      "switchsae-sparse": ["--sparse-updates"], "switchsae-norm": ["--normalize"],
+                     "switchsae-norm-bias": ["--normalize", "--encoder-bias"],
+                     "switchsae-recipe": ["--normalize", "--lr-decay-frac", "0.2"],  # our TopK as `train` runs it
                      **{f"switchsae-switch{n}": ["--experts", str(n), "--normalize"] for n in (4, 8)}}
 OURS = tuple(OUR_VARIANT_FLAGS)
 TARGET_SPEEDUP = 1.5  # issue 4: ours >= 1.5x the fastest peer's tokens/s, FVU no worse after equal steps

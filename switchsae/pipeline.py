@@ -98,8 +98,8 @@ class DemoConfig:
     k: int = 32
     steps: int = 400
     batch_size: int = 4096
-    lr: float = 8e-4           # twice the lr law at width 4096 (TopK, and each Switch expert): the best lr of
-                               # docs/results/recipe for both, where Switch-4 led TopK-4096
+    lr: float = 3.2e-3         # 8x the lr law at width 4096 (TopK, and each Switch expert): near the best lr of
+                               # both at 240-720 steps (docs/results/recipe, section 5)
     eval_tokens: int = 16_384
 
 
