@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError, safe_open
+
 LOCK_FILE = "run.lock"
 REPLACED = ".replaced"
 _HELD: set[Path] = set()  # run folders whose lock this process holds
@@ -73,8 +75,8 @@ class RunClaim:
     """What a training run holds on its folder: the last checkpoint it wrote, and whether a
     replaced run waits in ``.replaced/`` for that first checkpoint."""
 
-    def __init__(self, run_dir: Path | None):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path | None, checkpoint: str = ""):
+        self.run_dir, self.checkpoint = run_dir, checkpoint
         self.checkpoint_step: int | None = None
         self.replacing = False
 
@@ -85,12 +87,22 @@ class RunClaim:
             shutil.rmtree(self.run_dir / REPLACED)
             self.replacing = False
 
+    def _step_on_disk(self) -> int:
+        """The step of the checkpoint in the folder: an interrupt can land after a checkpoint's
+        atomic replace but before :meth:`checkpointed` recorded it."""
+        assert self.run_dir is not None and self.checkpoint_step is not None
+        try:
+            with safe_open(str(self.run_dir / self.checkpoint), framework="pt") as fh:
+                return int(fh.metadata()["step"])
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+            return self.checkpoint_step
+
     def outcome(self) -> str:
         """What a run that stops now leaves behind, for its error message."""
         if self.run_dir is None:
             return "nothing was saved (no run folder)"
         if self.checkpoint_step is not None:
-            return f"the last checkpoint (step {self.checkpoint_step}) is intact in {self.run_dir}"
+            return f"the last checkpoint (step {self._step_on_disk()}) is intact in {self.run_dir}"
         if self.replacing:
             return f"no checkpoint was written, so the run that was in {self.run_dir} before --force is restored"
         return f"no checkpoint was written to {self.run_dir}"
@@ -112,7 +124,7 @@ def claim_run_dir(run_dir: Path | None, outputs: tuple[str, ...], checkpoint: st
             raise RunFolderBusy(f"{run_dir} is in use by another switchsae process (it holds {run_dir / LOCK_FILE}); "
                                 "wait for it to finish or choose another --out")
         _recover_replaced(run_dir, outputs, checkpoint)
-        claim = RunClaim(run_dir)
+        claim = RunClaim(run_dir, checkpoint)
         claim.replacing = not resume and _move_aside(run_dir, outputs, force)
         try:
             yield claim

@@ -117,7 +117,7 @@ class World(Layout):
         """Rank 0 claims the run folder (switchsae.run_folder); the others follow its checkpoints."""
         with ExitStack() as stack:
             yield self.agreed(lambda: stack.enter_context(claim_run_dir(run_dir, outputs, checkpoint, resume, force))
-                              if self.writes else RunClaim(run_dir))
+                              if self.writes else RunClaim(run_dir, checkpoint))
 
     def prepare(self, sae: SparseAutoencoder, broadcast: bool) -> None:
         """Attach ``sae`` to the mesh: batch statistics over every rank, rank 0's weights (with
