@@ -72,14 +72,20 @@ class AbsorptionConfig:
 FULL_COS, FRACTION_COS, PROPORTION, MAX_ABSORBERS = 0.025, 0.1, 0.4, 3
 
 
-def letter_targets(letters: Tensor) -> Tensor:
-    return F.one_hot(letters, len(LETTERS)).float()
+def letter_bank(x: Tensor, letters: Tensor, **settings) -> ProbeBank:
+    """A probe bank for the 26 letters on rows ``x``; a letter no training word starts with gets a
+    probe that never fires (zero weights, bias −1), so it is never evaluated."""
+    present = letters.unique()
+    bank = fit_probe_bank(x, F.one_hot(letters, len(LETTERS))[:, present].float(), **settings)
+    weight = torch.zeros(len(LETTERS), x.shape[1])
+    bias = torch.full((len(LETTERS),), -1.0)
+    weight[present], bias[present] = bank.weight, bank.bias
+    return ProbeBank(weight, bias)
 
 
 def ground_truth_probe(train: SpellingSplit, test: SpellingSplit) -> tuple[ProbeBank, list[float]]:
     """Step 1: the probe bank on raw activations and each letter's test F1."""
-    bank = fit_probe_bank(train.acts, letter_targets(train.letters), epochs=50, lr=1e-2, weight_decay=1e-4,
-                          batch_size=64)
+    bank = letter_bank(train.acts, train.letters, epochs=50, lr=1e-2, weight_decay=1e-4, batch_size=64)
     scores = bank.scores(test.acts)
     return bank, [f1_score(scores[:, c] > 0, test.letters == c) for c in range(len(LETTERS))]
 
@@ -163,8 +169,8 @@ def evaluate_absorption(sae: SparseAutoencoder, train: SpellingSplit, test: Spel
     """Steps 2-4 for every letter; means over the letters whose probe F1 exceeds ``min_probe_f1``."""
     sae = sae.eval()
     train_codes, test_codes = dense_codes(sae, train.acts), dense_codes(sae, test.acts)
-    bank = fit_probe_bank(train_codes, letter_targets(train.letters), epochs=50, lr=1e-2, weight_decay=1e-6,
-                          l1=cfg.l1, batch_size=4096)
+    bank = letter_bank(train_codes, train.letters, epochs=50, lr=1e-2, weight_decay=1e-6, l1=cfg.l1,
+                       batch_size=4096)
     letters = []
     for letter in range(len(LETTERS)):
         if gt_f1[letter] <= cfg.min_probe_f1:

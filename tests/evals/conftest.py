@@ -33,11 +33,11 @@ def topic_jsonl(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def topic_cache(tmp_path_factory, llama_dir, topic_jsonl) -> Path:
-    """The tiny Llama's layer-1 residual stream over the first ~200 documents of ``topic_jsonl``
+    """The tiny Llama's layer-1 residual stream over the first ~120 documents of ``topic_jsonl``
     (windows of 64 tokens)."""
     from switchsae.sources.cache import build_cache
 
-    return build_cache(str(llama_dir), HOOK, topic_jsonl, 40_000, tmp_path_factory.mktemp("labelled") / "cache",
+    return build_cache(str(llama_dir), HOOK, topic_jsonl, 24_000, tmp_path_factory.mktemp("labelled") / "cache",
                        context_length=64, progress=False)
 
 
