@@ -199,22 +199,17 @@ def cmd_steer(args: argparse.Namespace) -> None:
 
 def cmd_probe(args: argparse.Namespace) -> None:
     from switchsae.evals.probing import ProbingConfig, format_probing, run_probing
-    from switchsae.saes.io import write_json_atomic
 
-    result = run_probing(args.runs, _config_from_args(ProbingConfig, args), model=args.model, progress=not args.quiet)
-    if args.out:
-        write_json_atomic(Path(args.out), result)
+    result = run_probing(args.runs, _config_from_args(ProbingConfig, args), model=args.model, progress=not args.quiet,
+                         out=args.out)
     print(format_probing(result) + (f"\nwrote {args.out}" if args.out else ""))
 
 
 def cmd_absorption(args: argparse.Namespace) -> None:
     from switchsae.evals.absorption import AbsorptionConfig, format_absorption, run_absorption
-    from switchsae.saes.io import write_json_atomic
 
     result = run_absorption(args.runs, _config_from_args(AbsorptionConfig, args), model=args.model,
-                            progress=not args.quiet)
-    if args.out:
-        write_json_atomic(Path(args.out), result)
+                            progress=not args.quiet, out=args.out)
     print(format_absorption(result) + (f"\nwrote {args.out}" if args.out else ""))
 
 
@@ -354,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("runs", nargs="+", help="run folders of SAEs on one model and hook (one model pass for all)")
         p.add_argument("--model", default=None, help="LM to run (default: the one named in the SAE configs)")
-        p.add_argument("--out", default=None, help="write every score, per class/letter and seed, to this JSON file")
+        p.add_argument("--out", default=None, help="write every score, per class/letter and seed, to this JSON file (updated after each SAE)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_config_flags(p, config_cls, skip={"ms"})  # SAEBench's m = 1, 2, 5, 10, 20
         p.set_defaults(func=func)

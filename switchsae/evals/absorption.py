@@ -48,6 +48,7 @@ from switchsae.evals.runs import check_width, expert_of_latents, load_runs
 from switchsae.evals.spelling import LETTERS, SpellingSplit, spelling_data
 from switchsae.evals.stats import f1_score
 from switchsae.saes import SparseAutoencoder
+from switchsae.saes.io import write_json_atomic
 
 EPS = 1e-8
 
@@ -187,10 +188,11 @@ def evaluate_absorption(sae: SparseAutoencoder, train: SpellingSplit, test: Spel
             "clear_main_latent_share": mean("clear_main_latent"), "letters": letters}
 
 
-def run_absorption(runs: list[str | Path], cfg: AbsorptionConfig, model: str | None = None,
-                   progress: bool = False) -> dict:
+def run_absorption(runs: list[str | Path], cfg: AbsorptionConfig, model: str | None = None, progress: bool = False,
+                   out: str | Path | None = None) -> dict:
     """The absorption eval of every run's SAE (all on one model and hook), on one pass of the model
-    over the spelling prompts and one ground-truth probe; timings included."""
+    over the spelling prompts and one ground-truth probe; timings included. With ``out``, the
+    results so far are written there (JSON) after each SAE."""
     from switchsae.sources.models import load_model
 
     loaded, model_name, hook = load_runs(runs, model)
@@ -211,6 +213,8 @@ def run_absorption(runs: list[str | Path], cfg: AbsorptionConfig, model: str | N
         scores = evaluate_absorption(run.sae, train, test, gt, gt_f1, cfg, expert_of_latents(run.sae))
         result["saes"][run.name] = {**scores, "arch": run.sae.cfg.arch, "width": run.sae.cfg.width,
                                     "n_experts": run.sae.cfg.n_experts, "seconds": time.perf_counter() - started}
+        if out:
+            write_json_atomic(Path(out), result)
         if progress:
             print(f"absorption of {run.name}: {time.perf_counter() - started:.1f} s", flush=True)
     return result

@@ -33,6 +33,7 @@ from switchsae.evals.labelled import TASKS, BinaryTask, binary_tasks, read_task,
 from switchsae.evals.logistic import fit_logistic
 from switchsae.evals.runs import check_width, expert_of_latents, load_runs
 from switchsae.evals.stats import balanced_accuracy, mean_interval
+from switchsae.saes.io import write_json_atomic
 from switchsae.sources.cache import ActivationCache, check_compatible
 from switchsae.sources.hooks import HookPoint
 
@@ -159,10 +160,11 @@ def probing_documents(cfg: ProbingConfig, model_name: str, hook: HookPoint,
     return acts, docs.labels, docs.classes, time.perf_counter() - started
 
 
-def run_probing(runs: list[str | Path], cfg: ProbingConfig, model: str | None = None,
-                progress: bool = False) -> dict:
+def run_probing(runs: list[str | Path], cfg: ProbingConfig, model: str | None = None, progress: bool = False,
+                out: str | Path | None = None) -> dict:
     """Sparse probing of every run's SAE (all on one model and hook) and of the raw activations,
-    on one pass of the model over the task's documents (or one read of a cache); timings included."""
+    on one pass of the model over the task's documents (or one read of a cache); timings included.
+    With ``out``, the results so far are written there (JSON) after each SAE."""
     loaded, model_name, hook = load_runs(runs, model)
     acts, labels, classes, model_s = probing_documents(cfg, model_name, hook, progress)
     for run in loaded:
@@ -181,6 +183,8 @@ def run_probing(runs: list[str | Path], cfg: ProbingConfig, model: str | None = 
         result["features"][run.name] = {**scores, "arch": run.sae.cfg.arch, "width": run.sae.cfg.width,
                                         "n_experts": run.sae.cfg.n_experts, "encode_s": encoded - started,
                                         "probe_s": time.perf_counter() - encoded}
+        if out:
+            write_json_atomic(Path(out), result)
         if progress:
             print(f"probed {run.name}: encode {encoded - started:.1f} s, probes {time.perf_counter() - encoded:.1f} s",
                   flush=True)
