@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("runs", nargs="+", help="run folders of SAEs on one model and hook (one model pass for all)")
         p.add_argument("--model", default=None, help="LM to run (default: the one named in the SAE configs)")
-        p.add_argument("--out", default=None, help="write every score, per class/letter and seed, to this JSON file (updated after each SAE)")
+        p.add_argument("--out", default=None, help="JSON file of every score per class/letter and seed (rewritten after each SAE)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_config_flags(p, config_cls, skip={"ms"})  # SAEBench's m = 1, 2, 5, 10, 20
         p.set_defaults(func=func)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +45,10 @@ from torch import Tensor
 from switchsae.analysis.tables import markdown_table
 from switchsae.config import opt
 from switchsae.evals.logistic import ProbeBank, fit_logistic, fit_probe_bank
-from switchsae.evals.runs import check_width, expert_of_latents, load_runs
+from switchsae.evals.runs import check_width, expert_of_latents, load_runs, save_result
 from switchsae.evals.spelling import LETTERS, SpellingSplit, spelling_data
 from switchsae.evals.stats import f1_score
 from switchsae.saes import SparseAutoencoder
-from switchsae.saes.io import write_json_atomic
 
 EPS = 1e-8
 
@@ -146,13 +146,13 @@ def absorption_scores(x: Tensor, codes: Tensor, direction: Tensor, main: list[in
     return fraction, full, top
 
 
-def letter_result(letter: int, sae: SparseAutoencoder, test: SpellingSplit, test_codes: Tensor, gt: ProbeBank, ranking: list[int], f1s: list[float], cfg: AbsorptionConfig,
-                  experts: Tensor | None) -> dict:
+def letter_result(letter: int, sae: SparseAutoencoder, test: SpellingSplit, test_codes: Tensor, gt: ProbeBank,
+                  ranking: list[int], f1s: list[float], cfg: AbsorptionConfig, experts: Tensor | None) -> dict:
     """Steps 3-4 for one letter, as a JSON-ready row."""
     main = main_latents(ranking, f1s, cfg.f1_jump)
     found = (test.letters == letter) & (gt.scores(test.acts)[:, letter] > 0)
-    row = {"letter": LETTERS[letter], "main_latents": main, "k_sparse_f1": f1s, "probe_true_positives": int(found.sum()),
-           "clear_main_latent": f1s[0] >= cfg.min_probe_f1}
+    row = {"letter": LETTERS[letter], "main_latents": main, "k_sparse_f1": f1s,
+           "probe_true_positives": int(found.sum()), "clear_main_latent": f1s[0] >= cfg.min_probe_f1}
     if not found.any():
         return {**row, "absorption_fraction": None, "full_absorption_rate": None}
     fraction, full, top = absorption_scores(test.acts[found], test_codes[found], gt.weight[letter], main, sae)
@@ -205,7 +205,7 @@ def run_absorption(runs: list[str | Path], cfg: AbsorptionConfig, model: str | N
         check_width(train.acts, hook, model_name, run.sae)
     started = time.perf_counter()
     gt, gt_f1 = ground_truth_probe(train, test)
-    result = {"settings": asdict(cfg), "model": model_name, "hook": hook.name, "train_words": len(train.words),
+    result: dict[str, Any] = {"settings": asdict(cfg), "model": model_name, "hook": hook.name, "train_words": len(train.words),
               "test_words": len(test.words), "model_pass_s": model_s, "probe_s": time.perf_counter() - started,
               "probe_f1": dict(zip(LETTERS, gt_f1)), "saes": {}}
     for run in loaded:
@@ -214,7 +214,7 @@ def run_absorption(runs: list[str | Path], cfg: AbsorptionConfig, model: str | N
         result["saes"][run.name] = {**scores, "arch": run.sae.cfg.arch, "width": run.sae.cfg.width,
                                     "n_experts": run.sae.cfg.n_experts, "seconds": time.perf_counter() - started}
         if out:
-            write_json_atomic(Path(out), result)
+            save_result(out, result)
         if progress:
             print(f"absorption of {run.name}: {time.perf_counter() - started:.1f} s", flush=True)
     return result

@@ -82,7 +82,7 @@ def cached_documents(cache: ActivationCache, task: str, docs_per_class: int, max
         raise ValueError(f"The cache in {cache.path} holds {runs[-1][0] + 1} documents but the labels list "
                          f"only {len(labels)}: it was not built from this task's corpus.")
     runs = [run for run in runs if labels[run[0]] is not None]
-    chosen, ids, classes = select_by_label([labels[run[0]] for run in runs], docs_per_class, max_classes,
+    chosen, ids, classes = select_by_label([str(labels[run[0]]) for run in runs], docs_per_class, max_classes,
                                            source=f"{task} in the cache {cache.path}")
     picked = [runs[i] for i in chosen]
     acts = torch.cat([cache.read(a, b).to(torch.bfloat16) for _, a, b in picked])

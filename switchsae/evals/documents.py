@@ -61,7 +61,7 @@ def document_activations(model: nn.Module, tokenizer, hook: HookPoint | str, tex
     ids = document_ids(tokenizer, texts, context_length, drop_first)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    kept: list[Tensor | None] = [None] * len(ids)
+    kept: list[Tensor] = [torch.empty(0)] * len(ids)
     for start in tqdm(range(0, len(order), batch_size), desc="documents", disable=not progress):
         batch = order[start:start + batch_size]
         width = max(len(ids[i]) for i in batch)

@@ -81,7 +81,8 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
 
 def _gutenberg_authors(folder: Path, chunk_chars: int) -> list[tuple[str, str]]:
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder of books; --task gutenberg-author reads <Author>__<title>.txt files.")
+        raise ValueError(f"{folder} is not a folder of books; --task gutenberg-author reads "
+                         f"<Author>__<title>.txt files.")
     rows = []
     for path in sorted(folder.glob("*.txt")):
         author, sep, _ = path.stem.partition("__")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,9 +32,8 @@ from switchsae.evals.cached import cached_documents
 from switchsae.evals.documents import DocumentActivations, document_activations, mean_pool, pooled_codes
 from switchsae.evals.labelled import TASKS, BinaryTask, binary_tasks, read_task, select_documents
 from switchsae.evals.logistic import fit_logistic
-from switchsae.evals.runs import check_width, expert_of_latents, load_runs
+from switchsae.evals.runs import check_width, expert_of_latents, load_runs, save_result
 from switchsae.evals.stats import balanced_accuracy, mean_interval
-from switchsae.saes.io import write_json_atomic
 from switchsae.sources.cache import ActivationCache, check_compatible
 from switchsae.sources.hooks import HookPoint
 
@@ -170,7 +170,7 @@ def run_probing(runs: list[str | Path], cfg: ProbingConfig, model: str | None = 
     for run in loaded:
         check_width(acts.acts, hook, model_name, run.sae)
     tasks_by_seed = [binary_tasks(labels, seed, cfg.test_fraction) for seed in range(cfg.seeds)]
-    result = {"settings": asdict(cfg), "model": model_name, "hook": hook.name, "classes": classes,
+    result: dict[str, Any] = {"settings": asdict(cfg), "model": model_name, "hook": hook.name, "classes": classes,
               "documents": acts.n_docs, "tokens": int(acts.acts.shape[0]), "documents_s": model_s, "features": {}}
     started = time.perf_counter()
     result["features"][RAW] = {**evaluate_features(mean_pool(acts.acts, acts), tasks_by_seed, cfg),
@@ -184,7 +184,7 @@ def run_probing(runs: list[str | Path], cfg: ProbingConfig, model: str | None = 
                                         "n_experts": run.sae.cfg.n_experts, "encode_s": encoded - started,
                                         "probe_s": time.perf_counter() - encoded}
         if out:
-            write_json_atomic(Path(out), result)
+            save_result(out, result)
         if progress:
             print(f"probed {run.name}: encode {encoded - started:.1f} s, probes {time.perf_counter() - encoded:.1f} s",
                   flush=True)

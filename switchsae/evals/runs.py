@@ -1,5 +1,5 @@
 """What both evaluations do around their math: load the SAEs of several runs, check that they read
-one model at one hook, and which expert holds each latent."""
+one model at one hook, which expert holds each latent, and save results."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from switchsae.saes import SparseAutoencoder, reads_setting
-from switchsae.saes.io import load_sae
+from switchsae.saes.io import load_sae, write_json_atomic
 from switchsae.sources.hooks import HookPoint
 
 
@@ -61,3 +61,10 @@ def expert_of_latents(sae: SparseAutoencoder) -> Tensor | None:
         return None
     blocks = cfg.n_experts + int(cfg.routing.shared_expert)
     return torch.arange(cfg.width) // (cfg.width // blocks)
+
+
+def save_result(out: str | Path, result: dict) -> None:
+    """``result`` as JSON at ``out`` (its folder created), atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)

@@ -5,19 +5,18 @@ import json
 
 import pytest
 import torch
+from conftest import HOOK, topics_of
 
 from switchsae.cli import main
 from switchsae.config import SAEConfig
 from switchsae.evals.cached import cached_documents
 from switchsae.evals.documents import DocumentActivations, document_activations, mean_pool, pooled_codes
 from switchsae.evals.labelled import binary_tasks, chunk_text, select_by_label
-from switchsae.evals.probing import ProbingConfig, probe_features, top_mean_difference
+from switchsae.evals.probing import probe_features, top_mean_difference
 from switchsae.saes import build_sae
 from switchsae.saes.io import save_sae
 from switchsae.sources.cache import ActivationCache
 from switchsae.sources.models import load_model
-
-from conftest import HOOK, topics_of
 
 
 def packed(lengths: list[int], d: int, seed: int = 0) -> DocumentActivations:
