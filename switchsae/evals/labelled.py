@@ -83,7 +83,7 @@ def _gutenberg_authors(folder: Path, chunk_chars: int) -> list[tuple[str, str]]:
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder of books; --task gutenberg-author reads "
                          f"<Author>__<title>.txt files.")
-    rows = []
+    rows: list[tuple[str, str]] = []
     for path in sorted(folder.glob("*.txt")):
         author, sep, _ = path.stem.partition("__")
         if not sep:
@@ -121,7 +121,8 @@ def select_by_label(labels: list[str], docs_per_class: int, max_classes: int,
         raise ValueError(f"Too few documents per class in {source}: " + ", ".join(
             f"'{c}' has {len(by_label[c])}" for c in short) + f", fewer than the {docs_per_class} asked for "
             f"(lower --docs-per-class or --max-classes).")
-    chosen, ids = [], []
+    chosen: list[int] = []
+    ids: list[int] = []
     for class_id, name in enumerate(classes):
         members = by_label[name]
         picks = torch.linspace(0, len(members) - 1, docs_per_class).round().long().unique()

@@ -118,6 +118,6 @@ def spelling_data(model: nn.Module, tokenizer, hook: HookPoint, n_words: int, tr
     generator = torch.Generator().manual_seed(seed)
     chosen = [vocab[i] for i in torch.randperm(len(vocab), generator=generator)[:n_words].tolist()]
     n_train = int(len(chosen) * train_fraction)
-    return tuple(spelling_split(model, tokenizer, hook, part, icl_examples, words_per_prompt, generator,
-                                batch_size, progress)
-                 for part in (chosen[:n_train], chosen[n_train:]))
+    train, test = (spelling_split(model, tokenizer, hook, part, icl_examples, words_per_prompt, generator,
+                                  batch_size, progress) for part in (chosen[:n_train], chosen[n_train:]))
+    return train, test
