@@ -123,10 +123,30 @@ def absorption_table(files: list[Path]) -> str:
     return markdown_table(rows, ["SAE", "seeds", "letters", *keys, "same expert", "seconds"])
 
 
+def expert_loads(runs: list[Path], cache: Path, rows: int = 100_000) -> str:
+    """Each Switch run's share of the cache's first ``rows`` rows routed (top-1) to each expert."""
+    import torch
+
+    from switchsae.saes.io import load_sae
+    from switchsae.sources.cache import ActivationCache
+
+    x = ActivationCache(cache).read(0, rows)
+    lines = []
+    for run in runs:
+        sae = load_sae(run)
+        with torch.no_grad():
+            chosen = sae.router_logits(x * sae.cfg.act_scale)[1].argmax(1)
+        share = torch.bincount(chosen, minlength=sae.cfg.n_experts).float() / rows
+        lines.append(f"| {run.name} | " + ", ".join(f"{v:.3f}" for v in share.tolist()) + " |")
+    return "\n".join(["| SAE | share of tokens routed to expert 0, 1, ... |", "|---|---|", *lines])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--probe", nargs="*", default=[], type=Path)
     parser.add_argument("--absorption", nargs="*", default=[], type=Path)
+    parser.add_argument("--loads", nargs="*", default=[], type=Path, help="Switch runs whose expert loads to list")
+    parser.add_argument("--cache", type=Path, help="activation cache the loads are measured on")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     parts = []
@@ -139,6 +159,8 @@ def main() -> None:
                     xlabel="m (latents or dimensions selected)", ylabel="balanced accuracy", logx=True)
     if args.absorption:
         parts += ["### Feature absorption", "", absorption_table(args.absorption), ""]
+    if args.loads:
+        parts += ["### Expert loads (top-1 routing, first 100k rows of the cache)", "", expert_loads(args.loads, args.cache), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tables.md").write_text("\n".join(parts))
     print("\n".join(parts))
