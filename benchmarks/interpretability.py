@@ -106,6 +106,8 @@ def absorption_table(files: list[Path]) -> str:
             for key in keys:
                 values[key].append(scores[key])
             values["letters"].append(scores["letters_evaluated"])
+            values["k=1 F1"].append(sum(r["k_sparse_f1"][0] for r in scores["letters"]) / len(scores["letters"]))
+            values["k=10 F1"].append(sum(r["k_sparse_f1"][-1] for r in scores["letters"]) / len(scores["letters"]))
             values["seconds"].append(scores["seconds"])
             if scores.get("n_experts", 1) > 1:
                 full = [r for r in scores["letters"] if r.get("full_absorption_rate")]
@@ -115,12 +117,12 @@ def absorption_table(files: list[Path]) -> str:
     rows = []
     for setting, values in settings.items():
         row = {"SAE": setting, "seeds": len(values["letters"]), "letters": sum(values["letters"]) / len(values["letters"])}
-        for key in keys + ("same expert", "seconds"):
+        for key in keys + ("k=1 F1", "k=10 F1", "same expert", "seconds"):
             if values.get(key):
                 mean, half = mean_interval(values[key])
                 row[key] = f"{mean:.3f} ± {half:.3f}" if len(values[key]) > 1 else f"{mean:.3f}"
         rows.append(row)
-    return markdown_table(rows, ["SAE", "seeds", "letters", *keys, "same expert", "seconds"])
+    return markdown_table(rows, ["SAE", "seeds", "letters", *keys, "k=1 F1", "k=10 F1", "same expert", "seconds"])
 
 
 def expert_loads(runs: list[Path], cache: Path, rows: int = 100_000) -> str:
