@@ -29,7 +29,8 @@ def test_probe_reads_topics_from_the_model_and_from_the_cache(smollm2_run, tmp_p
         main(["probe", str(smollm2_run / "run"), "--task", "wiki-topic", "--data", str(WIKI), "--docs-per-class", "10",
               "--max-classes", "2", "--seeds", "1", "--out", str(out), "--quiet", *extra])
         result = json.loads(out.read_text())
-        assert result["classes"] == ["People", "Biology and health sciences"] and result["documents"] == 20
+        # the whole file's two largest topics; the cache's 20k tokens hold its first ~150 articles only
+        assert result["classes"][0] == "People" and len(result["classes"]) == 2 and result["documents"] == 20
         assert 0.5 <= sum(result["features"]["run"]["accuracy"]["all"]) <= 1.0
 
 
