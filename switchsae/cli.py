@@ -226,6 +226,22 @@ def cmd_steer(args: argparse.Namespace) -> None:
     print(steer(args.run, args.prompt, _config_from_args(SteerConfig, args), model=args.model).format())
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    from switchsae.evals.probing import ProbingConfig, format_probing, run_probing
+
+    result = run_probing(args.runs, _config_from_args(ProbingConfig, args), model=args.model, progress=not args.quiet,
+                         out=args.out)
+    print(format_probing(result) + (f"\nwrote {args.out}" if args.out else ""))
+
+
+def cmd_absorption(args: argparse.Namespace) -> None:
+    from switchsae.evals.absorption import AbsorptionConfig, format_absorption, run_absorption
+
+    result = run_absorption(args.runs, _config_from_args(AbsorptionConfig, args), model=args.model,
+                            progress=not args.quiet, out=args.out)
+    print(format_absorption(result) + (f"\nwrote {args.out}" if args.out else ""))
+
+
 def format_metrics(metrics: dict) -> str:
     """Metrics as aligned ``name  value`` lines (lists, such as per-expert load, summarised)."""
     lines = []
@@ -371,6 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar while the model loads")
     _add_config_flags(p, SteerConfig)
     p.set_defaults(func=cmd_steer)
+
+    from switchsae.evals.absorption import AbsorptionConfig
+    from switchsae.evals.probing import ProbingConfig
+
+    for name, config_cls, func, text in (
+            ("probe", ProbingConfig, cmd_probe, "sparse probing (SAEBench): top-m latents by class mean difference, "
+                                               "logistic probes on labelled documents, balanced accuracy"),
+            ("absorption", AbsorptionConfig, cmd_absorption, "first-letter feature absorption (SAEBench): "
+                                                             "probes on the vocabulary, main and absorbing latents")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("runs", nargs="+", help="run folders of SAEs on one model and hook (one model pass for all)")
+        p.add_argument("--model", default=None, help="LM to run (default: the one named in the SAE configs)")
+        p.add_argument("--out", default=None, help="JSON file of every score per class/letter and seed (rewritten after each SAE)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_config_flags(p, config_cls, skip={"ms"})  # SAEBench's m = 1, 2, 5, 10, 20
+        p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="plots and report.md for a sweep's output folder")
     p.add_argument("dir", help="the sweep's out folder (holding <setting>/<run>/metrics.json)")
