@@ -183,6 +183,8 @@ class TrainConfig:
     log_every: int = opt(50, "log losses every this many steps")
     normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in the SAE config)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
+    grad_clip: float = opt(0.0, "clip the gradient's global norm (over every parameter, after the ranks' average) to "
+                                "this before each step; 0: no clipping (dictionary_learning and SAELens clip at 1)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
     matmul_dtype: str = opt("auto", "dtype of the TopK family's selection matmul: float32, bfloat16 or auto (the faster "
                                     "on this machine, measured once; values and gradients stay fp32)")
@@ -204,6 +206,10 @@ class TrainConfig:
             raise ValueError(f"lr_width must be total or expert, got {self.lr_width!r}.")
         if not 0 <= self.lr_decay_frac <= 1:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}.")
+        if not 0 <= self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be 0 (off) or a positive finite norm, got {self.grad_clip}.")
+        if self.grad_clip and self.sparse_updates:
+            raise ValueError("grad_clip needs dense gradients; it cannot be combined with sparse_updates.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (only at the end) or positive, got {self.checkpoint_every}.")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

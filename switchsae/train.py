@@ -205,6 +205,8 @@ def train_loop(
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         world.reduce_gradients(sae)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, base_lr)
         opt.step()

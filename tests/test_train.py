@@ -316,3 +316,18 @@ def test_default_lr_uses_the_total_or_the_expert_width(tmp_path, acts, lr_width,
     train(SWITCH, acts, TrainConfig(steps=1, batch_size=64, log_every=1, lr_width=lr_width), run_dir=tmp_path,
           progress=False)
     assert json.loads((tmp_path / "log.jsonl").read_text())["lr"] == pytest.approx(default_lr(width))
+
+
+def test_grad_clip_bounds_the_update_only_when_the_norm_exceeds_it(acts):
+    """Clipping at a norm far above the gradient's multiplies it by exactly 1 (weights bit-identical to
+    no clipping); at a tiny norm every step is clipped and the weights differ."""
+    plain = train(SWITCH, acts, FAST, progress=False).state_dict()
+    loose = train(SWITCH, acts, dataclasses.replace(FAST, grad_clip=1e9), progress=False).state_dict()
+    tight = train(SWITCH, acts, dataclasses.replace(FAST, grad_clip=1e-4, lr_decay_frac=0.0), progress=False)
+    for name, tensor in plain.items():
+        assert torch.equal(tensor, loose[name]), name
+    assert not torch.equal(plain["W_dec"], tight.state_dict()["W_dec"])
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainConfig(grad_clip=-1.0)
+    with pytest.raises(ValueError, match="sparse_updates"):
+        TrainConfig(grad_clip=1.0, sparse_updates=True)

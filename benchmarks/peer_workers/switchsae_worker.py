@@ -22,6 +22,7 @@ def main() -> None:
                         help="a Switch SAE of this many experts of --width latents each (FLOP-matched to TopK --width)")
     parser.add_argument("--normalize", action="store_true", help="train on activations scaled to mean norm sqrt(d)")
     parser.add_argument("--encoder-bias", action="store_true", help="TopK with a learned encoder bias b_enc")
+    parser.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient's global norm (0: off)")
     parser.add_argument("--lr-decay-frac", type=float, default=0.0,
                         help="linear lr decay to 0 over this last fraction of steps (our default recipe: 0.2)")
     args = parser.parse_args()
@@ -31,7 +32,7 @@ def main() -> None:
              if args.experts else dict(arch="topk", width=args.width, encoder_bias=args.encoder_bias))
     sae_cfg = SAEConfig.from_flat(d_model=batches.d_model, k=args.k, **shape)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_decay_frac=args.lr_decay_frac,
-                            seed=args.seed, checkpoint_every=0, log_every=args.steps, normalize=args.normalize,
+                            grad_clip=args.grad_clip, seed=args.seed, checkpoint_every=0, log_every=args.steps, normalize=args.normalize,
                             matmul_dtype=args.matmul_dtype, sparse_updates=args.sparse_updates)
     sae = train(sae_cfg, batches, train_cfg, progress=False)
     batches.stop()
@@ -53,6 +54,8 @@ def main() -> None:
     if args.normalize:
         notes += "; --normalize"
     notes += "; encoder bias b_enc" if args.encoder_bias else "; no b_enc"
+    if args.grad_clip:
+        notes += f"; gradient norm clipped at {args.grad_clip:g}"
     if args.lr_decay_frac:
         notes += f"; lr decays over the last {args.lr_decay_frac:.0%} of steps"
     if args.matmul_dtype == "bfloat16":
