@@ -37,6 +37,8 @@ OUR_VARIANT_FLAGS = {"switchsae": [], "switchsae-bf16": ["--matmul-dtype", "bflo
                      "switchsae-recipe": ["--normalize", "--lr-decay-frac", "0.2"],  # our TopK as `train` runs it
                      "switchsae-recipe-clip": ["--normalize", "--lr-decay-frac", "0.2", "--grad-clip", "1"],
                      "switchsae-switch4-recipe": ["--experts", "4", "--normalize", "--lr-decay-frac", "0.2"],
+                     "switchsae-switch4-recipe-clip": ["--experts", "4", "--normalize", "--lr-decay-frac", "0.2",
+                                                       "--grad-clip", "1"],
                      **{f"switchsae-switch{n}": ["--experts", str(n), "--normalize"] for n in (4, 8)}}
 OURS = tuple(OUR_VARIANT_FLAGS)
 TARGET_SPEEDUP = 1.5  # issue 4: ours >= 1.5x the fastest peer's tokens/s, FVU no worse after equal steps
