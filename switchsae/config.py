@@ -22,6 +22,20 @@ def opt(default: Any = MISSING, help: str = "") -> Any:
     return field(default=default, metadata={"help": help})
 
 
+
+def require_positive(settings: Any, *names: str) -> None:
+    """ValueError naming the first of ``names`` whose value on ``settings`` is below 1."""
+    for name in names:
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(settings, name)}.")
+
+
+def require_non_negative(settings: Any, *names: str) -> None:
+    """ValueError naming the first of ``names`` whose value on ``settings`` is below 0."""
+    for name in names:
+        if getattr(settings, name) < 0:
+            raise ValueError(f"{name} must be non-negative, got {getattr(settings, name)}.")
+
 @dataclass(frozen=True)
 class RoutingConfig:
     """How a Switch SAE routes tokens to experts (saes/routing.py); the saved config keeps it under ``routing``."""
@@ -82,9 +96,7 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"Unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}.")
-        for name in ("d_model", "width", "k", "n_experts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        require_positive(self, "d_model", "width", "k", "n_experts")
         if self.arch == "switch":
             if self.width % self.n_blocks:
                 raise ValueError(f"width {self.width} is not divisible by the {self.n_blocks} experts"
@@ -190,9 +202,7 @@ class TrainConfig:
                                     "on this machine, measured once; values and gradients stay fp32)")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        require_positive(self, "steps", "batch_size", "log_every")
         if self.lr is not None and not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a positive finite number, got {self.lr}.")
         for name in ("beta1", "beta2"):
@@ -244,9 +254,7 @@ class ParallelConfig:
                                      "with an error")
 
     def __post_init__(self) -> None:
-        for name in ("nproc", "expert_parallel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        require_positive(self, "nproc", "expert_parallel")
         if not (self.expert_capacity >= 0 and math.isfinite(self.expert_capacity)):
             raise ValueError(f"expert_capacity must be 0 (no limit) or a positive number, got {self.expert_capacity}.")
         if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):

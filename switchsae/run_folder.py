@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from safetensors import SafetensorError, safe_open
+from switchsae.checkpoint import read_checkpoint_meta
 
 LOCK_FILE = "run.lock"
 REPLACED = ".replaced"
@@ -92,9 +92,8 @@ class RunClaim:
         atomic replace but before :meth:`checkpointed` recorded it."""
         assert self.run_dir is not None and self.checkpoint_step is not None
         try:
-            with safe_open(str(self.run_dir / self.checkpoint), framework="pt") as fh:
-                return int(fh.metadata()["step"])
-        except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+            return int(read_checkpoint_meta(self.run_dir / self.checkpoint)["step"])
+        except (OSError, ValueError):
             return self.checkpoint_step
 
     def outcome(self) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from switchsae.config import opt
+from switchsae.config import opt, require_non_negative, require_positive
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,8 @@ class InspectConfig:
     seed: int = opt(0, "seed of the interval samples")
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "neighbours", "before", "after", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}.")
-        for name in ("batch_size", "top", "intervals", "per_interval", "bins", "logit_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        require_non_negative(self, "tokens", "neighbours", "before", "after", "seed")
+        require_positive(self, "batch_size", "top", "intervals", "per_interval", "bins", "logit_tokens")
         if self.bins & (self.bins - 1):
             raise ValueError(f"bins must be a power of two, got {self.bins}.")
         if self.bins % self.intervals:

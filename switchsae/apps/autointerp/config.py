@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from switchsae.config import opt
+from switchsae.config import opt, require_non_negative, require_positive
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,8 @@ class AutointerpConfig:
         if (self.features > 0) == bool(self.ids):
             raise ValueError("Give either --features N (a sample of live latents) or --ids LIST, not both "
                              "and not neither.")
-        for name in ("features", "seed", "tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}.")
-        for name in ("batch_size", "explain_top", "scored", "negative_windows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        require_non_negative(self, "features", "seed", "tokens")
+        require_positive(self, "batch_size", "explain_top", "scored", "negative_windows")
 
 
 @dataclass(frozen=True)
@@ -45,9 +41,7 @@ class EndpointConfig:
     timeout: float = opt(120.0, "seconds one request may take")
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "retries"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        require_positive(self, "concurrency", "retries")
         for name in ("backoff", "timeout"):
             if not getattr(self, name) >= 0 or (name == "timeout" and self.timeout == 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}.")
