@@ -59,6 +59,7 @@ def test_the_check_on_open_samples_blocks(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="shard_00001.bin .* fails its sha256 check \\(block 5 of 16\\)"):
         integrity.sample_check(folder, shards.read_manifest(folder), Picks())
     sampled[0] = 2  # from here on block 0 only: the damage is not seen on open ...
+    monkeypatch.setattr(integrity.random, "Random", Picks)  # the open's own sampler, too
     cache = ActivationCache(folder)
     with pytest.raises(ValueError, match="shard_00001.bin .* fails its sha256 check; it is corrupt"):
         cache.read(1500, 1510)  # ... but on first use of the shard
