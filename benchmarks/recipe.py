@@ -64,6 +64,14 @@ STUDIES: dict[str, dict[str, dict]] = {
            for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
                                   ("switch8", {**SWITCH8, **RECIPE}))},
     },
+    "clip": {  # gradient-norm clipping at 1 on the length study's best 720-step runs (8x the law), and
+        # per-expert AuxK beside it: paired with those runs (same seeds, same batches)
+        **{f"{name} lr 8x steps 720 clip 1": {**settings, "lr": 3.2e-3, "steps": 720, "grad_clip": 1.0}
+           for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
+                                  ("switch8", {**SWITCH8, **RECIPE}),
+                                  ("switch4 auxk", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4,
+                                                    "auxk_coeff": 1 / 32}))},
+    },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},
         "shared + top1 4x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 5 * 2048, "n_experts": 4,

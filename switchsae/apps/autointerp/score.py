@@ -23,7 +23,8 @@ from switchsae.apps.autointerp import prompts
 from switchsae.apps.autointerp.client import ChatClient
 from switchsae.apps.autointerp.stats import balanced_accuracy, confusion
 
-EXPLAIN_TOKENS, VERDICT_TOKENS = 64, 4
+#: reply limits; a verdict gets 8 tokens since small scorers answer in a sentence ("The feature is not active")
+EXPLAIN_TOKENS, VERDICT_TOKENS = 64, 8
 
 
 def quiet_positions(example: dict) -> list[int]:
