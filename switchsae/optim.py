@@ -188,13 +188,13 @@ def _adam_bf16_moments(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad:
         m ← β1 m + (1 − β1) g,  v ← β2 v + ((1 − β2) g) g,  θ ← θ − (s m) / (sqrt(v) / sqrt(c2) + ε)
 
     with ``s = lr / c1``, ``c1 = 1 − β1^t``, ``c2 = 1 − β2^t``; then the moments are stored with
-    :func:`stochastic_round_bf16`, element ``i`` (flat index ``index[i]``) keyed
-    :func:`rounding_keys`\ ``(step, index, 0)`` for ``m`` and ``(…, 1)`` for ``v``."""
+    :func:`stochastic_round_bf16`, keyed ``rounding_keys(step, index, 0)`` for ``m`` and
+    ``rounding_keys(step, index, 1)`` for ``v`` (``index``: each element's flat index in the full matrix)."""
     beta1, beta2 = group["betas"]
     m = exp_avg.float() * _f32(beta1) + grad * _f32(1 - _f32(beta1))
     v = exp_avg_sq.float() * _f32(beta2) + grad * _f32(1 - _f32(beta2)) * grad
     step_size = _f32(_f32(group["lr"]) / _f32(1 - beta1 ** step))
-    root = v.double().sqrt().float()  # correctly rounded, as C's sqrtf (torch's fp32 sqrt on CPU is not, always)
+    root = v.double().sqrt().float()  # correctly rounded, as C's sqrtf (torch's fp32 sqrt on CPU is not always)
     param.sub_(m * step_size / (root / _f32((1 - beta2 ** step) ** 0.5) + _f32(group["eps"])))
     exp_avg.copy_(stochastic_round_bf16(m, rounding_keys(step, index, 0)))
     exp_avg_sq.copy_(stochastic_round_bf16(v, rounding_keys(step, index, 1)))

@@ -236,8 +236,9 @@ def train_loop(
 
 def optimizer_for(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam over every parameter, row-sparse where the gradients are (``sparse_updates``), the
-    decoder's rows kept at unit norm in the same pass (:class:`LazyAdam`, ``sae.param_groups``)."""
-    return LazyAdam(sae.param_groups(), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    decoder's rows kept at unit norm in the same pass, the matrices' moments in ``adam_moments``
+    (:class:`LazyAdam`, ``sae.param_groups``)."""
+    return LazyAdam(sae.param_groups(), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, moments=cfg.adam_moments)
 
 
 def train(
