@@ -36,9 +36,9 @@ expectation, with a zero-mean error below one ulp (``2^-7`` relative) per step. 
 generator's state but a hash (splitmix64's finaliser) of ``(step, flat element index, moment)``:
 the same step on the same state gives the same bits (a resume is bit-identical), whatever the
 thread count, and the compiled kernel and :func:`_torch_step` give identical bits on CPU (without
-``unit_norm``, whose sums the two paths add in different orders). Under expert parallelism the
-index is the rank's own row index, so the rounding noise (not its distribution) differs from one
-process's.
+``unit_norm``, whose sums the two paths add in different orders). Where a process holds only some
+rows of a matrix (an expert-parallel rank), ``key_rows`` names each row's index in the whole
+matrix, so every row is rounded as in one process.
 """
 from __future__ import annotations
 
@@ -100,10 +100,13 @@ class LazyAdam(torch.optim.Optimizer):
     moments of matrices in bf16 (module docstring)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 moments: str = "fp32"):
+                 moments: str = "fp32", key_rows: dict[Tensor, Tensor] | None = None):
+        """``key_rows[p]``: for each row of matrix ``p``, its row in the whole matrix (the key of its
+        moments' rounding noise) where ``p`` holds only some of them; unnamed matrices are whole."""
         if moments not in MOMENT_DTYPES:
             raise ValueError(f"moments must be one of {', '.join(MOMENT_DTYPES)}, got {moments!r}.")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "unit_norm_rows": False, "moments": moments})
+        self.key_rows = key_rows or {}
 
     def moment_dtype(self, p: Tensor) -> torch.dtype:
         """The dtype of ``p``'s moments: bf16 for a matrix in a ``moments="bf16"`` group, else fp32."""
@@ -143,26 +146,28 @@ class LazyAdam(torch.optim.Optimizer):
                     state["step"] += 1
                     native.adam_rows(*full, grad, rows, lr=group["lr"], beta1=group["betas"][0],
                                      beta2=group["betas"][1], eps=group["eps"], step=int(state["step"]),
-                                     unit_norm=unit_norm, low=None if copy is None else copy.copy)
+                                     unit_norm=unit_norm, low=None if copy is None else copy.copy,
+                                     key_rows=self.key_rows.get(p))
                     if copy is not None:
                         copy.mark_current()
                 else:
-                    _torch_step(full, grad, rows, state["step"], group, unit_norm)
+                    _torch_step(full, grad, rows, state["step"], group, unit_norm, self.key_rows.get(p))
                     if copy is not None:
                         copy.rows_updated(rows)
 
 
 def _torch_step(full: tuple[Tensor, Tensor, Tensor], grad: Tensor, rows: Tensor | None, step: Tensor, group: dict,
-                unit_norm: bool) -> None:
+                unit_norm: bool, key_rows: Tensor | None = None) -> None:
     """The same update with torch ops (GPU, or no compiled kernels): gather the rows, project,
-    torch's fused Adam (it advances ``step``; bf16 moments: :func:`_adam_bf16_moments`),
-    renormalise, scatter back."""
+    torch's fused Adam (it advances ``step``; bf16 moments: :func:`_adam_bf16_moments`, row ``r``
+    keyed as row ``key_rows[r]``), renormalise, scatter back."""
     param, exp_avg, exp_avg_sq = full if rows is None else (t.index_select(0, rows) for t in full)
     if unit_norm:
         grad = grad - torch.einsum("rd,rd->r", grad, param)[:, None] * param
     if exp_avg.dtype == torch.bfloat16:
         step += 1
-        index = torch.arange(param.shape[0], device=param.device) if rows is None else rows
+        index = torch.arange(full[0].shape[0], device=param.device) if key_rows is None else key_rows.to(param.device)
+        index = index if rows is None else index[rows]
         _adam_bf16_moments(param, exp_avg, exp_avg_sq, grad, index[:, None] * param.shape[1]
                            + torch.arange(param.shape[1], device=param.device), int(step), group)
     else:

@@ -459,14 +459,17 @@ static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
  * component along the row is removed first (g ← g − (g · θ) θ) and the updated row is
  * renormalised after (θ ← θ / max(‖θ‖, 1e-12)). With low non-NULL, a bf16 copy of param
  * ([*, d]) gets the updated rows too (a selection matmul's weights, kept current without a cast
- * of the whole matrix). adam_rows keeps fp32 moments (step unused), adam_rows_bf16 bf16 ones
- * (element (r, j)'s rounding keyed by step and its flat index r·d + j). */
+ * of the whole matrix). adam_rows keeps fp32 moments (step and key_rows unused), adam_rows_bf16
+ * bf16 ones: element (r, j)'s rounding is keyed by step and its flat index R·d + j, with
+ * R = key_rows[r] (key_rows NULL: R = r), the row's index in the whole matrix where param holds
+ * only some of its rows (an expert-parallel rank's). */
 #define DEFINE_ADAM_ROWS(name, row_kernel, type, LOAD, STORE, ATTRIBUTE, PRAGMA)                  \
     DEFINE_ADAM_ROW(row_kernel, type, LOAD, STORE, ATTRIBUTE, PRAGMA)                              \
     ATTRIBUTE void name(float *param, type *exp_avg, type *exp_avg_sq, const float *grad,          \
                         const int64_t *rows, int64_t n, int64_t d, float lr, float beta1,          \
                         float beta2, float eps, float bias_correction1,                            \
-                        float bias_correction2_sqrt, int unit_norm, uint16_t *low, int64_t step) { \
+                        float bias_correction2_sqrt, int unit_norm, uint16_t *low, int64_t step,   \
+                        const int64_t *key_rows) {                                                 \
         const uint64_t seed = mix64((uint64_t)step);                                               \
         _Pragma("omp parallel") {                                                                  \
             int64_t begin, end;                                                                    \
@@ -475,7 +478,8 @@ static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
                 const int64_t r = rows ? rows[i] : i;                                              \
                 row_kernel(param + r * d, exp_avg + r * d, exp_avg_sq + r * d, grad + i * d, d,    \
                            lr / bias_correction1, beta1, beta2, eps, bias_correction2_sqrt,        \
-                           unit_norm, low ? low + r * d : NULL, seed + 2 * (uint64_t)(r * d));     \
+                           unit_norm, low ? low + r * d : NULL,                                    \
+                           seed + 2 * (uint64_t)((key_rows ? key_rows[r] : r) * d));               \
             }                                                                                      \
         }                                                                                          \
     }
