@@ -18,10 +18,16 @@ and ``auxk`` (AuxK with a quarter of the latents counted dead).
 
     python benchmarks/train_speed.py --configs switch:16384:16 switch:16384:16:top2 switch:16384:16:shared \
         switch:16384:16:expert_choice switch:16384:16:hash switch:16384:16:sinkhorn --rounds 3
+
+``--adam-moments fp32 bf16`` times every configuration with each dtype of Adam's moments
+(``--adam-moments``), alternating, and prints bf16's tokens/s against fp32's per configuration:
+
+    python benchmarks/train_speed.py --configs topk:4096:1 switch:32768:8 --adam-moments fp32 bf16
 """
 from __future__ import annotations
 
 import argparse
+import platform
 import resource
 import time
 from collections.abc import Callable
@@ -30,7 +36,8 @@ from multiprocessing import get_context
 
 import torch
 
-from switchsae.config import SAEConfig, TrainConfig
+from switchsae import host
+from switchsae.config import ADAM_MOMENTS, SAEConfig, TrainConfig
 from switchsae.memory import reuse_freed_memory
 from switchsae.saes import build_sae
 from switchsae.train import optimizer_for
@@ -82,13 +89,13 @@ def parse_config(spec: str) -> tuple[str, int, int, set[str]]:
     return arch, int(width), int(experts), options
 
 
-def time_steps(spec: str, args) -> dict:
-    """One configuration's step times and peak RSS, measured in a fresh process."""
+def time_steps(spec: str, moments: str, args) -> dict:
+    """One configuration's step times and peak RSS with Adam moments ``moments``, measured in a fresh process."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_time_steps_here, spec, args, torch.get_num_threads()).result()
+        return pool.submit(_time_steps_here, spec, moments, args, torch.get_num_threads()).result()
 
 
-def _time_steps_here(spec: str, args, threads: int) -> dict:
+def _time_steps_here(spec: str, moments: str, args, threads: int) -> dict:
     torch.set_num_threads(threads)
     reuse_freed_memory()  # as switchsae.train does on CPU
     arch, width, experts, options = parse_config(spec)
@@ -101,7 +108,7 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
     sae.sparse_grads = "sparse" in options
     sae.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long)
     sae.tokens_since_fired[::4] = cfg.dead_tokens  # with auxk: a quarter of the latents dead
-    opt = optimizer_for(sae, TrainConfig(sparse_updates=sae.sparse_grads))
+    opt = optimizer_for(sae, TrainConfig(sparse_updates=sae.sparse_grads, adam_moments=moments))
     x = torch.randn(args.batch, args.d_model) * 4
     token_ids = torch.randint(0, 49152, (args.batch,))
     steps = []
@@ -121,7 +128,8 @@ def _time_steps_here(spec: str, args, threads: int) -> dict:
     total = sum(phases.values())
     encoder_flops = args.batch * sae.flops()["forward"] - 2 * args.batch * args.k * args.d_model
     return {
-        "config": f"{arch} M={width} N={experts}" + "".join(f" {o}" for o in sorted(options)),
+        "config": f"{arch} M={width} N={experts}" + "".join(f" {o}" for o in sorted(options))
+                  + ("" if moments == "fp32" else f" {moments}-moments"),
         "tok/s": args.batch / total,
         **{f"{k} ms": v * 1e3 for k, v in phases.items()},
         "enc GFLOP/s": encoder_flops / phases["forward"] / 1e9,
@@ -140,25 +148,34 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every configuration this many times, alternating; the table shows each one's median round")
+    parser.add_argument("--adam-moments", nargs="+", default=["fp32"], choices=ADAM_MOMENTS,
+                        help="dtypes of Adam's moments to time each configuration with (several: compared)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.configs, args.batch, args.steps, args.warmup = ["topk:4096:1", "switch:4096:16:bf16+sparse"], 1024, 2, 1
     peaks = {dtype: matmul_peak(args.d_model, 16384, args.batch, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    print(f"threads={torch.get_num_threads()}  dense matmul peak (d={args.d_model}, M=16384, T={args.batch}): "
+    print(f"{host.cpu_identity()[0] or platform.machine()}, threads={torch.get_num_threads()}  "
+          f"dense matmul peak (d={args.d_model}, M=16384, T={args.batch}): "
           + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.0f} GFLOP/s" for dtype, peak in peaks.items())
           + f"; memory copy {copy_bandwidth():.0f} GB/s")
-    runs = {spec: [] for spec in args.configs}
+    runs: dict[tuple[str, str], list[dict]] = {(spec, m): [] for spec in args.configs for m in args.adam_moments}
     for _ in range(args.rounds):  # rounds alternate the configurations, so a noisy minute hits them all
-        for spec in args.configs:
-            runs[spec].append(time_steps(spec, args))
-            print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else str(v) for k, v in runs[spec][-1].items()),
-                  flush=True)
+        for spec, moments in runs:
+            runs[spec, moments].append(time_steps(spec, moments, args))
+            print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else str(v)
+                             for k, v in runs[spec, moments][-1].items()), flush=True)
     rows = [median(results, key=lambda row: row["tok/s"]) for results in runs.values()]
     header = list(rows[0])
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(f"{row[h]:.1f}" if isinstance(row[h], float) else row[h] for h in header) + " |")
+    if len(args.adam_moments) > 1:  # each configuration's other moments against its first
+        per = len(args.adam_moments)
+        for first, *others in (rows[i:i + per] for i in range(0, len(rows), per)):
+            for row in others:
+                print(f"{row['config']}: {row['tok/s'] / first['tok/s']:.2f}x the tokens/s of {first['config']}")
+        return
     base = rows[0]["tok/s"]
     for row in rows[1:]:
         print(f"{row['config']}: {row['tok/s'] / base:.1f}x the tokens/s of {rows[0]['config']}")

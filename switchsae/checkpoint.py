@@ -1,6 +1,7 @@
 """Training checkpoints: one safetensors file, written atomically, holding everything a resume needs.
 
-Tensors: ``sae/<param>``, ``adam/<param>/<exp_avg|exp_avg_sq|step>`` and
+Tensors: ``sae/<param>``, ``adam/<param>/<exp_avg|exp_avg_sq|step>`` (the moments in the dtype
+the run keeps them in, ``adam_moments``: a resume with the other is refused) and
 ``train/tokens_since_fired``. Metadata (strings):
 ``step``, ``elapsed_s``, the SAE and training configs, the selection matmul's dtype as the run
 resolved it, the log so far, what the activations were (``activations``: a fingerprint and a
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from switchsae.optim import LazyAdam
 from switchsae.saes import SparseAutoencoder
 from switchsae.saes.io import save_tensors_atomic
 
@@ -139,6 +141,8 @@ def load_checkpoint(path: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
         if key.startswith("adam/"):
             name, slot = key.removeprefix("adam/").rsplit("/", 1)
             value = layout.local(name, value)
+            if slot != "step" and isinstance(opt, LazyAdam):
+                opt.check_moment(params[name], name, value)
             opt.state[params[name]][slot] = value.to(params[name].device) if slot != "step" else value
     return TrainState(int(meta["step"]), float(meta.get("elapsed_s", 0.0)), json.loads(meta.get("history", "[]")),
                       tensors.get("train/tokens_since_fired"))

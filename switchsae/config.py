@@ -14,6 +14,7 @@ from typing import Any
 ARCHS = ("switch", "topk", "batchtopk", "relu", "gated", "jumprelu")
 ROUTERS = ("top1", "top_e", "expert_choice", "hash", "sinkhorn")
 TOPK_FAMILY = ("switch", "topk", "batchtopk")
+ADAM_MOMENTS = ("fp32", "bf16")
 L1_FAMILY = ("relu", "gated", "jumprelu")
 
 
@@ -197,6 +198,9 @@ class TrainConfig:
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
     grad_clip: float = opt(0.0, "clip the gradient's global norm (over every parameter, after the ranks' average) to "
                                 "this before each step; 0: no clipping (dictionary_learning and SAELens clip at 1)")
+    adam_moments: str = opt("fp32", "dtype of Adam's moments of the weight matrices: fp32, or bf16 (12 instead of 16 "
+                                    "bytes of training state per parameter; updated in fp32, stored with "
+                                    "stochastic rounding; biases keep fp32)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
     matmul_dtype: str = opt("auto", "dtype of the TopK family's selection matmul: float32, bfloat16 or auto (the faster "
                                     "on this machine, measured once; values and gradients stay fp32)")
@@ -220,6 +224,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be 0 (off) or a positive finite norm, got {self.grad_clip}.")
         if self.grad_clip and self.sparse_updates:
             raise ValueError("grad_clip needs dense gradients; it cannot be combined with sparse_updates.")
+        if self.adam_moments not in ADAM_MOMENTS:
+            raise ValueError(f"adam_moments must be fp32 or bf16, got {self.adam_moments!r}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (only at the end) or positive, got {self.checkpoint_every}.")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

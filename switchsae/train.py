@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from switchsae.checkpoint import (CHECKPOINT_FILE, TrainState, load_checkpoint, read_checkpoint_meta, save_checkpoint,
                                   saved_activations)
 from switchsae.config import LEGACY_TRAIN_DEFAULTS, SAEConfig, TrainConfig, default_lr
+from switchsae.distributed.expert_parallel import EXPERT_PARAMS
 from switchsae.distributed.group import DistributedError
 from switchsae.distributed.world import SINGLE, World
 from switchsae.kernels.autotune import resolve_matmul_dtype
@@ -236,8 +237,14 @@ def train_loop(
 
 def optimizer_for(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam over every parameter, row-sparse where the gradients are (``sparse_updates``), the
-    decoder's rows kept at unit norm in the same pass (:class:`LazyAdam`, ``sae.param_groups``)."""
-    return LazyAdam(sae.param_groups(), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    decoder's rows kept at unit norm in the same pass, the matrices' moments in ``adam_moments``
+    (:class:`LazyAdam`, ``sae.param_groups``; an expert-parallel rank's expert rows rounded as
+    the same rows of one process's matrices)."""
+    ep = getattr(sae, "expert_parallel", None)
+    key_rows = {} if ep is None else {getattr(sae, name): ep.global_ids(torch.arange(getattr(sae, name).shape[0]))
+                                      for name in EXPERT_PARAMS}
+    return LazyAdam(sae.param_groups(), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, moments=cfg.adam_moments,
+                    key_rows=key_rows)
 
 
 def train(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from switchsae.config import SAEConfig
-from switchsae.optim import BFloat16Copy, LazyAdam
+from switchsae.optim import BFloat16Copy, LazyAdam, rounding_keys, stochastic_round_bf16
 from switchsae.saes import build_sae
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -128,3 +128,95 @@ def test_bf16_copy_is_recast_after_a_change_the_optimizer_did_not_make():
     opt.step()  # a stale copy is not patched row by row
     assert not copy.current()
     assert torch.equal(copy.get(), p.detach().to(torch.bfloat16))
+
+
+def _adam_run(moments: str, steps: int, sparse_rows: torch.Tensor | None = None, lr: float = 1e-2):
+    """LazyAdam on one [32, 16] matrix for ``steps`` seeded random gradients (row-sparse on
+    ``sparse_rows`` if given); the parameter and its optimizer state."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 16, generator=gen))
+    opt = LazyAdam([p], lr=lr, moments=moments)
+    for _ in range(steps):
+        g = torch.randn(32, 16, generator=gen) * 10 ** torch.randn(32, 1, generator=gen)  # rows of varied scale
+        p.grad = g if sparse_rows is None else torch.sparse_coo_tensor(
+            sparse_rows[None], g[sparse_rows], (32, 16), check_invariants=True)
+        opt.step()
+    return p.detach(), opt.state[p]
+
+
+def test_bf16_moments_stay_close_to_fp32_adam_over_50_steps():
+    """Each stored moment is within one bf16 ulp (2^-7 relative) of its fp32 update, and each step
+    moves a weight by about lr at most; were every step's error the largest and of one sign the
+    weights would drift 50 · lr · 2^-7 ≈ 0.004 apart in 50 steps. Unbiased rounding keeps them
+    inside that bound. The rounding errors of v (a sum of positive terms, so no cancellation) add up
+    like a random walk, sqrt(50) · 2^-7 / sqrt(3) ≈ 3% relative: 12% allows four times that."""
+    p32, state32 = _adam_run("fp32", 50)
+    p16, state16 = _adam_run("bf16", 50)
+    assert state16["exp_avg"].dtype == state16["exp_avg_sq"].dtype == torch.bfloat16
+    torch.testing.assert_close(p16, p32, rtol=0, atol=50 * 1e-2 * 2**-7)
+    torch.testing.assert_close(state16["exp_avg_sq"].float(), state32["exp_avg_sq"], rtol=0.12, atol=0)
+    assert not torch.equal(p16, p32)
+
+
+def test_bf16_moments_keep_fp32_for_vectors():
+    bias = torch.nn.Parameter(torch.zeros(5))
+    opt = LazyAdam([bias], moments="bf16")
+    bias.grad = torch.ones(5)
+    opt.step()
+    assert opt.state[bias]["exp_avg"].dtype == opt.state[bias]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_stochastic_rounding_is_unbiased_and_deterministic():
+    """A value 30% of the way from one bf16 number to the next rounds up 30% of the time: the mean of
+    200,000 roundings (one key each) is the value within 6 standard errors (2^-7·sqrt(0.21/2e5) each);
+    round-to-nearest would give the lower neighbour every time."""
+    keys = rounding_keys(7, torch.arange(200_000), 0)
+    for value in (1 + 0.3 * 2**-7, -(1 + 0.3 * 2**-7), 2**-19 * (1 + 0.3 * 2**-7)):
+        x = torch.full((200_000,), value)
+        rounded = stochastic_round_bf16(x, keys)
+        low = torch.tensor(value).to(torch.bfloat16).float()  # 0.3 of an ulp: round-to-nearest gives the lower
+        assert set(rounded.float().abs().unique().tolist()) <= {abs(low.item()), abs(low.item()) * (1 + 2**-7)}
+        assert rounded.float().double().mean().item() == pytest.approx(value, abs=6 * abs(value) * 2**-7 * 1.03e-3)
+        assert torch.equal(stochastic_round_bf16(x, keys).view(torch.int16), rounded.view(torch.int16))
+        assert not torch.equal(stochastic_round_bf16(x, rounding_keys(8, torch.arange(200_000), 0)), rounded)
+    assert stochastic_round_bf16(torch.tensor([float("nan")]), keys[:1]).isnan().all()
+
+
+def test_bf16_second_moment_does_not_stagnate_where_round_to_nearest_would():
+    """With g = 1 for 2000 steps fp32 Adam's v is 1 − 0.999^2000 ≈ 0.865; rounded to nearest bf16
+    each step, v stops at 0.25, where 1e-3 (1 − v) is below half an ulp. Stochastic rounding follows
+    fp32: the mean over 128 elements within 2% (the rounding errors, damped by β2, add up to ~3%
+    per element, and are independent across elements)."""
+    p = torch.nn.Parameter(torch.zeros(8, 16))
+    opt = LazyAdam([p], lr=1e-6, moments="bf16")
+    nearest = torch.zeros((), dtype=torch.bfloat16)
+    for _ in range(2000):
+        p.grad = torch.ones(8, 16)
+        opt.step()
+        nearest = (0.999 * nearest.float() + 1e-3).to(torch.bfloat16)
+    exact = 1 - 0.999**2000
+    assert nearest.item() < 0.5 * exact, "round to nearest stagnates"
+    v = opt.state[p]["exp_avg_sq"].float()
+    assert v.mean().item() == pytest.approx(exact, rel=0.02)
+    assert (v - exact).abs().max().item() < 0.15 * exact
+
+
+def test_bf16_moments_with_row_sparse_updates_change_only_the_touched_rows():
+    rows = torch.tensor([2, 5, 11, 30])
+    p16, state16 = _adam_run("bf16", 3, rows)
+    p32, state32 = _adam_run("fp32", 3, rows)
+    untouched = torch.ones(32, dtype=torch.bool).index_fill_(0, rows, False)
+    start = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(p16[untouched], start[untouched])
+    assert not torch.equal(p16[rows], start[rows])
+    for slot in ("exp_avg", "exp_avg_sq"):  # 3 roundings, each within 2^-7 of a moment of about this size
+        assert state16[slot].dtype == torch.bfloat16
+        assert not state16[slot][untouched].any()
+        torch.testing.assert_close(state16[slot][rows].float(), state32[slot][rows], rtol=0,
+                                   atol=3 * 2**-7 * state32[slot][rows].abs().max().item())
+    torch.testing.assert_close(p16, p32, rtol=0, atol=3 * 1e-2 * 2**-7)
+
+
+def test_an_unknown_moments_setting_is_refused():
+    with pytest.raises(ValueError, match="moments must be one of fp32, bf16"):
+        LazyAdam([torch.nn.Parameter(torch.ones(2, 2))], moments="fp16")

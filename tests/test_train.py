@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from switchsae.checkpoint import CHECKPOINT_FILE
+from switchsae.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from switchsae.config import SAEConfig, TrainConfig, default_lr
 from switchsae.saes.io import LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, load_sae
 from switchsae.sources.activations import TensorSource
-from switchsae.train import TrainingDiverged, activation_scale, lr_at, settings_differ, train
+from switchsae.optim import MOMENT_DTYPES
+from switchsae.train import TrainingDiverged, activation_scale, lr_at, optimizer_for, settings_differ, train
 
 SWITCH = SAEConfig(arch="switch", d_model=16, width=64, k=4, n_experts=4)
 FAST = TrainConfig(steps=12, batch_size=64, checkpoint_every=4, log_every=2)
@@ -68,19 +69,22 @@ def test_normalized_training_is_invariant_to_activation_scale(acts):
     assert torch.allclose(large(acts[:50] * 100).x_hat, 100 * small(acts[:50]).x_hat, rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("arch", ["switch", "topk", "relu", "switch-auxk", "topk-auxk"])
+@pytest.mark.parametrize("arch", ["switch", "topk", "relu", "switch-auxk", "topk-auxk", "switch-bf16moments"])
 def test_resume_equals_uninterrupted(tmp_path, acts, arch):
-    """Also with AuxK, whose dead-latent counter (on the SAE, saved in the checkpoint) shapes the loss."""
-    arch, _, auxk = arch.partition("-")
+    """Also with AuxK, whose dead-latent counter (on the SAE, saved in the checkpoint) shapes the loss,
+    and with bf16 Adam moments, saved as bf16 and stochastically rounded by a hash of the step."""
+    arch, _, variant = arch.partition("-")
     cfg = SWITCH if arch == "switch" else SWITCH.replace(arch=arch, n_experts=1)
-    if auxk:
+    if variant == "auxk":
         cfg = cfg.replace(auxk_coeff=1 / 32, auxk_k=4, dead_tokens=64)
-    full = train(cfg, acts, FAST, run_dir=tmp_path / "full", progress=False)
+    train_cfg = dataclasses.replace(FAST, adam_moments="bf16") if variant == "bf16moments" else FAST
+    full = train(cfg, acts, train_cfg, run_dir=tmp_path / "full", progress=False)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):  # killed while fetching step 9's batch
-        train(cfg, _InterruptedSource(acts, at=9), FAST, run_dir=killed, progress=False)
+        train(cfg, _InterruptedSource(acts, at=9), train_cfg, run_dir=killed, progress=False)
     assert _meta(killed)["step"] == "8"
-    resumed = train(cfg, acts, FAST, run_dir=killed, resume=True, progress=False)
+    assert _tensor(killed, "adam/W_dec/exp_avg_sq").dtype == MOMENT_DTYPES[train_cfg.adam_moments]
+    resumed = train(cfg, acts, train_cfg, run_dir=killed, resume=True, progress=False)
     for name, tensor in full.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert _log_without_times(killed) == _log_without_times(tmp_path / "full")
@@ -96,6 +100,13 @@ def _meta(run_dir):
 
     with safe_open(str(run_dir / CHECKPOINT_FILE), framework="pt") as fh:
         return fh.metadata()
+
+
+def _tensor(run_dir, name):
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / CHECKPOINT_FILE), framework="pt") as fh:
+        return fh.get_tensor(name)
 
 
 class _InterruptedSource(TensorSource):
@@ -165,6 +176,24 @@ def test_resume_rejects_changed_settings_and_missing_checkpoint(tmp_path, acts):
     train(SWITCH, acts, FAST, run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         train(SWITCH, acts, TrainConfig(steps=12, batch_size=32), run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_with_the_other_adam_moments_is_refused(tmp_path, acts):
+    bf16 = dataclasses.replace(FAST, adam_moments="bf16")
+    train(SWITCH, acts, bf16, run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"settings differ from the checkpoint in \['adam_moments'\]"):
+        train(SWITCH, acts, FAST, run_dir=tmp_path, resume=True, progress=False)
+    sae = load_sae(tmp_path)  # the checkpoint itself refuses moments of the other dtype too
+    with pytest.raises(ValueError, match=r"moments of W_\w+ are bf16, but this run keeps them fp32 .adam_moments.; "
+                                         "resume with adam_moments=bf16"):
+        load_checkpoint(tmp_path / CHECKPOINT_FILE, sae, optimizer_for(sae, FAST))
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE, sae, optimizer_for(sae, bf16))
+    assert state.step == FAST.steps
+
+
+def test_an_unknown_adam_moments_setting_is_refused():
+    with pytest.raises(ValueError, match="adam_moments must be fp32 or bf16, got 'fp16'"):
+        TrainConfig(adam_moments="fp16")
 
 
 def test_a_setting_older_runs_do_not_name_counts_as_its_default():

@@ -387,52 +387,106 @@ int decode_residual(const float *z, const int64_t *indices, const float *W, cons
     return -failed;
 }
 
-/* One row of Adam (see adam_rows), in place; low (if not NULL) gets the updated row in bf16. */
-static inline void adam_row(float *p, float *m, float *v, const float *g, int64_t d, float step_size, float beta1,
-                            float beta2, float eps, float bias_correction2_sqrt, int unit_norm, uint16_t *low) {
-    float along = 0, squares = 0;
-    if (unit_norm) {
-#pragma omp simd reduction(+: along)
-        for (int64_t j = 0; j < d; j++) along += g[j] * p[j];
-    }
-#pragma omp simd reduction(+: squares)
-    for (int64_t j = 0; j < d; j++) {
-        const float gj = g[j] - along * p[j]; /* along = 0 without unit_norm: no branch in the loop */
-        m[j] = beta1 * m[j] + (1 - beta1) * gj;
-        v[j] = beta2 * v[j] + (1 - beta2) * gj * gj;
-        p[j] -= step_size * m[j] / (sqrtf(v[j]) / bias_correction2_sqrt + eps);
-        squares += p[j] * p[j];
-    }
-    if (unit_norm) {
-        const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;
-        for (int64_t j = 0; j < d; j++) p[j] /= norm;
-    }
-    if (low != NULL)
-        for (int64_t j = 0; j < d; j++) low[j] = float_to_bf16(p[j]);
+/* splitmix64's finaliser: a bijection of 64-bit words whose output bits each depend on every input bit. */
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
 }
+
+/* fp32 → bf16 with stochastic rounding: the 16 bits bf16 drops are added to a uniform 16-bit
+ * noise u = mix64(key) >> 48 and the sum truncated, so |x| rounds up with probability
+ * (dropped bits) / 2^16 and E[round(x)] = x (sign-magnitude: the same holds for negative x).
+ * The noise is a hash of `key`, never a generator's state, so the result depends on the key
+ * only (NaN stays a NaN). */
+static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if (value != value) return 0x7FC0;
+    return (uint16_t)((bits + (uint32_t)(mix64(key) >> 48)) >> 16);
+}
+
+/* How Adam's moments are stored: fp32 as they are, or bf16, read exactly and written with
+ * stochastic rounding keyed by (step, flat element index, moment) as key = seed + 2·index + moment,
+ * seed = mix64(step). */
+#define AS_STORED(x, key) (x)
+#define STOCHASTIC_BF16(x, key) float_to_bf16_stochastic((x), (key))
+
+/* Compilers may contract a·b + c into one fused multiply-add (GCC does by default); the
+ * bf16-moment kernel rounds every product and sum on its own instead, as torch's separate
+ * tensor ops do, so that the plain-torch path (optim.py) gives the same bits. The attribute
+ * tells GCC, the pragma (at the start of the row's body) clang and the C standard. */
+#define SEPARATE_ROUNDING __attribute__((optimize("fp-contract=off")))
+#define SEPARATE_ROUNDING_HERE _Pragma("STDC FP_CONTRACT OFF")
+
+/* One row of Adam (see adam_rows), in place, the moments held as `type`: each is loaded as fp32,
+ * updated, used for the step and stored back (STORE, with the key of its first element `key`);
+ * low (if not NULL) gets the updated row in bf16. */
+#define DEFINE_ADAM_ROW(name, type, LOAD, STORE, ATTRIBUTE, PRAGMA)                               \
+    ATTRIBUTE static inline void name(float *p, type *m, type *v, const float *g, int64_t d,      \
+                                      float step_size, float beta1, float beta2, float eps,      \
+                                      float bias_correction2_sqrt, int unit_norm, uint16_t *low,  \
+                                      uint64_t key) {                                             \
+        PRAGMA                                                                                     \
+        float along = 0, squares = 0;                                                              \
+        if (unit_norm) {                                                                           \
+            _Pragma("omp simd reduction(+: along)")                                                \
+            for (int64_t j = 0; j < d; j++) along += g[j] * p[j];                                  \
+        }                                                                                          \
+        _Pragma("omp simd reduction(+: squares)")                                                  \
+        for (int64_t j = 0; j < d; j++) {                                                          \
+            const float gj = g[j] - along * p[j]; /* along = 0 without unit_norm: no branch */     \
+            const float mj = beta1 * LOAD(m[j]) + (1 - beta1) * gj;                                \
+            const float vj = beta2 * LOAD(v[j]) + (1 - beta2) * gj * gj;                           \
+            p[j] -= step_size * mj / (sqrtf(vj) / bias_correction2_sqrt + eps);                    \
+            squares += p[j] * p[j];                                                                \
+            m[j] = STORE(mj, key + 2 * (uint64_t)j);                                               \
+            v[j] = STORE(vj, key + 2 * (uint64_t)j + 1);                                           \
+        }                                                                                          \
+        if (unit_norm) {                                                                           \
+            const float norm = sqrtf(squares) > 1e-12f ? sqrtf(squares) : 1e-12f;                 \
+            for (int64_t j = 0; j < d; j++) p[j] /= norm;                                          \
+        }                                                                                          \
+        if (low != NULL)                                                                           \
+            for (int64_t j = 0; j < d; j++) low[j] = float_to_bf16(p[j]);                          \
+    }
 
 /* Adam on rows r = rows[i], i < n (rows NULL: r = i) of param/exp_avg/exp_avg_sq ([*, d]) with
  * gradient rows grad[i] ([n, d]), in place and in one pass, in torch's fused-Adam arithmetic:
  *   m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − (lr / c1) m / (sqrt(v) / sqrt(c2) + ε)
- * with bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t. With unit_norm the rows are unit-norm
- * decoder rows kept on the sphere, all while the row is in cache: the gradient's component
- * along the row is removed first (g ← g − (g · θ) θ) and the updated row is renormalised after
- * (θ ← θ / max(‖θ‖, 1e-12)). With low non-NULL, a bf16 copy of param ([*, d]) gets the updated
- * rows too (a selection matmul's weights, kept current without a cast of the whole matrix). */
-void adam_rows(float *param, float *exp_avg, float *exp_avg_sq, const float *grad, const int64_t *rows,
-               int64_t n, int64_t d, float lr, float beta1, float beta2, float eps,
-               float bias_correction1, float bias_correction2_sqrt, int unit_norm, uint16_t *low) {
-#pragma omp parallel
-    {
-        int64_t begin, end;
-        thread_rows(n, &begin, &end);
-        for (int64_t i = begin; i < end; i++) {
-            const int64_t r = rows ? rows[i] : i;
-            adam_row(param + r * d, exp_avg + r * d, exp_avg_sq + r * d, grad + i * d, d, lr / bias_correction1,
-                     beta1, beta2, eps, bias_correction2_sqrt, unit_norm, low ? low + r * d : NULL);
-        }
+ * with bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t (t = step). With unit_norm the rows are
+ * unit-norm decoder rows kept on the sphere, all while the row is in cache: the gradient's
+ * component along the row is removed first (g ← g − (g · θ) θ) and the updated row is
+ * renormalised after (θ ← θ / max(‖θ‖, 1e-12)). With low non-NULL, a bf16 copy of param
+ * ([*, d]) gets the updated rows too (a selection matmul's weights, kept current without a cast
+ * of the whole matrix). adam_rows keeps fp32 moments (step and key_rows unused), adam_rows_bf16
+ * bf16 ones: element (r, j)'s rounding is keyed by step and its flat index R·d + j, with
+ * R = key_rows[r] (key_rows NULL: R = r), the row's index in the whole matrix where param holds
+ * only some of its rows (an expert-parallel rank's). */
+#define DEFINE_ADAM_ROWS(name, row_kernel, type, LOAD, STORE, ATTRIBUTE, PRAGMA)                  \
+    DEFINE_ADAM_ROW(row_kernel, type, LOAD, STORE, ATTRIBUTE, PRAGMA)                              \
+    ATTRIBUTE void name(float *param, type *exp_avg, type *exp_avg_sq, const float *grad,          \
+                        const int64_t *rows, int64_t n, int64_t d, float lr, float beta1,          \
+                        float beta2, float eps, float bias_correction1,                            \
+                        float bias_correction2_sqrt, int unit_norm, uint16_t *low, int64_t step,   \
+                        const int64_t *key_rows) {                                                 \
+        const uint64_t seed = mix64((uint64_t)step);                                               \
+        _Pragma("omp parallel") {                                                                  \
+            int64_t begin, end;                                                                    \
+            thread_rows(n, &begin, &end);                                                          \
+            for (int64_t i = begin; i < end; i++) {                                                \
+                const int64_t r = rows ? rows[i] : i;                                              \
+                row_kernel(param + r * d, exp_avg + r * d, exp_avg_sq + r * d, grad + i * d, d,    \
+                           lr / bias_correction1, beta1, beta2, eps, bias_correction2_sqrt,        \
+                           unit_norm, low ? low + r * d : NULL,                                    \
+                           seed + 2 * (uint64_t)((key_rows ? key_rows[r] : r) * d));               \
+            }                                                                                      \
+        }                                                                                          \
     }
-}
+
+DEFINE_ADAM_ROWS(adam_rows, adam_row, float, AS_FLOAT, AS_STORED, , )
+DEFINE_ADAM_ROWS(adam_rows_bf16, adam_row_bf16, uint16_t, bf16_to_float, STOCHASTIC_BF16, SEPARATE_ROUNDING,
+                 SEPARATE_ROUNDING_HERE)
 
 /* Fortran BLAS sgemm, column-major, LP64 ints: C = α op(A) op(B) + β C (MKL's SGEMM). */
 typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,

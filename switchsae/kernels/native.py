@@ -49,7 +49,9 @@ _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1 when malloc failed
     "topk_f32": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
     "topk_bf16": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
-    "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int, _PTR], None),
+    "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int, _PTR, _I64, _PTR], None),
+    "adam_rows_bf16": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int, _PTR, _I64, _PTR],
+                       None),
     "gather_dot": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR], None),
     "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR], ctypes.c_int),
     "decode_residual": ([_PTR] * 5 + [_I64] * 3 + [_PTR, _PTR, _F32] + [_PTR] * 4, ctypes.c_int),
@@ -254,24 +256,32 @@ def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor,
 
 def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, rows: Tensor | None = None, *,
               lr: float, beta1: float, beta2: float, eps: float, step: int, unit_norm: bool = False,
-              low: Tensor | None = None) -> None:
+              low: Tensor | None = None, key_rows: Tensor | None = None) -> None:
     """Adam step ``step`` (1-based) in place on ``param[rows]`` (all rows if None) and its moments,
     ``grad`` one row per updated row; ``param`` and the moments ``[n, d]`` and contiguous, ``rows``
-    distinct. ``unit_norm``: project the gradient off each row before and renormalise it after;
-    ``low``: a contiguous bf16 copy of ``param`` whose updated rows are rewritten (see native.c)."""
+    distinct. The moments are fp32, or both bf16: then they are updated in fp32 and stored with
+    stochastic rounding keyed by ``step`` and each element's flat index, row ``key_rows[r]`` for
+    row ``r`` where given (see native.c and :func:`switchsae.optim.stochastic_round_bf16`). ``unit_norm``: project the gradient off each
+    row before and renormalise it after; ``low``: a contiguous bf16 copy of ``param`` whose
+    updated rows are rewritten (see native.c)."""
     n = param.shape[0] if rows is None else rows.numel()
     _require(param.ndim == 2 and grad.shape == (n, param.shape[1]) and exp_avg.shape == exp_avg_sq.shape == param.shape
+             and param.dtype == grad.dtype == torch.float32
+             and exp_avg.dtype == exp_avg_sq.dtype in (torch.float32, torch.bfloat16)
              and all(t.is_contiguous() for t in (param, exp_avg, exp_avg_sq))
              and (low is None or (low.shape == param.shape and low.dtype == torch.bfloat16 and low.is_contiguous())),
-             "adam_rows needs contiguous param, moments (and bf16 copy) of one shape [n, d], grad [len(rows), d]",
-             param, grad)
+             "adam_rows needs contiguous fp32 param, moments (fp32 or bf16, and bf16 copy) of one shape [n, d], "
+             "fp32 grad [len(rows), d]", param, grad)
+    _require(key_rows is None or key_rows.shape == (param.shape[0],), "adam_rows needs one key row per row", param)
     if rows is not None:
         _check_rows(rows, param.shape[0])
         rows = rows.contiguous()
+    key_rows = None if key_rows is None else key_rows.to(torch.int64).contiguous()
     grad = grad.contiguous()  # held here: the pointer below must outlive the call
-    _kernels().adam_rows(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(),
-                         _pointer(rows), n, param.shape[1], lr, beta1, beta2, eps,
-                         1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, int(unit_norm), _pointer(low))
+    kernel = _kernels().adam_rows_bf16 if exp_avg.dtype == torch.bfloat16 else _kernels().adam_rows
+    kernel(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(), _pointer(rows), n,
+           param.shape[1], lr, beta1, beta2, eps, 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, int(unit_norm),
+           _pointer(low), step, _pointer(key_rows))
     increment_version((param, exp_avg, exp_avg_sq) + (() if low is None else (low,)))
 
 

@@ -13,6 +13,7 @@ import torch
 
 from switchsae.kernels import native
 from switchsae.kernels.dispatch import grouped_select_topk
+from switchsae.optim import LazyAdam
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="compiled kernels unavailable (no C compiler)")
 
@@ -316,3 +317,25 @@ def test_outputs_are_float32_whatever_the_default_dtype():
     torch.testing.assert_close(product, dense.t() @ x)
     torch.testing.assert_close(values.sort(-1).values, x.topk(2).values.sort(-1).values)
     torch.testing.assert_close(residual, x_hat - x)
+
+
+@pytest.mark.parametrize("rows", [None, [1, 4, 7, 30]], ids=["all rows", "named rows"])
+def test_bf16_moment_adam_gives_the_torch_paths_bits(rows, monkeypatch):
+    """The compiled kernel and the plain-torch path (SWITCHSAE_NATIVE=0) round the same fp32 values
+    with the same noise: parameters and both moments equal bit for bit after 20 steps."""
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(40, 37, generator=gen))
+        opt = LazyAdam([p], lr=0.01, moments="bf16")
+        for _ in range(20):
+            g = torch.randn(40, 37, generator=gen) * 10 ** torch.randn(40, 1, generator=gen)
+            p.grad = g if rows is None else torch.sparse_coo_tensor(torch.tensor([rows]), g[rows], (40, 37),
+                                                                     check_invariants=True)
+            opt.step()
+        return [t.detach().view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+                for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+
+    compiled = run()
+    monkeypatch.setenv("SWITCHSAE_NATIVE", "0")
+    for name, got, want in zip(("param", "exp_avg", "exp_avg_sq"), run(), compiled):
+        assert torch.equal(got, want), name
