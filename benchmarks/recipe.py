@@ -71,7 +71,9 @@ STUDIES: dict[str, dict[str, dict]] = {
                                   ("switch8", {**SWITCH8, **RECIPE}),
                                   ("switch4 auxk", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4,
                                                     "auxk_coeff": 1 / 32}),
-                                  ("switch8 auxk", {**SWITCH8, **RECIPE, "auxk_coeff": 1 / 32}))},
+                                  ("switch8 auxk", {**SWITCH8, **RECIPE, "auxk_coeff": 1 / 32}),
+                                  ("topk bf16 moments", {**TOPK, "adam_moments": "bf16"}),
+                                  ("switch8 bf16 moments", {**SWITCH8, **RECIPE, "adam_moments": "bf16"}))},
     },
     "long": {  # six passes (1440 steps) at 4x and 8x the law, clipped: does Switch 8's out-of-domain gap close?
         **{f"{name} lr {mult}x steps 1440 clip 1": {**settings, "lr": 4e-4 * mult, "steps": 1440, "grad_clip": 1.0}

@@ -222,8 +222,6 @@ class TrainConfig:
             raise ValueError(f"lr_decay_frac must lie in [0, 1], got {self.lr_decay_frac}.")
         if not 0 <= self.grad_clip < math.inf:
             raise ValueError(f"grad_clip must be 0 (off) or a positive finite norm, got {self.grad_clip}.")
-        if self.grad_clip and self.sparse_updates:
-            raise ValueError("grad_clip needs dense gradients; it cannot be combined with sparse_updates.")
         if self.adam_moments not in ADAM_MOMENTS:
             raise ValueError(f"adam_moments must be fp32 or bf16, got {self.adam_moments!r}.")
         if self.checkpoint_every < 0:

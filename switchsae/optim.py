@@ -42,6 +42,8 @@ matrix, so every row is rounded as in one process.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 from torch.optim.adam import adam
@@ -237,6 +239,25 @@ def stochastic_round_bf16(values: Tensor, keys: Tensor) -> Tensor:
     noise = _shift_right(mix64(keys), 48).to(torch.int32)
     rounded = ((values.view(torch.int32) + noise) >> 16).to(torch.int16).view(torch.bfloat16)
     return torch.where(values.isnan(), torch.tensor(float("nan"), dtype=torch.bfloat16, device=values.device), rounded)
+
+
+def squared_norm(grad: Tensor, rows: slice = slice(None)) -> Tensor:
+    """``Σ g²`` over the rows ``rows`` of a dense or row-sparse gradient, as an fp32 scalar."""
+    if not grad.is_sparse:
+        return grad[rows].float().square().sum()
+    ids, values = _row_sparse(grad)
+    start, stop = rows.start or 0, grad.shape[0] if rows.stop is None else rows.stop
+    return values[(ids >= start) & (ids < stop)].float().square().sum()
+
+
+def clip_gradients(params: Iterable[Tensor], max_norm: float, norm: Tensor) -> None:
+    """``g ← g · min(1, c / (‖g‖ + 1e-6))`` for every parameter's gradient (dense or row-sparse),
+    with ``c = max_norm`` and ``‖g‖ = norm`` the global norm over all of them (torch's
+    ``clip_grad_norm_`` rule; the caller computes ``norm``, which on several ranks is collective)."""
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.dtype))
 
 
 def _row_sparse(grad: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,7 @@ from switchsae.distributed.group import DistributedError
 from switchsae.distributed.world import SINGLE, World
 from switchsae.kernels.autotune import resolve_matmul_dtype
 from switchsae.memory import reuse_freed_memory
-from switchsae.optim import LazyAdam
+from switchsae.optim import LazyAdam, clip_gradients
 from switchsae.run_folder import RunClaim
 from switchsae.saes import REGISTRY, SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
 from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
@@ -207,7 +207,7 @@ def train_loop(
         losses["loss"].backward()
         world.reduce_gradients(sae)
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            clip_gradients(sae.parameters(), cfg.grad_clip, world.gradient_norm(sae))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, base_lr)
         opt.step()

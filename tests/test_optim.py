@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from switchsae.config import SAEConfig
-from switchsae.optim import BFloat16Copy, LazyAdam, rounding_keys, stochastic_round_bf16
+from switchsae.optim import BFloat16Copy, LazyAdam, clip_gradients, rounding_keys, squared_norm, stochastic_round_bf16
 from switchsae.saes import build_sae
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -220,3 +220,24 @@ def test_bf16_moments_with_row_sparse_updates_change_only_the_touched_rows():
 def test_an_unknown_moments_setting_is_refused():
     with pytest.raises(ValueError, match="moments must be one of fp32, bf16"):
         LazyAdam([torch.nn.Parameter(torch.ones(2, 2))], moments="fp16")
+
+
+def test_clipping_row_sparse_gradients_equals_torch_clipping_their_dense_form():
+    """``squared_norm`` of a row-sparse gradient (of some of its rows) is its dense form's, and
+    ``clip_gradients`` scales dense and row-sparse gradients as ``clip_grad_norm_`` scales dense ones."""
+    torch.manual_seed(0)
+    dense_p, sparse_p, bias = torch.zeros(10, 3), torch.zeros(10, 3), torch.zeros(3)
+    rows, values = torch.tensor([1, 4, 7]), torch.randn(3, 3)
+    sparse_p.grad = torch.sparse_coo_tensor(rows[None], values, (10, 3))
+    dense_p.grad, bias.grad = sparse_p.grad.to_dense(), torch.randn(3)
+    assert squared_norm(sparse_p.grad, slice(2, 8)) == values[1:].square().sum()
+    assert torch.allclose(squared_norm(sparse_p.grad), squared_norm(dense_p.grad))
+    want = [dense_p.grad.clone(), bias.grad.clone()]
+    reference = [torch.zeros(10, 3), torch.zeros(3)]
+    for ref, grad in zip(reference, want):
+        ref.grad = grad
+    torch.nn.utils.clip_grad_norm_(reference, 0.5)
+    norm = (squared_norm(sparse_p.grad) + squared_norm(bias.grad)).sqrt()
+    clip_gradients([sparse_p, bias], 0.5, norm)
+    torch.testing.assert_close(sparse_p.grad.to_dense(), reference[0].grad)
+    torch.testing.assert_close(bias.grad, reference[1].grad)

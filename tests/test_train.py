@@ -358,5 +358,9 @@ def test_grad_clip_bounds_the_update_only_when_the_norm_exceeds_it(acts):
     assert not torch.equal(plain["W_dec"], tight.state_dict()["W_dec"])
     with pytest.raises(ValueError, match="grad_clip"):
         TrainConfig(grad_clip=-1.0)
-    with pytest.raises(ValueError, match="sparse_updates"):
-        TrainConfig(grad_clip=1.0, sparse_updates=True)
+    sparse = dataclasses.replace(FAST, sparse_updates=True)  # row-sparse gradients are clipped as well
+    plain = train(SWITCH, acts, sparse, progress=False).state_dict()
+    loose = train(SWITCH, acts, dataclasses.replace(sparse, grad_clip=1e9), progress=False).state_dict()
+    tight = train(SWITCH, acts, dataclasses.replace(sparse, grad_clip=1e-4), progress=False).state_dict()
+    assert all(torch.equal(tensor, loose[name]) for name, tensor in plain.items())
+    assert not torch.equal(plain["W_dec"], tight["W_dec"])

@@ -32,6 +32,7 @@ from switchsae.distributed.data_parallel import average_gradients, average_row_r
 from switchsae.distributed.expert_parallel import EXPERT_PARAMS, ExpertParallel, check_expert_parallel, shard_experts
 from switchsae.distributed.group import LOCAL, DistributedError
 from switchsae.distributed.mesh import SINGLE_MESH, Mesh
+from switchsae.optim import squared_norm
 from switchsae.run_folder import RunClaim, claim_run_dir
 from switchsae.saes import SparseAutoencoder, build_sae
 
@@ -168,6 +169,28 @@ class World(Layout):
             if name in split:
                 assert self.experts is not None  # split is empty without experts
                 average_row_ranges(p, self.experts.row_groups(self.mesh.dp, self.mesh.world), self.size)
+
+    def gradient_norm(self, sae: SparseAutoencoder) -> Tensor:
+        """``‖g‖`` of the whole SAE's (reduced) gradient, every parameter counted once: replicated
+        parameters and the shared expert's rows from this rank, the routed expert rows summed over
+        the ep group (each of its ranks holds other experts)."""
+        split = set(EXPERT_PARAMS) if self.experts is not None else set()
+        here, routed = torch.zeros((), device=sae.W_dec.device), torch.zeros((), device=sae.W_dec.device)
+        for name, p in sae.named_parameters():
+            if p.grad is None:
+                continue
+            if name not in split:
+                here += squared_norm(p.grad)
+                continue
+            assert self.experts is not None  # split is empty without experts
+            for rows, group in self.experts.row_groups(self.mesh.dp, self.mesh.world):
+                if group is self.mesh.dp:
+                    routed += squared_norm(p.grad, rows)
+                else:
+                    here += squared_norm(p.grad, rows)
+        if self.experts is not None:
+            self.mesh.ep.sum(routed)
+        return (here + routed).sqrt()
 
     def parallel_stats(self) -> dict[str, float]:
         """``dropped``: the fraction of the batch's routed entries (its tokens, with one entry per

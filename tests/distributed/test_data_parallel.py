@@ -30,6 +30,8 @@ CASES = {
                                                                           shared_expert=True)), TRAIN),
     "topk": (SWITCH.replace(arch="topk", n_experts=1), TRAIN),
     "topk-sparse": (SWITCH.replace(arch="topk", n_experts=1), TrainConfig(**{**TRAIN.to_dict(), "sparse_updates": True})),
+    "topk-sparse-clipped": (SWITCH.replace(arch="topk", n_experts=1),
+                            TrainConfig(**{**TRAIN.to_dict(), "sparse_updates": True, "grad_clip": 1e-3})),
     "batchtopk": (SWITCH.replace(arch="batchtopk", n_experts=1), TRAIN),
     "relu": (SWITCH.replace(arch="relu", n_experts=1), TRAIN),
     "gated": (SWITCH.replace(arch="gated", n_experts=1), TRAIN),

@@ -33,6 +33,9 @@ CASES = {  # name: (SAE config, train config, setup: "skewed" routes every token
     "bf16-selection": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "matmul_dtype": "bfloat16"}), ""),
     # bf16 Adam moments: sliced per rank, gathered (bf16) into the checkpoint
     "bf16-moments": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "adam_moments": "bf16"}), ""),
+    # the gradient's norm clipped over the whole SAE: routed rows summed over the ranks, shared ones once
+    "clipped": (SWITCH, TrainConfig(**{**TRAIN.to_dict(), "grad_clip": 1e-3}), ""),
+    "clipped-shared-sparse": (SHARED, TrainConfig(**{**SPARSE.to_dict(), "grad_clip": 1e-3}), ""),
     "sinkhorn": (SWITCH.replace(routing=RoutingConfig(router="sinkhorn")), TRAIN, ""),
     "hash": (SWITCH.replace(routing=RoutingConfig(router="hash")), TRAIN, ""),
     "z-loss": (SWITCH.replace(routing=RoutingConfig(z_loss_coeff=0.1)), TRAIN, ""),
@@ -55,8 +58,8 @@ CASES = {  # name: (SAE config, train config, setup: "skewed" routes every token
     "top2-torch-ops": (TOP2, SPARSE, "torch-ops"),
     "auxk-shared-torch-ops": (SHARED.replace(**AUXK), TRAIN, "dead torch-ops"),
 }
-TRAINED = ("top1", "top1-normalized", "sparse-updates", "bf16-moments", "top2-sparse", "shared", "expert-choice-sparse",
-           "auxk-top2-sparse")
+TRAINED = ("top1", "top1-normalized", "sparse-updates", "bf16-moments", "clipped", "clipped-shared-sparse",
+           "top2-sparse", "shared", "expert-choice-sparse", "auxk-top2-sparse")
 RESUME = TrainConfig(steps=8, batch_size=64, log_every=1, checkpoint_every=4, matmul_dtype="float32", lr=1e-2)
 #: every routing novelty at once, for the resume test: top-2, a shared expert, AuxK
 MIXED = SHARED.replace(routing=RoutingConfig(router="top_e", experts_per_token=2, shared_expert=True), **AUXK)
