@@ -244,10 +244,10 @@ def stochastic_round_bf16(values: Tensor, keys: Tensor) -> Tensor:
 def squared_norm(grad: Tensor, rows: slice = slice(None)) -> Tensor:
     """``Σ g²`` over the rows ``rows`` of a dense or row-sparse gradient, as an fp32 scalar."""
     if not grad.is_sparse:
-        return grad[rows].float().square().sum()
+        return torch.linalg.vector_norm(grad[rows], dtype=torch.float32).square()
     ids, values = _row_sparse(grad)
     start, stop = rows.start or 0, grad.shape[0] if rows.stop is None else rows.stop
-    return values[(ids >= start) & (ids < stop)].float().square().sum()
+    return torch.linalg.vector_norm(values[(ids >= start) & (ids < stop)], dtype=torch.float32).square()
 
 
 def clip_gradients(params: Iterable[Tensor], max_norm: float, norm: Tensor) -> None:
