@@ -140,7 +140,8 @@ def run_variant(name: str, variant: dict, seed: int, train_cache: ActivationCach
     sae_settings, train_settings = split_settings(variant)
     cfg = ss.SAEConfig.from_flat(d_model=train_cache.d_model, k=K, model_name=train_cache.manifest["model"],
                                  hook_name=train_cache.manifest["hook"], **sae_settings)
-    train_cfg = TrainConfig(**{"steps": args.steps, "batch_size": 4096, "normalize": True, "seed": seed,
+    # the studies before "clip" predate clipping by default: unclipped unless a variant says so
+    train_cfg = TrainConfig(**{"steps": args.steps, "batch_size": 4096, "normalize": True, "seed": seed, "grad_clip": 0.0,
                                "log_every": args.steps, "checkpoint_every": 0, "matmul_dtype": args.matmul_dtype,
                                **train_settings})
     started = time.perf_counter()

@@ -40,7 +40,7 @@ from switchsae import host
 from switchsae.config import ADAM_MOMENTS, SAEConfig, TrainConfig
 from switchsae.memory import reuse_freed_memory
 from switchsae.saes import build_sae
-from switchsae.train import optimizer_for
+from switchsae.train import optimizer_for, prepare_step
 
 DEFAULT_CONFIGS = ["topk:16384:1", "topk:16384:1:bf16", "switch:16384:16", "switch:16384:16:sparse",
                    "switch:16384:16:bf16+sparse", "switch:524288:64", "switch:524288:64:bf16+sparse"]
@@ -108,7 +108,8 @@ def _time_steps_here(spec: str, moments: str, args, threads: int) -> dict:
     sae.sparse_grads = "sparse" in options
     sae.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long)
     sae.tokens_since_fired[::4] = cfg.dead_tokens  # with auxk: a quarter of the latents dead
-    opt = optimizer_for(sae, TrainConfig(sparse_updates=sae.sparse_grads, adam_moments=moments))
+    train_cfg = TrainConfig(sparse_updates=sae.sparse_grads, adam_moments=moments)  # default clipping included
+    opt = optimizer_for(sae, train_cfg)
     x = torch.randn(args.batch, args.d_model) * 4
     token_ids = torch.randint(0, 49152, (args.batch,))
     steps = []
@@ -120,6 +121,7 @@ def _time_steps_here(spec: str, moments: str, args, threads: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         t2 = time.perf_counter()
+        prepare_step(opt, sae, train_cfg, lr=0.0)  # weights held still: every step times the same SAE
         opt.step()
         t3 = time.perf_counter()
         if step >= args.warmup:

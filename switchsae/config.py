@@ -196,8 +196,8 @@ class TrainConfig:
     log_every: int = opt(50, "log losses every this many steps")
     normalize: bool = opt(False, "rescale activations so that their mean norm is sqrt(d_model) (factor stored in the SAE config)")
     sparse_updates: bool = opt(False, "row-sparse gradients and lazy Adam: update only the latents a batch used (TopK family)")
-    grad_clip: float = opt(0.0, "clip the gradient's global norm (over every parameter, after the ranks' average) to "
-                                "this before each step; 0: no clipping (dictionary_learning and SAELens clip at 1)")
+    grad_clip: float = opt(1.0, "clip the gradient's global norm (over every parameter, after the ranks' average) to "
+                                "this before each step, as dictionary_learning and SAELens do; 0: no clipping")
     adam_moments: str = opt("fp32", "dtype of Adam's moments of the weight matrices: fp32, or bf16 (12 instead of 16 "
                                     "bytes of training state per parameter; updated in fp32, stored with "
                                     "stochastic rounding; biases keep fp32)")
@@ -236,7 +236,7 @@ class TrainConfig:
 
 
 #: TrainConfig fields whose default changed, and the value a saved run that does not name them had
-LEGACY_TRAIN_DEFAULTS = {"lr_width": "total"}
+LEGACY_TRAIN_DEFAULTS = {"lr_width": "total", "grad_clip": 0.0}
 
 
 def default_lr(width: int) -> float:

@@ -20,6 +20,8 @@ sphere (SPEC §1): each updated row's gradient loses its component along the row
 while the row is in cache (one pass instead of three). A group may also carry a
 ``low_precision_copy`` (:class:`BFloat16Copy`, the bf16 encoder weights of a bf16 selection):
 the rows the step updates are rewritten in it, so it never needs a cast of the whole matrix.
+A group's ``grad_scale`` (1 if absent) multiplies its gradients inside the update, which is how a
+clipped gradient norm (:func:`clip_scale`) costs no extra pass over the gradients.
 State names match ``torch.optim.Adam``'s.
 
 **bf16 moments** (``moments="bf16"``, ``--adam-moments bf16``): ``exp_avg`` and ``exp_avg_sq`` of
@@ -41,8 +43,6 @@ rows of a matrix (an expert-parallel rank), ``key_rows`` names each row's index 
 matrix, so every row is rounded as in one process.
 """
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -149,7 +149,7 @@ class LazyAdam(torch.optim.Optimizer):
                     native.adam_rows(*full, grad, rows, lr=group["lr"], beta1=group["betas"][0],
                                      beta2=group["betas"][1], eps=group["eps"], step=int(state["step"]),
                                      unit_norm=unit_norm, low=None if copy is None else copy.copy,
-                                     key_rows=self.key_rows.get(p))
+                                     key_rows=self.key_rows.get(p), grad_scale=float(group.get("grad_scale", 1.0)))
                     if copy is not None:
                         copy.mark_current()
                 else:
@@ -161,11 +161,13 @@ class LazyAdam(torch.optim.Optimizer):
 def _torch_step(full: tuple[Tensor, Tensor, Tensor], grad: Tensor, rows: Tensor | None, step: Tensor, group: dict,
                 unit_norm: bool, key_rows: Tensor | None = None) -> None:
     """The same update with torch ops (GPU, or no compiled kernels): gather the rows, project,
-    torch's fused Adam (it advances ``step``; bf16 moments: :func:`_adam_bf16_moments`, row ``r``
+    scale (``group["grad_scale"]``), torch's fused Adam (it advances ``step``; bf16 moments: :func:`_adam_bf16_moments`, row ``r``
     keyed as row ``key_rows[r]``), renormalise, scatter back."""
     param, exp_avg, exp_avg_sq = full if rows is None else (t.index_select(0, rows) for t in full)
     if unit_norm:
         grad = grad - torch.einsum("rd,rd->r", grad, param)[:, None] * param
+    if "grad_scale" in group:
+        grad = grad * group["grad_scale"]
     if exp_avg.dtype == torch.bfloat16:
         step += 1
         index = torch.arange(full[0].shape[0], device=param.device) if key_rows is None else key_rows.to(param.device)
@@ -250,14 +252,11 @@ def squared_norm(grad: Tensor, rows: slice = slice(None)) -> Tensor:
     return torch.linalg.vector_norm(values[(ids >= start) & (ids < stop)], dtype=torch.float32).square()
 
 
-def clip_gradients(params: Iterable[Tensor], max_norm: float, norm: Tensor) -> None:
-    """``g ← g · min(1, c / (‖g‖ + 1e-6))`` for every parameter's gradient (dense or row-sparse),
-    with ``c = max_norm`` and ``‖g‖ = norm`` the global norm over all of them (torch's
-    ``clip_grad_norm_`` rule; the caller computes ``norm``, which on several ranks is collective)."""
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(scale.to(p.grad.dtype))
+def clip_scale(max_norm: float, norm: Tensor) -> Tensor:
+    """The factor ``min(1, c / (‖g‖ + 1e-6))`` that clips a gradient of global norm ``‖g‖ = norm``
+    to ``c = max_norm`` (torch's ``clip_grad_norm_`` rule). :class:`LazyAdam` applies it inside its
+    update as a group's ``grad_scale`` rather than by rewriting every gradient first."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def _row_sparse(grad: Tensor) -> tuple[Tensor, Tensor]:

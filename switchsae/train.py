@@ -27,7 +27,7 @@ from switchsae.distributed.group import DistributedError
 from switchsae.distributed.world import SINGLE, World
 from switchsae.kernels.autotune import resolve_matmul_dtype
 from switchsae.memory import reuse_freed_memory
-from switchsae.optim import LazyAdam, clip_gradients
+from switchsae.optim import LazyAdam, clip_scale
 from switchsae.run_folder import RunClaim
 from switchsae.saes import REGISTRY, SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
 from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
@@ -206,10 +206,7 @@ def train_loop(
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         world.reduce_gradients(sae)
-        if cfg.grad_clip:
-            clip_gradients(sae.parameters(), cfg.grad_clip, world.gradient_norm(sae))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg, base_lr)
+        prepare_step(opt, sae, cfg, lr_at(step, cfg, base_lr), world)
         opt.step()
         sae.record_firing(out.latents, x.shape[0])
         bar.update()
@@ -233,6 +230,15 @@ def train_loop(
     final = TrainState(cfg.steps, time.perf_counter() - started, history, sae.tokens_since_fired)
     sae.tokens_since_fired = None
     return final
+
+
+def prepare_step(opt: torch.optim.Optimizer, sae: SparseAutoencoder, cfg: TrainConfig, lr: float,
+                 world: World = SINGLE) -> None:
+    """Before each optimizer step: this step's ``lr``, and with ``grad_clip`` the factor that clips
+    the (reduced) gradient's global norm to it, applied inside the update (``grad_scale``)."""
+    scale = clip_scale(cfg.grad_clip, world.gradient_norm(sae)) if cfg.grad_clip else 1.0
+    for group in opt.param_groups:
+        group["lr"], group["grad_scale"] = lr, scale
 
 
 def optimizer_for(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from switchsae.config import SAEConfig
-from switchsae.optim import BFloat16Copy, LazyAdam, clip_gradients, rounding_keys, squared_norm, stochastic_round_bf16
+from switchsae.optim import BFloat16Copy, LazyAdam, clip_scale, rounding_keys, squared_norm, stochastic_round_bf16
 from switchsae.saes import build_sae
 
 pytestmark = pytest.mark.usefixtures("kernel_backend")
@@ -222,22 +222,42 @@ def test_an_unknown_moments_setting_is_refused():
         LazyAdam([torch.nn.Parameter(torch.ones(2, 2))], moments="fp16")
 
 
-def test_clipping_row_sparse_gradients_equals_torch_clipping_their_dense_form():
+def test_squared_norms_of_row_sparse_gradients_and_the_clip_scale_follow_torch():
     """``squared_norm`` of a row-sparse gradient (of some of its rows) is its dense form's, and
-    ``clip_gradients`` scales dense and row-sparse gradients as ``clip_grad_norm_`` scales dense ones."""
+    ``clip_scale`` times the gradients is what ``clip_grad_norm_`` leaves."""
     torch.manual_seed(0)
-    dense_p, sparse_p, bias = torch.zeros(10, 3), torch.zeros(10, 3), torch.zeros(3)
     rows, values = torch.tensor([1, 4, 7]), torch.randn(3, 3)
-    sparse_p.grad = torch.sparse_coo_tensor(rows[None], values, (10, 3))
-    dense_p.grad, bias.grad = sparse_p.grad.to_dense(), torch.randn(3)
-    assert squared_norm(sparse_p.grad, slice(2, 8)) == values[1:].square().sum()
-    assert torch.allclose(squared_norm(sparse_p.grad), squared_norm(dense_p.grad))
-    want = [dense_p.grad.clone(), bias.grad.clone()]
+    sparse, bias = torch.sparse_coo_tensor(rows[None], values, (10, 3)), torch.randn(3)
+    assert torch.allclose(squared_norm(sparse, slice(2, 8)), values[1:].square().sum())
+    assert torch.allclose(squared_norm(sparse), squared_norm(sparse.to_dense()))
     reference = [torch.zeros(10, 3), torch.zeros(3)]
-    for ref, grad in zip(reference, want):
-        ref.grad = grad
+    for ref, grad in zip(reference, (sparse.to_dense(), bias)):
+        ref.grad = grad.clone()
     torch.nn.utils.clip_grad_norm_(reference, 0.5)
-    norm = (squared_norm(sparse_p.grad) + squared_norm(bias.grad)).sqrt()
-    clip_gradients([sparse_p, bias], 0.5, norm)
-    torch.testing.assert_close(sparse_p.grad.to_dense(), reference[0].grad)
-    torch.testing.assert_close(bias.grad, reference[1].grad)
+    scale = clip_scale(0.5, (squared_norm(sparse) + squared_norm(bias)).sqrt())
+    torch.testing.assert_close(scale * sparse.to_dense(), reference[0].grad)
+    torch.testing.assert_close(scale * bias, reference[1].grad)
+    assert clip_scale(1e9, torch.tensor(3.0)) == 1.0
+
+
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+@pytest.mark.parametrize("unit_norm", [False, True])
+def test_a_groups_grad_scale_is_a_step_on_the_scaled_gradient(moments, unit_norm):
+    """``grad_scale = s_t`` on gradient ``g`` steps as ``s_t · g`` does (the compiled kernel scales
+    inside its one pass, the torch path before Adam), dense and row-sparse. The scale changes from
+    step to step, as a clipped norm's does: a constant one would leave Adam's steps nearly as they are."""
+    torch.manual_seed(1)
+    start, grad = torch.nn.functional.normalize(torch.randn(8, 5), dim=1), torch.randn(8, 5)
+    scales = (1.0, 0.05, 0.5, 0.2)
+    sparse = [None, None, torch.tensor([2, 5]), torch.tensor([0, 5, 7])]
+    results = []
+    for inside in (True, False):
+        p = torch.nn.Parameter(start.clone())
+        opt = LazyAdam([{"params": [p], "unit_norm_rows": unit_norm}], lr=1e-2, moments=moments)
+        for scale, rows in zip(scales, sparse):
+            g = grad if inside else scale * grad
+            p.grad = g.clone() if rows is None else torch.sparse_coo_tensor(rows[None], g[rows], g.shape)
+            opt.param_groups[0]["grad_scale"] = scale if inside else 1.0
+            opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

@@ -198,13 +198,15 @@ def test_an_unknown_adam_moments_setting_is_refused():
 
 def test_a_setting_older_runs_do_not_name_counts_as_its_default():
     """Runs saved before ``lr_width`` existed were trained with its old default, "total" (now
-    "expert"); runs saved before routing had its own place, with the auxiliary weights in the loss's units."""
+    "expert"), before ``grad_clip`` existed unclipped (now 1); runs saved before routing had its own
+    place, with the auxiliary weights in the loss's units."""
     saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
-    del saved_sae["routing"], saved_train["lr_width"]
-    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units", "lr_width"]
+    del saved_sae["routing"], saved_train["lr_width"], saved_train["grad_clip"]
+    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units", "grad_clip", "lr_width"]
     legacy = SWITCH.replace(routing=SWITCH.routing.__class__(aux_units="loss"))
-    assert settings_differ(saved_sae, saved_train, legacy, dataclasses.replace(FAST, lr_width="total")) == []
-    assert settings_differ(saved_sae, saved_train, legacy, FAST) == ["lr_width"]
+    old = dataclasses.replace(FAST, lr_width="total", grad_clip=0.0)
+    assert settings_differ(saved_sae, saved_train, legacy, old) == []
+    assert settings_differ(saved_sae, saved_train, legacy, FAST) == ["grad_clip", "lr_width"]
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, acts):
@@ -350,7 +352,7 @@ def test_default_lr_uses_the_total_or_the_expert_width(tmp_path, acts, lr_width,
 def test_grad_clip_bounds_the_update_only_when_the_norm_exceeds_it(acts):
     """Clipping at a norm far above the gradient's multiplies it by exactly 1 (weights bit-identical to
     no clipping); at a tiny norm every step is clipped and the weights differ."""
-    plain = train(SWITCH, acts, FAST, progress=False).state_dict()
+    plain = train(SWITCH, acts, dataclasses.replace(FAST, grad_clip=0.0), progress=False).state_dict()
     loose = train(SWITCH, acts, dataclasses.replace(FAST, grad_clip=1e9), progress=False).state_dict()
     tight = train(SWITCH, acts, dataclasses.replace(FAST, grad_clip=1e-4, lr_decay_frac=0.0), progress=False)
     for name, tensor in plain.items():
@@ -358,7 +360,7 @@ def test_grad_clip_bounds_the_update_only_when_the_norm_exceeds_it(acts):
     assert not torch.equal(plain["W_dec"], tight.state_dict()["W_dec"])
     with pytest.raises(ValueError, match="grad_clip"):
         TrainConfig(grad_clip=-1.0)
-    sparse = dataclasses.replace(FAST, sparse_updates=True)  # row-sparse gradients are clipped as well
+    sparse = dataclasses.replace(FAST, sparse_updates=True, grad_clip=0.0)  # row-sparse gradients are clipped as well
     plain = train(SWITCH, acts, sparse, progress=False).state_dict()
     loose = train(SWITCH, acts, dataclasses.replace(sparse, grad_clip=1e9), progress=False).state_dict()
     tight = train(SWITCH, acts, dataclasses.replace(sparse, grad_clip=1e-4), progress=False).state_dict()

@@ -425,8 +425,8 @@ static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
 #define DEFINE_ADAM_ROW(name, type, LOAD, STORE, ATTRIBUTE, PRAGMA)                               \
     ATTRIBUTE static inline void name(float *p, type *m, type *v, const float *g, int64_t d,      \
                                       float step_size, float beta1, float beta2, float eps,      \
-                                      float bias_correction2_sqrt, int unit_norm, uint16_t *low,  \
-                                      uint64_t key) {                                             \
+                                      float bias_correction2_sqrt, float grad_scale, int unit_norm,\
+                                      uint16_t *low, uint64_t key) {                              \
         PRAGMA                                                                                     \
         float along = 0, squares = 0;                                                              \
         if (unit_norm) {                                                                           \
@@ -435,7 +435,7 @@ static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
         }                                                                                          \
         _Pragma("omp simd reduction(+: squares)")                                                  \
         for (int64_t j = 0; j < d; j++) {                                                          \
-            const float gj = g[j] - along * p[j]; /* along = 0 without unit_norm: no branch */     \
+            const float gj = grad_scale * (g[j] - along * p[j]); /* along = 0 without unit_norm */ \
             const float mj = beta1 * LOAD(m[j]) + (1 - beta1) * gj;                                \
             const float vj = beta2 * LOAD(v[j]) + (1 - beta2) * gj * gj;                           \
             p[j] -= step_size * mj / (sqrtf(vj) / bias_correction2_sqrt + eps);                    \
@@ -452,7 +452,8 @@ static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
     }
 
 /* Adam on rows r = rows[i], i < n (rows NULL: r = i) of param/exp_avg/exp_avg_sq ([*, d]) with
- * gradient rows grad[i] ([n, d]), in place and in one pass, in torch's fused-Adam arithmetic:
+ * gradient rows grad_scale · grad[i] ([n, d]; the scale of a clipped gradient norm, 1: none), in
+ * place and in one pass, in torch's fused-Adam arithmetic:
  *   m ← β1 m + (1 − β1) g,  v ← β2 v + (1 − β2) g²,  θ ← θ − (lr / c1) m / (sqrt(v) / sqrt(c2) + ε)
  * with bias corrections c1 = 1 − β1^t and c2 = 1 − β2^t (t = step). With unit_norm the rows are
  * unit-norm decoder rows kept on the sphere, all while the row is in cache: the gradient's
@@ -468,7 +469,8 @@ static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
     ATTRIBUTE void name(float *param, type *exp_avg, type *exp_avg_sq, const float *grad,          \
                         const int64_t *rows, int64_t n, int64_t d, float lr, float beta1,          \
                         float beta2, float eps, float bias_correction1,                            \
-                        float bias_correction2_sqrt, int unit_norm, uint16_t *low, int64_t step,   \
+                        float bias_correction2_sqrt, float grad_scale, int unit_norm, uint16_t *low,\
+                        int64_t step,                                                              \
                         const int64_t *key_rows) {                                                 \
         const uint64_t seed = mix64((uint64_t)step);                                               \
         _Pragma("omp parallel") {                                                                  \
@@ -478,7 +480,7 @@ static inline uint16_t float_to_bf16_stochastic(float value, uint64_t key) {
                 const int64_t r = rows ? rows[i] : i;                                              \
                 row_kernel(param + r * d, exp_avg + r * d, exp_avg_sq + r * d, grad + i * d, d,    \
                            lr / bias_correction1, beta1, beta2, eps, bias_correction2_sqrt,        \
-                           unit_norm, low ? low + r * d : NULL,                                    \
+                           grad_scale, unit_norm, low ? low + r * d : NULL,                        \
                            seed + 2 * (uint64_t)((key_rows ? key_rows[r] : r) * d));               \
             }                                                                                      \
         }                                                                                          \

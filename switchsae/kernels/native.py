@@ -49,8 +49,8 @@ _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 SIGNATURES = {  # name: (argument types, return type); an int return is 0, or -1 when malloc failed
     "topk_f32": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
     "topk_bf16": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR], ctypes.c_int),
-    "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int, _PTR, _I64, _PTR], None),
-    "adam_rows_bf16": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 6 + [ctypes.c_int, _PTR, _I64, _PTR],
+    "adam_rows": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 7 + [ctypes.c_int, _PTR, _I64, _PTR], None),
+    "adam_rows_bf16": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64] + [_F32] * 7 + [ctypes.c_int, _PTR, _I64, _PTR],
                        None),
     "gather_dot": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR], None),
     "transposed_product": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR], ctypes.c_int),
@@ -256,9 +256,9 @@ def decode_residual(z: Tensor, indices: Tensor, W: Tensor, b: Tensor, x: Tensor,
 
 def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, rows: Tensor | None = None, *,
               lr: float, beta1: float, beta2: float, eps: float, step: int, unit_norm: bool = False,
-              low: Tensor | None = None, key_rows: Tensor | None = None) -> None:
+              low: Tensor | None = None, key_rows: Tensor | None = None, grad_scale: float = 1.0) -> None:
     """Adam step ``step`` (1-based) in place on ``param[rows]`` (all rows if None) and its moments,
-    ``grad`` one row per updated row; ``param`` and the moments ``[n, d]`` and contiguous, ``rows``
+    with the gradient ``grad_scale · grad``, ``grad`` one row per updated row; ``param`` and the moments ``[n, d]`` and contiguous, ``rows``
     distinct. The moments are fp32, or both bf16: then they are updated in fp32 and stored with
     stochastic rounding keyed by ``step`` and each element's flat index, row ``key_rows[r]`` for
     row ``r`` where given (see native.c and :func:`switchsae.optim.stochastic_round_bf16`). ``unit_norm``: project the gradient off each
@@ -280,7 +280,7 @@ def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, 
     grad = grad.contiguous()  # held here: the pointer below must outlive the call
     kernel = _kernels().adam_rows_bf16 if exp_avg.dtype == torch.bfloat16 else _kernels().adam_rows
     kernel(param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), grad.data_ptr(), _pointer(rows), n,
-           param.shape[1], lr, beta1, beta2, eps, 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, int(unit_norm),
+           param.shape[1], lr, beta1, beta2, eps, 1 - beta1 ** step, (1 - beta2 ** step) ** 0.5, grad_scale, int(unit_norm),
            _pointer(low), step, _pointer(key_rows))
     increment_version((param, exp_avg, exp_avg_sq) + (() if low is None else (low,)))
 

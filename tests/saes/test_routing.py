@@ -88,12 +88,12 @@ def test_top1_is_bit_for_bit_what_it_was_before_the_routing_contract():
     before routing became a strategy (bit-identical with the compiled kernels on the host that
     saved them; the tolerance covers other hosts' gemm rounding). That code weighted the balance
     loss against the MSE in the loss's own units: ``aux_units = loss``, and took the default lr
-    law on the total width: ``lr_width = total``."""
+    law on the total width: ``lr_width = total``, and did not clip the gradient: ``grad_clip = 0``."""
     ref = load_file(str(Path(__file__).parents[1] / "data" / "switch_top1_reference.safetensors"))
     acts = synthetic_activations(6000, 32, 512, 6, 0.05, 0)
     cfg = SAEConfig(arch="switch", d_model=32, width=256, k=8, n_experts=8, routing=RoutingConfig(aux_units="loss"))
     sae = ss.train(cfg, acts, ss.TrainConfig(steps=30, batch_size=256, normalize=True, log_every=10, matmul_dtype="float32",
-                                                  lr_width="total"),
+                                                  lr_width="total", grad_clip=0.0),
                    progress=False)
     for name, tensor in sae.state_dict().items():
         torch.testing.assert_close(tensor, ref[f"w.{name}"], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
