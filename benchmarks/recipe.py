@@ -81,6 +81,7 @@ STUDIES: dict[str, dict[str, dict]] = {
            for alpha in (1.0, 3.0)
            for name, settings in (("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
                                   ("switch8", {**SWITCH8, **RECIPE}))},
+        "topk lr 8x steps 720 clip 1": {**TOPK, "lr": 3.2e-3, "steps": 720, "grad_clip": 1.0},  # for the reverse runs
     },
     "long": {  # six passes (1440 steps) at 4x and 8x the law, clipped: does Switch 8's out-of-domain gap close?
         **{f"{name} lr {mult}x steps 1440 clip 1": {**settings, "lr": 4e-4 * mult, "steps": 1440, "grad_clip": 1.0}
