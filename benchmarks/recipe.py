@@ -97,11 +97,13 @@ STUDIES: dict[str, dict[str, dict]] = {
                               "lr": 1.6e-3},
         "hash 8x4096 lr 4x": {**SWITCH8, **RECIPE, "router": "hash", "lr": 1.6e-3},
     },
-    "batch": {  # batch-size sensitivity at an equal number of training tokens (2x lr law, scaled as sqrt(B))
-        **{f"{name} batch {batch}": {**settings, "batch_size": batch, "steps": 240 * 4096 // batch,
-                                     "lr": 8e-4 * (batch / 4096) ** 0.5}
-           for name, settings in (("topk", TOPK), ("switch8", {**SWITCH8, **RECIPE}))
-           for batch in (1024, 4096, 16384)},
+    "batch": {  # batch-size sensitivity at section 7's recipe and token budget (720 x 4096 tokens), the lr scaled
+        # as sqrt(B); batch 4096 is the balance/clip studies' run
+        **{f"{name} batch {batch}": {**settings, "batch_size": batch, "steps": 720 * 4096 // batch,
+                                     "lr": 3.2e-3 * (batch / 4096) ** 0.5, "grad_clip": 1.0}
+           for name, settings in (("topk", TOPK), ("switch4 alpha 3", {**SWITCH8, **RECIPE, "width": 4 * M0,
+                                                                     "n_experts": 4, "aux_coeff": 3.0}))
+           for batch in (1024, 16384)},
     },
     "routing": {  # every strategy FLOP-matched to TopK-4096: e routed experts of 4096/e latents, k = 32
         "top1 8x4096": {**SWITCH8, **RECIPE},
