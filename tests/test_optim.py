@@ -227,7 +227,7 @@ def test_squared_norms_of_row_sparse_gradients_and_the_clip_scale_follow_torch()
     ``clip_scale`` times the gradients is what ``clip_grad_norm_`` leaves."""
     torch.manual_seed(0)
     rows, values = torch.tensor([1, 4, 7]), torch.randn(3, 3)
-    sparse, bias = torch.sparse_coo_tensor(rows[None], values, (10, 3)), torch.randn(3)
+    sparse, bias = torch.sparse_coo_tensor(rows[None], values, (10, 3), check_invariants=True), torch.randn(3)
     assert torch.allclose(squared_norm(sparse, slice(2, 8)), values[1:].square().sum())
     assert torch.allclose(squared_norm(sparse), squared_norm(sparse.to_dense()))
     reference = [torch.zeros(10, 3), torch.zeros(3)]
@@ -256,7 +256,8 @@ def test_a_groups_grad_scale_is_a_step_on_the_scaled_gradient(moments, unit_norm
         opt = LazyAdam([{"params": [p], "unit_norm_rows": unit_norm}], lr=1e-2, moments=moments)
         for scale, rows in zip(scales, sparse):
             g = grad if inside else scale * grad
-            p.grad = g.clone() if rows is None else torch.sparse_coo_tensor(rows[None], g[rows], g.shape)
+            p.grad = g.clone() if rows is None else torch.sparse_coo_tensor(rows[None], g[rows], g.shape,
+                                                                            check_invariants=True)
             opt.param_groups[0]["grad_scale"] = scale if inside else 1.0
             opt.step()
         results.append(p.detach().clone())
