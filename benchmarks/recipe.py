@@ -83,12 +83,6 @@ STUDIES: dict[str, dict[str, dict]] = {
                                   ("switch8", {**SWITCH8, **RECIPE}))},
         "topk lr 8x steps 720 clip 1": {**TOPK, "lr": 3.2e-3, "steps": 720, "grad_clip": 1.0},  # for the reverse runs
     },
-    "long": {  # six passes (1440 steps) at 4x and 8x the law, clipped: does Switch 8's out-of-domain gap close?
-        **{f"{name} lr {mult}x steps 1440 clip 1": {**settings, "lr": 4e-4 * mult, "steps": 1440, "grad_clip": 1.0}
-           for mult in (4, 8)
-           for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
-                                  ("switch8", {**SWITCH8, **RECIPE}))},
-    },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},
         "shared + top1 4x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 5 * 2048, "n_experts": 4,
