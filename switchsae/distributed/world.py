@@ -30,7 +30,7 @@ from torch import Tensor
 from switchsae.checkpoint import Layout
 from switchsae.distributed.data_parallel import average_gradients, average_row_ranges, shard_batches
 from switchsae.distributed.expert_parallel import EXPERT_PARAMS, ExpertParallel, check_expert_parallel, shard_experts
-from switchsae.distributed.group import LOCAL, DistributedError
+from switchsae.distributed.group import LOCAL, DistributedError, Group
 from switchsae.distributed.mesh import SINGLE_MESH, Mesh
 from switchsae.optim import squared_norm
 from switchsae.run_folder import RunClaim, claim_run_dir
@@ -162,35 +162,39 @@ class World(Layout):
         the world size."""
         if self.size == 1:
             return
-        split = set(EXPERT_PARAMS) if self.experts is not None else set()
-        named = list(sae.named_parameters())
-        average_gradients([p for name, p in named if name not in split], self.mesh.world, self.size)
-        for name, p in named:
-            if name in split:
-                assert self.experts is not None  # split is empty without experts
-                average_row_ranges(p, self.experts.row_groups(self.mesh.dp, self.mesh.world), self.size)
+        replicated, split = self._replicated_and_split(sae)
+        average_gradients(replicated, self.mesh.world, self.size)
+        for p in split:
+            average_row_ranges(p, self._expert_rows(), self.size)
 
     def gradient_norm(self, sae: SparseAutoencoder) -> Tensor:
         """``‖g‖`` of the whole SAE's (reduced) gradient, every parameter counted once: replicated
         parameters and the shared expert's rows from this rank, the routed expert rows summed over
         the ep group (each of its ranks holds other experts)."""
-        split = set(EXPERT_PARAMS) if self.experts is not None else set()
+        replicated, split = self._replicated_and_split(sae)
         here, routed = torch.zeros((), device=sae.W_dec.device), torch.zeros((), device=sae.W_dec.device)
-        for name, p in sae.named_parameters():
-            if p.grad is None:
-                continue
-            if name not in split:
+        for p in replicated:
+            if p.grad is not None:
                 here += squared_norm(p.grad)
-                continue
-            assert self.experts is not None  # split is empty without experts
-            for rows, group in self.experts.row_groups(self.mesh.dp, self.mesh.world):
-                if group is self.mesh.dp:
-                    routed += squared_norm(p.grad, rows)
-                else:
-                    here += squared_norm(p.grad, rows)
-        if self.experts is not None:
+        for p in split:
+            for rows, group in self._expert_rows():
+                if p.grad is not None:
+                    (routed if group is self.mesh.dp else here).add_(squared_norm(p.grad, rows))
+        if split:
             self.mesh.ep.sum(routed)
         return (here + routed).sqrt()
+
+    def _replicated_and_split(self, sae: SparseAutoencoder) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters every rank holds whole, and the expert matrices split across the ep group
+        (none without expert parallelism)."""
+        split = set(EXPERT_PARAMS) if self.experts is not None else set()
+        named = list(sae.named_parameters())
+        return [p for name, p in named if name not in split], [p for name, p in named if name in split]
+
+    def _expert_rows(self) -> list[tuple[slice, Group]]:
+        """Which ranks share each range of the expert rows held here (:meth:`ExpertParallel.row_groups`)."""
+        assert self.experts is not None  # only split parameters have expert rows
+        return self.experts.row_groups(self.mesh.dp, self.mesh.world)
 
     def parallel_stats(self) -> dict[str, float]:
         """``dropped``: the fraction of the batch's routed entries (its tokens, with one entry per
