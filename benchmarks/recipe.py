@@ -35,6 +35,12 @@ TOPK = dict(arch="topk", width=M0)
 #: the recipe the studies above decide (alpha, lr law, AuxK), used by the routing study
 RECIPE = {"aux_coeff": 0.1, "lr_width": "expert"}
 TOPK_RECIPE: dict = {}
+#: the finalists of the length study and after, FLOP-matched at M0 (Switch with the recipe above)
+SWITCH4_RECIPE = {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}
+SWITCH8_RECIPE = {**SWITCH8, **RECIPE}
+FINALISTS = {"topk": TOPK, "switch4": SWITCH4_RECIPE, "switch8": SWITCH8_RECIPE}
+#: the training of the clip, balance and batch studies: 8x the lr law, 720 steps, the gradient norm clipped at 1
+LONG_CLIPPED = {"lr": 3.2e-3, "steps": 720, "grad_clip": 1.0}
 
 STUDIES: dict[str, dict[str, dict]] = {
     "alpha": {  # the load-balance weight, relative to the MSE of activations at mean norm sqrt(d)
@@ -61,27 +67,22 @@ STUDIES: dict[str, dict[str, dict]] = {
         # 2x at 240 steps is in the auxk and lr studies
         **{f"{name} lr {mult}x steps {steps}": {**settings, "lr": 4e-4 * mult, "steps": steps}
            for steps, mult in ((240, 4), (240, 8), (240, 16), (240, 32), (720, 4), (720, 8))
-           for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
-                                  ("switch8", {**SWITCH8, **RECIPE}))},
+           for name, settings in FINALISTS.items()},
     },
     "clip": {  # gradient-norm clipping at 1 on the length study's best 720-step runs (8x the law), and
         # per-expert AuxK beside it: paired with those runs (same seeds, same batches)
-        **{f"{name} lr 8x steps 720 clip 1": {**settings, "lr": 3.2e-3, "steps": 720, "grad_clip": 1.0}
-           for name, settings in (("topk", TOPK), ("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
-                                  ("switch8", {**SWITCH8, **RECIPE}),
-                                  ("switch4 auxk", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4,
-                                                    "auxk_coeff": 1 / 32}),
-                                  ("switch8 auxk", {**SWITCH8, **RECIPE, "auxk_coeff": 1 / 32}),
+        **{f"{name} lr 8x steps 720 clip 1": {**settings, **LONG_CLIPPED}
+           for name, settings in (*FINALISTS.items(),
+                                  ("switch4 auxk", {**SWITCH4_RECIPE, "auxk_coeff": 1 / 32}),
+                                  ("switch8 auxk", {**SWITCH8_RECIPE, "auxk_coeff": 1 / 32}),
                                   ("topk bf16 moments", {**TOPK, "adam_moments": "bf16"}),
-                                  ("switch8 bf16 moments", {**SWITCH8, **RECIPE, "adam_moments": "bf16"}))},
+                                  ("switch8 bf16 moments", {**SWITCH8_RECIPE, "adam_moments": "bf16"}))},
     },
     "balance": {  # a stronger load-balance weight against the imbalance (load CV 1.1-1.7) that kills latents at 8x
-        **{f"{name} alpha {alpha} lr 8x steps 720 clip 1": {**settings, "aux_coeff": alpha, "lr": 3.2e-3, "steps": 720,
-                                                           "grad_clip": 1.0}
+        **{f"{name} alpha {alpha} lr 8x steps 720 clip 1": {**settings, "aux_coeff": alpha, **LONG_CLIPPED}
            for alpha in (1.0, 3.0)
-           for name, settings in (("switch4", {**SWITCH8, **RECIPE, "width": 4 * M0, "n_experts": 4}),
-                                  ("switch8", {**SWITCH8, **RECIPE}))},
-        "topk lr 8x steps 720 clip 1": {**TOPK, "lr": 3.2e-3, "steps": 720, "grad_clip": 1.0},  # for the reverse runs
+           for name, settings in (("switch4", SWITCH4_RECIPE), ("switch8", SWITCH8_RECIPE))},
+        "topk lr 8x steps 720 clip 1": {**TOPK, **LONG_CLIPPED},  # for the reverse runs
     },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},
@@ -95,8 +96,7 @@ STUDIES: dict[str, dict[str, dict]] = {
         # as sqrt(B); batch 4096 is the balance/clip studies' run
         **{f"{name} batch {batch}": {**settings, "batch_size": batch, "steps": 720 * 4096 // batch,
                                      "lr": 3.2e-3 * (batch / 4096) ** 0.5, "grad_clip": 1.0}
-           for name, settings in (("topk", TOPK), ("switch4 alpha 3", {**SWITCH8, **RECIPE, "width": 4 * M0,
-                                                                     "n_experts": 4, "aux_coeff": 3.0}))
+           for name, settings in (("topk", TOPK), ("switch4 alpha 3", {**SWITCH4_RECIPE, "aux_coeff": 3.0}))
            for batch in (1024, 16384)},
     },
     "routing": {  # every strategy FLOP-matched to TopK-4096: e routed experts of 4096/e latents, k = 32
