@@ -3,7 +3,7 @@
 For each configuration and world size P, P worker processes (file rendezvous, ``threads / P``
 threads each, so every P uses the same cores) train a Switch SAE on random activations for a
 few steps, the way switchsae/train.py does (forward, loss, the guard's loss average, backward,
-gradient averaging, LazyAdam, dead-latent counter). Collectives are counted as they are called:
+gradient averaging, the default clipping's global norm, LazyAdam, dead-latent counter). Collectives are counted as they are called:
 the payload handed to each, and the bytes a rank actually sends to other ranks (ring all-reduce
 ``2(P−1)/P·n``, all-gather ``(P−1)·n``, all-to-all the rows bound for other ranks), per step.
 
@@ -48,8 +48,9 @@ def model(spec: dict, size: int, entries_out: float | None = None) -> dict:
     With ``entries_out`` (measured) the all-to-all uses that count of entries leaving the rank
     instead of the uniform-routing one: a check of the bytes per entry alone.
     All-reduce: the replicated parameters' gradient (all of them for DDP; router, biases and the
-    shared expert for EP) and the firing mask of the dead-latent counter (``M`` bytes) in a ring,
-    ``2(P−1)/P`` of their bytes.
+    shared expert for EP), the firing mask of the dead-latent counter (``M`` bytes) and, for EP,
+    the routed rows' squared gradient norm (one fp32 scalar, for clipping) in a ring, ``2(P−1)/P``
+    of their bytes.
     """
     d, k, M, N, T = spec["d"], spec["k"], spec["width"], spec["experts"], spec["batch"]
     shared, e = spec.get("shared", False), spec.get("experts_per_token", 1)
@@ -66,7 +67,7 @@ def model(spec: dict, size: int, entries_out: float | None = None) -> dict:
     a2a = leaving * entry + (size - 1) * (N // size) * 8 if ep else 0.0
     ring = 2 * (size - 1) / size
     dense = replicated + (2 * N * m * d if spec["mode"] == "ddp" else 0)
-    reduce = (4 * dense + M) * ring  # and the dead-latent counter's firing mask, one byte a latent
+    reduce = (4 * dense + M + (4 if ep else 0)) * ring  # firing mask: a byte a latent; EP: the norm's scalar
     return {"GB/rank": round((state + buffers) / 1e9, 2), "model a2a MB": round(a2a / 1e6, 3),
             "model all-reduce MB": round(reduce / 1e6, 3)}
 
@@ -107,7 +108,7 @@ def worker(rank: int, size: int, rendezvous: str, spec: dict, out: Path) -> None
     from switchsae.config import ParallelConfig, RoutingConfig, SAEConfig, TrainConfig
     from switchsae.distributed.launch import connect, disconnect
     from switchsae.saes import build_sae
-    from switchsae.train import optimizer_for
+    from switchsae.train import optimizer_for, prepare_step
 
     torch.set_num_threads(spec["threads"])
     mode = spec["mode"]
@@ -124,8 +125,6 @@ def worker(rank: int, size: int, rendezvous: str, spec: dict, out: Path) -> None
     sae.tokens_since_fired = torch.zeros(cfg.width, dtype=torch.long)
     world.prepare(sae, broadcast=False)
     opt = optimizer_for(sae, train_cfg)
-    for group in opt.param_groups:
-        group["lr"] = 1e-4
     local = spec["batch"] // size
     batches = torch.randn(spec["steps"] + spec["warmup"], local, spec["d"], generator=torch.Generator().manual_seed(rank))
     sent: dict[str, float] = {}
@@ -142,6 +141,7 @@ def worker(rank: int, size: int, rendezvous: str, spec: dict, out: Path) -> None
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         world.reduce_gradients(sae)
+        prepare_step(opt, sae, train_cfg, 1e-4, world)
         opt.step()
         sae.record_firing(out_.latents, local)
         world.mesh.world.barrier()

@@ -223,7 +223,7 @@ class TrainConfig:
         if not 0 <= self.grad_clip < math.inf:
             raise ValueError(f"grad_clip must be 0 (off) or a positive finite norm, got {self.grad_clip}.")
         if self.adam_moments not in ADAM_MOMENTS:
-            raise ValueError(f"adam_moments must be fp32 or bf16, got {self.adam_moments!r}.")
+            raise ValueError(f"adam_moments must be one of {', '.join(ADAM_MOMENTS)}, got {self.adam_moments!r}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (only at the end) or positive, got {self.checkpoint_every}.")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

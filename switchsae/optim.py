@@ -48,10 +48,11 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam
 
+from switchsae.config import ADAM_MOMENTS
 from switchsae.kernels import native
 
 #: ``moments`` settings → the dtype a matrix's Adam moments are stored in (vectors keep fp32)
-MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MOMENT_DTYPES = dict(zip(ADAM_MOMENTS, (torch.float32, torch.bfloat16), strict=True))
 
 
 class BFloat16Copy:
@@ -166,8 +167,9 @@ def _torch_step(full: tuple[Tensor, Tensor, Tensor], grad: Tensor, rows: Tensor 
     param, exp_avg, exp_avg_sq = full if rows is None else (t.index_select(0, rows) for t in full)
     if unit_norm:
         grad = grad - torch.einsum("rd,rd->r", grad, param)[:, None] * param
-    if "grad_scale" in group:
-        grad = grad * group["grad_scale"]
+    scale = group.get("grad_scale", 1.0)
+    if isinstance(scale, Tensor) or scale != 1.0:  # a clip factor stays a tensor: no device sync to test it
+        grad = grad * scale
     if exp_avg.dtype == torch.bfloat16:
         step += 1
         index = torch.arange(full[0].shape[0], device=param.device) if key_rows is None else key_rows.to(param.device)
@@ -249,7 +251,9 @@ def squared_norm(grad: Tensor, rows: slice = slice(None)) -> Tensor:
         return torch.linalg.vector_norm(grad[rows], dtype=torch.float32).square()
     ids, values = _row_sparse(grad)
     start, stop = rows.start or 0, grad.shape[0] if rows.stop is None else rows.stop
-    return torch.linalg.vector_norm(values[(ids >= start) & (ids < stop)], dtype=torch.float32).square()
+    if start > 0 or stop < grad.shape[0]:
+        values = values[(ids >= start) & (ids < stop)]
+    return torch.linalg.vector_norm(values, dtype=torch.float32).square()
 
 
 def clip_scale(max_norm: float, norm: Tensor) -> Tensor:

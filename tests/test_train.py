@@ -192,7 +192,7 @@ def test_resume_with_the_other_adam_moments_is_refused(tmp_path, acts):
 
 
 def test_an_unknown_adam_moments_setting_is_refused():
-    with pytest.raises(ValueError, match="adam_moments must be fp32 or bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="adam_moments must be one of fp32, bf16, got 'fp16'"):
         TrainConfig(adam_moments="fp16")
 
 
