@@ -25,10 +25,11 @@ RARE = 1e-5  # fires per chance below which a latent counts as rare
 
 
 @torch.no_grad()
-def firing_by_rows(sae, batches: Iterable[Tensor], marks: list[int]) -> list[dict]:
+def firing_by_rows(sae, batches: Iterable[Tensor], marks: list[int]) -> tuple[list[dict], Tensor, Tensor]:
     """After the first batch that brings the rows seen to each count in ``marks``: the rows seen, the
     fraction of latents never fired, the fraction fired on fewer than ``RARE`` of their chances
-    (tokens routed to their expert) and the fewest chances any latent had."""
+    (tokens routed to their expert) and the fewest chances any latent had. Also, at the end, each
+    latent's firing count ``[M]`` and each block of latents' chances ``[blocks]``."""
     sae.eval()
     m = sae.cfg.expert_width
     fired = torch.zeros(sae.cfg.width, dtype=torch.long)
@@ -49,7 +50,7 @@ def firing_by_rows(sae, batches: Iterable[Tensor], marks: list[int]) -> list[dic
                          "rare": (fired / per_latent < RARE).float().mean().item(), "fewest chances": int(chances.min())})
         if not pending:
             break
-    return rows
+    return rows, fired, chances
 
 
 def stored_rows(cache: ActivationCache, rows: int, chunk: int = 12_500) -> Iterator[Tensor]:
@@ -72,10 +73,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for folder in args.saes:
         sae = ss.load_sae(folder)
-        for row in firing_by_rows(sae, stored_rows(cache, max(marks)), marks):
+        rows, fired, chances = firing_by_rows(sae, stored_rows(cache, max(marks)), marks)
+        for row in rows:
             print(f"| {Path(folder).name} | {sae.cfg.width:,} | {sae.cfg.n_experts} | {row['rows']:,} | "
                   f"{row['never fired']:.3f} | {row['rare']:.3f} | {row['fewest chances']:,} |",
                   flush=True)
+        if chances.numel() > 1:
+            dead = (fired == 0).view(chances.numel(), -1).float().mean(1)
+            share = chances.double() / chances.sum()
+            print(f"  per expert block at {rows[-1]['rows']:,} rows (share of tokens: never fired): "
+                  + ", ".join(f"{s:.3f}: {d:.3f}" for s, d in zip(share.tolist(), dead.tolist())), flush=True)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,10 @@ STUDIES: dict[str, dict[str, dict]] = {
                                   ("topk bf16 moments", {**TOPK, "adam_moments": "bf16"}),
                                   ("switch8 bf16 moments", {**SWITCH8_RECIPE, "adam_moments": "bf16"}))},
     },
-    "balance": {  # a stronger load-balance weight against the imbalance (load CV 1.1-1.7) that kills latents at 8x
+    "balance": {  # a stronger load-balance weight against the imbalance (load CV 1.1-1.7) that kills latents at 8x;
+        # 10: the less-used experts hold most of the dead latents even at 3 (report section 8)
         **{f"{name} alpha {alpha} lr 8x steps 720 clip 1": {**settings, "aux_coeff": alpha, **LONG_CLIPPED}
-           for alpha in (1.0, 3.0)
+           for alpha in (1.0, 3.0, 10.0)
            for name, settings in (("switch4", SWITCH4_RECIPE), ("switch8", SWITCH8_RECIPE))},
         "topk lr 8x steps 720 clip 1": {**TOPK, **LONG_CLIPPED},  # for the reverse runs
     },

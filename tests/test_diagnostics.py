@@ -34,7 +34,9 @@ def _sae(acts: torch.Tensor, **settings):
 def test_dead_latents_by_rows_end_at_the_evaluated_dead_fraction(acts, settings):
     sae = _sae(acts, **settings)
     batches = list(acts.split(250))
-    rows = _benchmark("dead_latents").firing_by_rows(sae, batches, [500, 1000, 2000])
+    rows, fired, chances = _benchmark("dead_latents").firing_by_rows(sae, batches, [500, 1000, 2000])
+    entries_per_token = 2 if settings.get("shared_expert") else 1  # the routed expert (and the shared one)
+    assert int(fired.sum()) == 2000 * 4 and int(chances.sum()) == 2000 * entries_per_token  # k = 4 a token
     assert [r["rows"] for r in rows] == [500, 1000, 2000]
     never = [r["never fired"] for r in rows]
     assert never == sorted(never, reverse=True)  # more rows: never fewer latents seen firing
