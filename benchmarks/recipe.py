@@ -41,6 +41,8 @@ SWITCH8_RECIPE = {**SWITCH8, **RECIPE}
 FINALISTS = {"topk": TOPK, "switch4": SWITCH4_RECIPE, "switch8": SWITCH8_RECIPE}
 #: the training of the clip, balance and batch studies: 8x the lr law, 720 steps, the gradient norm clipped at 1
 LONG_CLIPPED = {"lr": 3.2e-3, "steps": 720, "grad_clip": 1.0}
+#: section 7's Switch training: that, with the library's default load-balance weight
+ALPHA3_CLIPPED = {"aux_coeff": 3.0, **LONG_CLIPPED}
 
 STUDIES: dict[str, dict[str, dict]] = {
     "alpha": {  # the load-balance weight, relative to the MSE of activations at mean norm sqrt(d)
@@ -87,19 +89,18 @@ STUDIES: dict[str, dict[str, dict]] = {
     },
     "revive": {  # per-expert AuxK against the 40-53% dead latents of Switch 8 at the balance study's alpha = 3
         # (the clip study's AuxK ran at alpha = 0.1, where the router collapsed)
-        **{f"{name} alpha 3 auxk {label} lr 8x steps 720 clip 1": {**settings, "aux_coeff": 3.0, "auxk_coeff": coeff,
-                                                                     **LONG_CLIPPED}
+        **{f"{name} alpha 3 auxk {label} lr 8x steps 720 clip 1": {**settings, "auxk_coeff": coeff, **ALPHA3_CLIPPED}
            for label, coeff in (("1/32", 1 / 32), ("1/8", 1 / 8))
            for name, settings in (("switch8", SWITCH8_RECIPE), ("switch4", SWITCH4_RECIPE))},
     },
     "routing7": {  # two active experts per token at section 7's training (alpha = 3, 8x, 720 steps, clipped): out of
         # domain, when top-1 picks the wrong expert the best one is its second choice 95% of the time
         "top2 8x2048 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": 8 * 2048, "router": "top_e",
-                                                        "experts_per_token": 2, "aux_coeff": 3.0, **LONG_CLIPPED},
+                                                        "experts_per_token": 2, **ALPHA3_CLIPPED},
         "top2 16x2048 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": 16 * 2048, "n_experts": 16, "router": "top_e",
-                                                         "experts_per_token": 2, "aux_coeff": 3.0, **LONG_CLIPPED},
+                                                         "experts_per_token": 2, **ALPHA3_CLIPPED},
         "shared + top1 8x2048 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": 9 * 2048, "shared_expert": True,
-                                                                 "aux_coeff": 3.0, **LONG_CLIPPED},
+                                                                 **ALPHA3_CLIPPED},
     },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},

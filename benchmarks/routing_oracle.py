@@ -33,11 +33,12 @@ def oracle_scores(sae, x: torch.Tensor, batch: int = 4096) -> dict[str, float]:
     routed, best, agree, second = 0.0, 0.0, 0, 0
     for start in range(0, x.shape[0], batch):
         xb = x[start:start + batch]
-        out = sae(xb)
-        routed += (xb - out.x_hat).pow(2).sum().item()
-        errors = torch.stack([(xb - sae(xb, expert=e).x_hat).pow(2).sum(-1) for e in range(sae.cfg.n_experts)])
+        outs = [sae(xb, expert=e) for e in range(sae.cfg.n_experts)]
+        errors = torch.stack([(xb - out.x_hat).pow(2).sum(-1) for out in outs])  # [N, T]
+        # forcing the routed expert is the routed forward (same entries and gates): no pass of its own
+        choices = outs[0].extras["assignment"].probs.topk(min(2, sae.cfg.n_experts), dim=-1).indices
+        routed += errors.gather(0, choices[None, :, 0]).sum().item()
         best += errors.min(0).values.sum().item()
-        choices = out.extras["assignment"].probs.topk(min(2, sae.cfg.n_experts), dim=-1).indices
         best_expert = errors.argmin(0)
         agree += int((best_expert == choices[:, 0]).sum())
         second += int((best_expert == choices[:, -1]).sum()) if sae.cfg.n_experts > 1 else 0
