@@ -176,9 +176,9 @@ class World(Layout):
         for p in replicated:
             if p.grad is not None:
                 here += squared_norm(p.grad)
-        for p in (p for p in split if p.grad is not None):
+        for grad in (p.grad for p in split if p.grad is not None):
             for rows, group in self._expert_rows():
-                (routed if group is self.mesh.dp else here).add_(squared_norm(p.grad, rows))
+                (routed if group is self.mesh.dp else here).add_(squared_norm(grad, rows))
         if split:
             self.mesh.ep.sum(routed)
         return (here + routed).sqrt()
