@@ -102,6 +102,15 @@ STUDIES: dict[str, dict[str, dict]] = {
         "shared + top1 8x2048 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": 9 * 2048, "shared_expert": True,
                                                                  **ALPHA3_CLIPPED},
     },
+    "strategies7": {  # the routing study's other strategies at section 7's training; with routing7 and the balance
+        # study's top-1 and TopK rows, every strategy at one recipe
+        "expert choice 8x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "expert_choice", **ALPHA3_CLIPPED},
+        "hash 8x4096 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "hash", **ALPHA3_CLIPPED},
+        "sinkhorn 8x4096 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "sinkhorn", **ALPHA3_CLIPPED},
+        "top1 + z-loss 8x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED},
+        "top1 16x256 (fixed width) alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": M0, "n_experts": 16,
+                                                                     **ALPHA3_CLIPPED},
+    },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},
         "shared + top1 4x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 5 * 2048, "n_experts": 4,
@@ -158,6 +167,7 @@ def run_variant(name: str, variant: dict, seed: int, train_cache: ActivationCach
     # the studies before "clip" predate clipping by default: unclipped unless a variant says so
     train_cfg = TrainConfig(**{"steps": args.steps, "batch_size": 4096, "normalize": True, "seed": seed, "grad_clip": 0.0,
                                "log_every": args.steps, "checkpoint_every": 0, "matmul_dtype": args.matmul_dtype,
+                               "shuffle_buffer_mb": args.shuffle_mb, "shuffle_chunk_mb": args.shuffle_chunk_mb,
                                **train_settings})
     started = time.perf_counter()
     run_dir = Path(args.out) / "runs" / f"{variant_slug(name)}-seed{seed}" if args.save else None
@@ -246,13 +256,16 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="train nothing: the table and plot of OUT/runs.csv")
     parser.add_argument("--save", action="store_true", help="keep each trained SAE under OUT/runs/")
     parser.add_argument("--shuffle-mb", type=int, default=1024, help="the training stream's shuffle buffer (MiB)")
+    parser.add_argument("--shuffle-chunk-mb", type=int, default=0,
+                        help="chunks the buffer is filled with (MiB; 0: whole shards, as every study before the "
+                             "library's default of 16 MiB; report section 9)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "runs.csv"
     rows = list(csv.DictReader(results.open())) if results.exists() else []
-    train_cache = ActivationCache(args.train, shuffle_buffer_bytes=args.shuffle_mb << 20)
+    train_cache = ActivationCache(args.train)
     other = ActivationCache(args.other)
     print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"train {args.train}, other domain {args.other}")

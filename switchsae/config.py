@@ -11,6 +11,8 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from switchsae.sources.activations import DEFAULT_SHUFFLE
+
 ARCHS = ("switch", "topk", "batchtopk", "relu", "gated", "jumprelu")
 ROUTERS = ("top1", "top_e", "expert_choice", "hash", "sinkhorn")
 TOPK_FAMILY = ("switch", "topk", "batchtopk")
@@ -201,6 +203,12 @@ class TrainConfig:
     adam_moments: str = opt("fp32", "dtype of Adam's moments of the weight matrices: fp32, or bf16 (12 instead of 16 "
                                     "bytes of training state per parameter; updated in fp32, stored with "
                                     "stochastic rounding; biases keep fp32)")
+    shuffle_buffer_mb: int = opt(DEFAULT_SHUFFLE.buffer_bytes >> 20,
+                                 "MiB of activation-cache rows read into memory and mixed at a time by the training stream")
+    shuffle_chunk_mb: int = opt(DEFAULT_SHUFFLE.chunk_bytes >> 20,
+                                "an activation cache's training rows reach each shuffle buffer in chunks of this many MiB "
+                                "drawn from anywhere in the cache; 0: whole shards (the stream of runs saved before this "
+                                "setting; a corpus stored book after book then trains in blocks of books)")
     device: str = opt("cpu", "where to train: cpu, cuda or cuda:N (batches are moved there; checkpoints stay portable)")
     matmul_dtype: str = opt("auto", "dtype of the TopK family's selection matmul: float32, bfloat16 or auto (the faster "
                                     "on this machine, measured once; values and gradients stay fp32)")
@@ -224,6 +232,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be 0 (off) or a positive finite norm, got {self.grad_clip}.")
         if self.adam_moments not in ADAM_MOMENTS:
             raise ValueError(f"adam_moments must be one of {', '.join(ADAM_MOMENTS)}, got {self.adam_moments!r}.")
+        if self.shuffle_buffer_mb < 1 or self.shuffle_chunk_mb < 0:
+            raise ValueError(f"shuffle_buffer_mb must be a positive number of MiB and shuffle_chunk_mb 0 (whole shards) "
+                             f"or positive, got {self.shuffle_buffer_mb} and {self.shuffle_chunk_mb}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be 0 (only at the end) or positive, got {self.checkpoint_every}.")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -236,7 +247,7 @@ class TrainConfig:
 
 
 #: TrainConfig fields whose default changed, and the value a saved run that does not name them had
-LEGACY_TRAIN_DEFAULTS = {"lr_width": "total", "grad_clip": 0.0}
+LEGACY_TRAIN_DEFAULTS = {"lr_width": "total", "grad_clip": 0.0, "shuffle_chunk_mb": 0}
 
 
 def default_lr(width: int) -> float:

@@ -31,7 +31,7 @@ from switchsae.optim import LazyAdam, clip_scale
 from switchsae.run_folder import RunClaim
 from switchsae.saes import REGISTRY, SETTING_ARCHS, SparseAutoencoder, build_sae, reads_setting
 from switchsae.saes.io import CFG_FILE, LEGACY_CFG_FILE, LEGACY_WEIGHTS_FILE, WEIGHTS_FILE, save_sae, write_json_atomic
-from switchsae.sources.activations import ActivationSource, TensorSource, source_identity
+from switchsae.sources.activations import ActivationSource, Shuffle, TensorSource, source_identity
 
 Batches = ActivationSource | Tensor | Iterable[Tensor]
 
@@ -128,9 +128,10 @@ def batch_stream(source: Batches, cfg: TrainConfig, start_step: int, token_ids: 
         source = TensorSource(source)
     check_token_ids(source, token_ids)
     if isinstance(source, ActivationSource):
+        shuffle = Shuffle(cfg.shuffle_buffer_mb << 20, cfg.shuffle_chunk_mb << 20)
         if token_ids:
-            return source.train_batches(cfg.batch_size, cfg.seed, start_step, token_ids=True)
-        return source.train_batches(cfg.batch_size, cfg.seed, start_step)
+            return source.train_batches(cfg.batch_size, cfg.seed, start_step, token_ids=True, shuffle=shuffle)
+        return source.train_batches(cfg.batch_size, cfg.seed, start_step, shuffle=shuffle)
     return itertools.islice(iter(source), start_step, None)
 
 

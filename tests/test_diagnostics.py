@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from switchsae.config import SAEConfig
+from switchsae.config import SAEConfig, TrainConfig
 from switchsae.evaluate import evaluate
 from switchsae.saes import build_sae
 
@@ -62,3 +62,18 @@ def test_with_one_expert_the_router_always_picks_the_best(acts):
     assert scores["router picks the best"] == 1
     assert math.isnan(scores["best is the second choice"])  # no wrong pick to look at
     assert scores["fve oracle"] == pytest.approx(scores["fve router"])
+
+
+def test_every_recipe_study_variant_builds_and_is_flop_matched_to_topk_4096_unless_named_fixed_width():
+    """A study's variant is an SAE and a training configuration the library accepts, and its encoder costs
+    ``2·d·M0`` a token like TopK-4096's (router and decoder aside), except the fixed-width ones."""
+    recipe = _benchmark("recipe")
+    d = 64
+    for study, variants in recipe.STUDIES.items():
+        for name, variant in variants.items():
+            sae_settings, train_settings = recipe.split_settings(variant)
+            sae = build_sae(SAEConfig.from_flat(d_model=d, k=recipe.K, **sae_settings))
+            TrainConfig(**train_settings)
+            router = 2 * d * sae.cfg.n_experts if sae.cfg.arch == "switch" and sae.router.learned else 0
+            encoder = sae.flops()["forward"] - router - 2 * recipe.K * d
+            assert (encoder == 2 * d * recipe.M0) != ("fixed width" in name), (study, name, encoder)

@@ -116,8 +116,8 @@ class _InterruptedSource(TensorSource):
         super().__init__(acts)
         self.at = at
 
-    def train_batches(self, batch_size, seed, start_step=0):
-        for step, batch in enumerate(super().train_batches(batch_size, seed, start_step), start=start_step):
+    def train_batches(self, batch_size, seed, start_step=0, **stream):
+        for step, batch in enumerate(super().train_batches(batch_size, seed, start_step, **stream), start=start_step):
             yield self.fail(batch) if step == self.at else batch
 
     def fail(self, batch):
@@ -194,19 +194,24 @@ def test_resume_with_the_other_adam_moments_is_refused(tmp_path, acts):
 def test_an_unknown_adam_moments_setting_is_refused():
     with pytest.raises(ValueError, match="adam_moments must be one of fp32, bf16, got 'fp16'"):
         TrainConfig(adam_moments="fp16")
+    for sizes in (dict(shuffle_buffer_mb=0), dict(shuffle_chunk_mb=-1)):
+        with pytest.raises(ValueError, match="shuffle_buffer_mb must be a positive number of MiB and shuffle_chunk_mb 0"):
+            TrainConfig(**sizes)
 
 
 def test_a_setting_older_runs_do_not_name_counts_as_its_default():
     """Runs saved before ``lr_width`` existed were trained with its old default, "total" (now
-    "expert"), before ``grad_clip`` existed unclipped (now 1); runs saved before routing had its own
-    place, with the auxiliary weights in the loss's units."""
+    "expert"), before ``grad_clip`` existed unclipped (now 1), before ``shuffle_chunk_mb`` existed on
+    whole shards (now chunks of 16 MiB); runs saved before routing had its own place, with the
+    auxiliary weights in the loss's units."""
     saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
-    del saved_sae["routing"], saved_train["lr_width"], saved_train["grad_clip"]
-    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units", "grad_clip", "lr_width"]
+    del saved_sae["routing"], saved_train["lr_width"], saved_train["grad_clip"], saved_train["shuffle_chunk_mb"]
+    assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units", "grad_clip", "lr_width",
+                                                                     "shuffle_chunk_mb"]
     legacy = SWITCH.replace(routing=SWITCH.routing.__class__(aux_units="loss"))
-    old = dataclasses.replace(FAST, lr_width="total", grad_clip=0.0)
+    old = dataclasses.replace(FAST, lr_width="total", grad_clip=0.0, shuffle_chunk_mb=0)
     assert settings_differ(saved_sae, saved_train, legacy, old) == []
-    assert settings_differ(saved_sae, saved_train, legacy, FAST) == ["grad_clip", "lr_width"]
+    assert settings_differ(saved_sae, saved_train, legacy, FAST) == ["grad_clip", "lr_width", "shuffle_chunk_mb"]
 
 
 def test_corrupt_checkpoint_is_named(tmp_path, acts):

@@ -4,9 +4,9 @@ An :class:`ActivationSource` is anything that yields ``[batch, d_model]`` float3
 an in-memory tensor (:class:`TensorSource`, also used for ``.safetensors``/``.npy`` files) or
 an on-disk activation cache (:class:`switchsae.sources.cache.ActivationCache`).
 
-Contract of ``train_batches(batch_size, seed, start_step)``: an endless, shuffled stream
-that is a pure function of ``(seed, step)``; batch ``i`` is the same whether the stream was
-started at step 0 or at step ``i``. That is what makes a resumed run identical to an
+Contract of ``train_batches(batch_size, seed, start_step, shuffle=...)``: an endless, shuffled
+stream that is a pure function of ``(seed, step)`` and the :class:`Shuffle`; batch ``i`` is the
+same whether the stream was started at step 0 or at step ``i``. That is what makes a resumed run identical to an
 uninterrupted one. ``eval_batches(batch_size)`` makes one ordered pass over the held-out rows,
 which never appear in the training stream.
 
@@ -17,12 +17,30 @@ activations is refused.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Shuffle:
+    """How a source larger than memory (an activation cache) mixes its training rows: they are cut
+    into chunks of ``chunk_bytes`` (0: whole shards), each epoch permutes the chunks, consecutive
+    chunks of that order fill buffers of ``buffer_bytes``, and each buffer's rows are permuted. A
+    buffer thus holds ``buffer_bytes / chunk_bytes`` pieces from anywhere in the cache, so a
+    corpus stored in order (book after book) does not train in blocks. A source in memory
+    permutes all of its rows each epoch, whatever this says."""
+
+    buffer_bytes: int = 1 << 30
+    chunk_bytes: int = 16 << 20
+
+
+#: the stream's default sizes (TrainConfig's shuffle_buffer_mb and shuffle_chunk_mb)
+DEFAULT_SHUFFLE = Shuffle()
 
 
 @runtime_checkable
@@ -32,7 +50,8 @@ class ActivationSource(Protocol):
 
     d_model: int
 
-    def train_batches(self, batch_size: int, seed: int, start_step: int = 0, token_ids: bool = False) -> Iterator[Any]: ...
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0, token_ids: bool = False,
+                      shuffle: Shuffle = DEFAULT_SHUFFLE) -> Iterator[Any]: ...
 
     def eval_batches(self, batch_size: int, token_ids: bool = False) -> Iterator[Any]: ...
 
@@ -56,7 +75,9 @@ class TensorSource:
         self.held_out = acts[-n_eval:]
         self.d_model = acts.shape[1]
 
-    def train_batches(self, batch_size: int, seed: int, start_step: int = 0, token_ids: bool = False) -> Iterator[Tensor]:
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0, token_ids: bool = False,
+                      shuffle: Shuffle = DEFAULT_SHUFFLE) -> Iterator[Tensor]:
+        """Each epoch a permutation of every training row (``shuffle`` has nothing to cut: all rows are in memory)."""
         _refuse_token_ids(token_ids)
         n = self.train.shape[0]
         per_epoch = max(1, n // batch_size)

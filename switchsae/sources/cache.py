@@ -14,13 +14,16 @@ one checks every file's size and a sample of shard blocks against their checksum
 hashed and scanned for NaN and inf in full before its first rows are used, ahead of the training
 stream on a background thread (:mod:`switchsae.sources.integrity`).
 
-Training-stream shuffle (two levels, so caches larger than memory work): each epoch permutes
-the order of the training shards with ``(seed, epoch)``; consecutive shards in that order are
-grouped until a group holds ``shuffle_buffer_bytes`` of rows (and at least one batch); a group
-is read into memory and its rows permuted with ``(seed, epoch, group)``; batches are
-consecutive slices of that permutation. The few rows at the end of a group that do not fill a
-batch are skipped in that epoch. Every batch is a function of ``(seed, step)`` alone, and
-starting at step ``i`` reads only the group that holds batch ``i``.
+Training-stream shuffle (two levels, so caches larger than memory work; the sizes are a
+:class:`~switchsae.sources.activations.Shuffle`): the training rows are cut into chunks of
+``chunk_bytes`` within their shards (0: one chunk per shard); each epoch permutes the chunks
+with ``(seed, epoch)``; consecutive chunks in that order are grouped until a group holds
+``buffer_bytes`` of rows (and at least one batch); a group is read into memory and its rows
+permuted with ``(seed, epoch, group)``; batches are consecutive slices of that permutation. The
+few rows at the end of a group that do not fill a batch are skipped in that epoch. Every batch
+is a function of ``(seed, step)`` and the sizes alone, and starting at step ``i`` reads only the
+group that holds batch ``i``. A group draws its chunks from anywhere in the cache, so training
+first waits for the verification of the shards the first group touches.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from switchsae.sources import integrity, shards
+from switchsae.sources.activations import DEFAULT_SHUFFLE, Shuffle
 from switchsae.sources.hooks import HookPoint, as_hook, capture
 from switchsae.sources.models import load_model
 from switchsae.sources.text import token_windows
@@ -173,7 +177,7 @@ class ActivationCache:
     """A finished activation cache on disk, read as an :class:`ActivationSource` (float32 batches)."""
 
     def __init__(self, path: str | Path, *, verify: bool = False, eval_fraction: float = 0.05,
-                 max_eval_rows: int = 65_536, shuffle_buffer_bytes: int = 1 << 30):
+                 max_eval_rows: int = 65_536):
         self.path = Path(path)
         self.manifest = shards.read_manifest(self.path)
         if not self.manifest["complete"]:
@@ -190,9 +194,7 @@ class ActivationCache:
         if self.n_tokens < 2:
             raise ValueError(f"The activation cache in {self.path} holds {self.n_tokens} rows; at least 2 are needed.")
         self.n_train = self.n_tokens - max(1, min(int(self.n_tokens * eval_fraction), max_eval_rows))
-        self._train_segments = self._segments(0, self.n_train)
-        row_bytes = self.d_model * self._maps[0].dtype.itemsize
-        self._buffer_rows = max(1, shuffle_buffer_bytes // row_bytes)
+        self._row_bytes = self.d_model * self._maps[0].dtype.itemsize
         self.has_token_ids = all("windows" in entry for entry in self.manifest["shards"])
         self._windows: np.ndarray | None = None
 
@@ -240,30 +242,41 @@ class ActivationCache:
         self._verifier.wait([shard for shard, _, _ in segments])
         return shards.to_tensor(np.concatenate([self._maps[s][a:b] for s, a, b in segments]), self._dtype)
 
-    def _epoch_groups(self, seed: int, epoch: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
-        """This epoch's shuffled shard order, cut into groups of about one shuffle buffer each."""
-        order = _rng(seed, epoch).permutation(len(self._train_segments))
-        target = max(self._buffer_rows, batch_size)
+    def _chunks(self, chunk_bytes: int) -> list[tuple[int, int, int]]:
+        """The training rows as ``(shard, start, stop)`` chunks of ``chunk_bytes`` (0: one per shard)."""
+        pieces = self._segments(0, self.n_train)
+        if chunk_bytes == 0:
+            return pieces
+        rows = max(1, chunk_bytes // self._row_bytes)
+        return [(shard, start, min(start + rows, stop)) for shard, first, stop in pieces
+                for start in range(first, stop, rows)]
+
+    def _epoch_groups(self, seed: int, epoch: int, batch_size: int,
+                      shuffle: Shuffle) -> list[list[tuple[int, int, int]]]:
+        """This epoch's shuffled chunk order, cut into groups of about one shuffle buffer each."""
+        chunks = self._chunks(shuffle.chunk_bytes)
+        order = _rng(seed, epoch).permutation(len(chunks))
+        target = max(shuffle.buffer_bytes // self._row_bytes, batch_size)
         groups, current, rows = [], [], 0
         for index in order:
-            segment = self._train_segments[index]
-            current.append(segment)
-            rows += segment[2] - segment[1]
+            chunk = chunks[index]
+            current.append(chunk)
+            rows += chunk[2] - chunk[1]
             if rows >= target:
                 groups.append(current)
                 current, rows = [], 0
         return groups + [current] if current else groups
 
-    def train_batches(self, batch_size: int, seed: int, start_step: int = 0,
-                      token_ids: bool = False) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
-        """Endless shuffled ``[batch_size, d_model]`` batches; batch ``i`` depends only on ``(seed, i)``.
-        With ``token_ids``, ``(batch, ids)`` pairs: ``ids: [batch_size]`` the token of each row."""
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0, token_ids: bool = False,
+                      shuffle: Shuffle = DEFAULT_SHUFFLE) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
+        """Endless shuffled ``[batch_size, d_model]`` batches; batch ``i`` depends only on ``(seed, i)``
+        and ``shuffle``. With ``token_ids``, ``(batch, ids)`` pairs: ``ids: [batch_size]`` the token of each row."""
         if batch_size > self.n_train:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.n_train} training rows of the cache "
                              f"in {self.path}.")
         step, epoch = 0, 0
         while True:
-            groups = self._epoch_groups(seed, epoch, batch_size)
+            groups = self._epoch_groups(seed, epoch, batch_size, shuffle)
             counts = [sum(b - a for _, a, b in group) // batch_size for group in groups]
             first = next((i for i in range(len(groups)) if step + sum(counts[:i + 1]) > start_step), len(groups))
             self._verifier.ahead([shard for group in groups[first:] for shard, _, _ in group])

@@ -9,7 +9,8 @@ Three depths, cheapest first:
   before its rows are used, once per process (a file is known by its path, size, modification
   time and inode, so a process that opens the same cache again does not hash it again). The
   verifier works ahead on a background thread through the shards the training stream reads
-  next, so training waits only for the first shard; hashing releases the GIL.
+  next, so training waits only for the shards its first shuffle buffer draws from (with chunks
+  from anywhere in the cache, most of a small cache's shards); hashing releases the GIL.
 - **Full** (:func:`check_all`, ``switchsae cache --check``): every shard and token file hashed,
   every shard scanned.
 

@@ -142,8 +142,8 @@ class Interrupted(TensorSource):
         super().__init__(data)
         self.at = at
 
-    def train_batches(self, batch_size, seed, start_step=0):
-        for index, batch in enumerate(super().train_batches(batch_size, seed, start_step), start=start_step):
+    def train_batches(self, batch_size, seed, start_step=0, **stream):
+        for index, batch in enumerate(super().train_batches(batch_size, seed, start_step, **stream), start=start_step):
             if index == self.at:
                 raise KeyboardInterrupt
             yield batch

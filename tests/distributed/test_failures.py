@@ -42,8 +42,8 @@ class Stalls(TensorSource):
         super().__init__(data)
         self.rank, self.at = rank, at
 
-    def train_batches(self, batch_size, seed, start_step=0):
-        for step, batch in enumerate(super().train_batches(batch_size, seed, start_step), start=start_step):
+    def train_batches(self, batch_size, seed, start_step=0, **stream):
+        for step, batch in enumerate(super().train_batches(batch_size, seed, start_step, **stream), start=start_step):
             if self.rank == 1 and step == self.at:
                 time.sleep(2 * TIMEOUT_S)
                 os._exit(1)

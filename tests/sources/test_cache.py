@@ -10,7 +10,7 @@ import torch
 
 from switchsae.sources import shards
 from tiny_lm import wiki_texts
-from switchsae.sources.activations import ActivationSource, open_activations
+from switchsae.sources.activations import ActivationSource, Shuffle, open_activations
 from switchsae.sources.cache import ActivationCache, build_cache, check, check_compatible
 from switchsae.sources.hooks import HookPoint, capture
 from switchsae.sources.models import load_model
@@ -230,16 +230,35 @@ def row_ids(batches) -> list[int]:
     return torch.cat(list(batches))[:, 0].long().tolist()
 
 
-def test_train_stream_is_a_function_of_seed_and_step(numbered):
-    cache = ActivationCache(numbered, shuffle_buffer_bytes=1500 * 4 * 4)  # groups of two shards
-    stream = list(islice(cache.train_batches(100, seed=3), 100))  # three epochs or more
+@pytest.mark.parametrize("chunk_rows", [0, 100])  # 0: whole shards (the stream of older runs)
+def test_train_stream_is_a_function_of_seed_and_step(numbered, chunk_rows):
+    shuffle = Shuffle(buffer_bytes=1500 * 4 * 4, chunk_bytes=chunk_rows * 4 * 4)  # groups of two shards, or 15 chunks
+    cache = ActivationCache(numbered)
+    stream = list(islice(cache.train_batches(100, seed=3, shuffle=shuffle), 100))  # three epochs or more
     for step in (0, 1, 13, 27, 28, 41, 99):
-        torch.testing.assert_close(next(cache.train_batches(100, seed=3, start_step=step)), stream[step])
-    assert not torch.equal(next(cache.train_batches(100, seed=4)), stream[0])
+        torch.testing.assert_close(next(cache.train_batches(100, seed=3, start_step=step, shuffle=shuffle)), stream[step])
+    assert not torch.equal(next(cache.train_batches(100, seed=4, shuffle=shuffle)), stream[0])
     assert all(batch.dtype == torch.float32 and batch.shape == (100, 4) for batch in stream)
     first_group = row_ids(stream[:15])  # a group holds at least 1500 rows
     assert len(set(first_group)) == 1500  # sampled without replacement
     assert len({i // 1000 for i in first_group}) >= 2  # and from two shards or more at once
+
+
+def test_chunks_mix_every_part_of_a_cache_into_each_buffer(numbered):
+    """With a buffer of one shard's size, whole shards give batches from one shard (two where the short last
+    shard joins another): a corpus stored in order trains in blocks. Chunks of 50 rows fill each buffer
+    from three or four of the shards, and an epoch still uses every training row once."""
+    cache = ActivationCache(numbered)
+
+    def shards_per_batch(shuffle: Shuffle) -> list[int]:
+        return [len({i // 1000 for i in row_ids([b])}) for b in islice(cache.train_batches(100, 0, shuffle=shuffle), 30)]
+
+    assert max(shards_per_batch(Shuffle(buffer_bytes=1000 * 16, chunk_bytes=0))) <= 2
+    chunked = Shuffle(buffer_bytes=1000 * 16, chunk_bytes=50 * 16)
+    assert min(shards_per_batch(chunked)) >= 3
+    epoch = list(islice(cache.train_batches(100, 0, shuffle=chunked), 30))  # groups of >= 1000 rows: 10 batches each
+    assert len(set(row_ids(epoch))) == 3000  # three full groups, without replacement; the last <= 325 rows follow
+    assert len(set(row_ids(islice(cache.train_batches(100, 0, shuffle=chunked), 300)))) == 3325  # each epoch's own skip
 
 
 def test_held_out_rows_never_enter_the_training_stream(numbered):
