@@ -108,6 +108,7 @@ STUDIES: dict[str, dict[str, dict]] = {
         "hash 8x4096 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "hash", **ALPHA3_CLIPPED},
         "sinkhorn 8x4096 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "sinkhorn", **ALPHA3_CLIPPED},
         "top1 + z-loss 8x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED},
+        "top1 + z-loss 4x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH4_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED},
         "top1 16x256 (fixed width) alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": M0, "n_experts": 16,
                                                                      **ALPHA3_CLIPPED},
     },
