@@ -236,10 +236,10 @@ def plot(rows: list[dict], study: str, path: Path) -> None:
     ax.set_ylabel("FVE")
     lows = [float(r[c]) for r in rows if r["study"] == study for c in ("fve_in", "fve_out")]
     ax.set_ylim(max(0.0, min(lows) - 0.05), min(1.0, max(lows) + 0.03))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(f"study {study}: mean and 95% interval over seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

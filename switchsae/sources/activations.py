@@ -5,8 +5,9 @@ an in-memory tensor (:class:`TensorSource`, also used for ``.safetensors``/``.np
 an on-disk activation cache (:class:`switchsae.sources.cache.ActivationCache`).
 
 Contract of ``train_batches(batch_size, seed, start_step, shuffle=...)``: an endless, shuffled
-stream that is a pure function of ``(seed, step)`` and the :class:`Shuffle`; batch ``i`` is the
-same whether the stream was started at step 0 or at step ``i``. That is what makes a resumed run identical to an
+stream that is a pure function of ``(seed, step)`` and the :class:`Shuffle` (the trainer passes
+the run's; a source in memory may ignore it); batch ``i`` is the same whether the stream was
+started at step 0 or at step ``i``. That is what makes a resumed run identical to an
 uninterrupted one. ``eval_batches(batch_size)`` makes one ordered pass over the held-out rows,
 which never appear in the training stream.
 
