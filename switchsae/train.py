@@ -129,9 +129,7 @@ def batch_stream(source: Batches, cfg: TrainConfig, start_step: int, token_ids: 
     check_token_ids(source, token_ids)
     if isinstance(source, ActivationSource):
         shuffle = Shuffle(cfg.shuffle_buffer_mb << 20, cfg.shuffle_chunk_mb << 20)
-        if token_ids:
-            return source.train_batches(cfg.batch_size, cfg.seed, start_step, token_ids=True, shuffle=shuffle)
-        return source.train_batches(cfg.batch_size, cfg.seed, start_step, shuffle=shuffle)
+        return source.train_batches(cfg.batch_size, cfg.seed, start_step, token_ids=token_ids, shuffle=shuffle)
     return itertools.islice(iter(source), start_step, None)
 
 
