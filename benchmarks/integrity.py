@@ -1,9 +1,10 @@
 """What the integrity checks cost: on an activation cache and on a checkpoint.
 
 Prints one table: the check on open (sizes only, and sizes plus sampled blocks), hashing and
-scanning one shard, the full check (``switchsae cache --check``), the first ``--batches`` shuffled
-training batches with the first-use verification and without it (the verifier switched off), the
-same number of batches once every shard has been verified (steady state), and a checkpoint of a
+scanning one shard and one 4 MiB block, the full check (``switchsae cache --check``), the first
+``--batches`` shuffled training batches of a new process (as a run starts) with the first-use
+verification, by block and by whole shard (as a cache from before block checksums), and without it
+(the verifier switched off), then the same number of batches after them, and a checkpoint of a
 TopK SAE of ``--width`` latents: its write and its checksum alone. Shard reads come from the page
 cache after the first round; rounds alternate, and each line reports the median round.
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -35,33 +37,46 @@ def seconds(run) -> float:
     return time.perf_counter() - start
 
 
-def with_block_checksums(cache: Path, folder: Path) -> Path:
-    """``folder``: the cache's shards linked in, its manifest with block checksums (for caches built before them)."""
+def linked_copy(cache: Path, folder: Path, block_checksums: bool) -> Path:
+    """``folder``: the cache's shards linked in, its manifest with block checksums (computed here for a
+    cache built before them) or without them (as such a cache); no token files."""
+    folder.mkdir()
     manifest = shards.read_manifest(cache)
     for entry in manifest["shards"]:
         (folder / entry["file"]).symlink_to((cache / entry["file"]).resolve())
-        entry.update(block_bytes=shards.BLOCK_BYTES,
-                     block_sha256=shards.block_digests(memoryview((cache / entry["file"]).read_bytes())))
+        if block_checksums and "block_sha256" not in entry:
+            entry.update(block_bytes=shards.BLOCK_BYTES,
+                         block_sha256=shards.block_digests(memoryview((cache / entry["file"]).read_bytes())))
+        if not block_checksums:
+            entry.pop("block_bytes", None), entry.pop("block_sha256", None)
         entry.pop("windows", None)
     (folder / shards.MANIFEST).write_text(json.dumps(manifest))
     return folder
 
 
+STREAM = """
+import sys, time
+from itertools import islice
+from switchsae.sources import integrity
+from switchsae.sources.cache import ActivationCache
+folder, batches, batch_size, verify = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+if not verify:
+    integrity.verify_shard = integrity.verify_block = lambda *args: None
+cpu, start = time.process_time(), time.perf_counter()
+stream = ActivationCache(folder).train_batches(batch_size, seed=0)
+list(islice(stream, batches))
+first = time.perf_counter() - start
+list(islice(stream, batches))
+print(first, time.perf_counter() - start - first, time.process_time() - cpu)
+"""
+
+
 def stream(cache: Path, batches: int, batch_size: int, verify: bool) -> tuple[float, float, float]:
-    """Seconds for the first ``batches`` batches of a fresh open, then for the next ``batches``, and the
-    process's CPU seconds (all threads) for both."""
-    integrity._VERIFIED.clear()
-    real = integrity.verify_shard
-    if not verify:
-        integrity.verify_shard = lambda *args: None
-    try:
-        cpu = time.process_time()
-        batches_iter = ActivationCache(cache).train_batches(batch_size, seed=0)
-        first = seconds(lambda: list(islice(batches_iter, batches)))
-        then = seconds(lambda: list(islice(batches_iter, batches)))
-        cpu = time.process_time() - cpu
-    finally:
-        integrity.verify_shard = real
+    """In a new process (as a training run starts): seconds for the first ``batches`` batches, then for
+    the next ``batches``, and the process's CPU seconds (all threads) for both."""
+    done = subprocess.run([sys.executable, "-c", STREAM, str(cache), str(batches), str(batch_size), str(int(verify))],
+                          capture_output=True, text=True, check=True)
+    first, then, cpu = map(float, done.stdout.split())
     return first, then, cpu
 
 
@@ -93,21 +108,27 @@ def main() -> None:
     def record(name: str, value: float) -> None:
         rows.setdefault(name, []).append(value)
     with tempfile.TemporaryDirectory() as tmp:
-        sampled = with_block_checksums(args.cache, Path(tmp))
+        by_block = linked_copy(args.cache, Path(tmp) / "blocks", block_checksums=True)
+        by_shard = linked_copy(args.cache, Path(tmp) / "shards", block_checksums=False)
+        block_manifest = shards.read_manifest(by_block)
         for _ in range(args.rounds):
-            record("open: sizes only", seconds(lambda: ActivationCache(args.cache)))
+            record("open: sizes only", seconds(lambda: ActivationCache(by_shard)))
             record(f"open: sizes + {integrity.SAMPLED_BLOCKS} sampled 4 MiB blocks per shard",
-                   seconds(lambda: ActivationCache(sampled)))
+                   seconds(lambda: ActivationCache(by_block)))
             integrity._VERIFIED.clear()
             record(f"hash + NaN scan of one shard ({entry['rows']:,} rows)",
                    seconds(lambda: integrity.verify_shard(args.cache, manifest, entry)))
             integrity._VERIFIED.clear()
+            record("hash + NaN scan of one 4 MiB block",
+                   seconds(lambda: integrity.verify_block(by_block, block_manifest, block_manifest["shards"][0], 1)))
+            integrity._VERIFIED.clear()
             record("full check (cache --check)", seconds(lambda: check(args.cache)))
-            for verify in (True, False):
-                first, then, cpu = stream(args.cache, args.batches, args.batch_size, verify)
-                label = "with first-use verification" if verify else "verifier off"
+            for label, folder, verify in (("verified by block", by_block, True),
+                                          ("verified by shard (a cache without block checksums)", by_shard, True),
+                                          ("verifier off", by_shard, False)):
+                first, then, cpu = stream(folder, args.batches, args.batch_size, verify)
                 record(f"first {args.batches} batches of {args.batch_size}, {label}", first)
-                record(f"next {args.batches} batches (steady state), {label}", then)
+                record(f"next {args.batches} batches, {label}", then)
                 record(f"CPU seconds of both, {label}", cpu)
             write, digest, size = checkpoint_costs(args.width, manifest["d_model"], Path(tmp))
             record(f"checkpoint of TopK-{args.width} ({size / 2**20:.0f} MiB): write incl. checksum", write)

@@ -10,9 +10,10 @@ Shards hold whole windows, so resuming skips exactly the windows already stored.
 
 :class:`ActivationCache` reads a finished cache. The last 5% of rows (at most 65,536) are
 held out for :meth:`~ActivationCache.eval_batches` and never enter the training stream. Opening
-one checks every file's size and a sample of shard blocks against their checksums; each shard is
-hashed and scanned for NaN and inf in full before its first rows are used, ahead of the training
-stream on a background thread (:mod:`switchsae.sources.integrity`).
+one checks every file's size and a sample of shard blocks against their checksums; rows are hashed
+and scanned for NaN and inf, 4 MiB block by block (whole shards in caches from before block
+checksums), before their first use, ahead of the training stream on a background thread
+(:mod:`switchsae.sources.integrity`).
 
 Training-stream shuffle (two levels, so caches larger than memory work; the sizes are a
 :class:`~switchsae.sources.activations.Shuffle`): the training rows are cut into chunks of
@@ -22,8 +23,9 @@ with ``(seed, epoch)``; consecutive chunks in that order are grouped until a gro
 permuted with ``(seed, epoch, group)``; batches are consecutive slices of that permutation. The
 few rows at the end of a group that do not fill a batch are skipped in that epoch. Every batch
 is a function of ``(seed, step)`` and the sizes alone, and starting at step ``i`` reads only the
-group that holds batch ``i``. A group draws its chunks from anywhere in the cache, so training
-first waits for the verification of the shards the first group touches.
+group that holds batch ``i``. A group's rows are verified before they are read: the first group's
+while training waits, each next one's on a background thread while the one before trains (by
+block; in a cache without block checksums, every shard the group touches).
 """
 from __future__ import annotations
 
@@ -185,7 +187,7 @@ class ActivationCache:
             raise ValueError(f"The activation cache in {self.path} is incomplete ({stored} of "
                              f"{self.manifest['n_tokens']} rows); run build_cache again to resume it.")
         (integrity.check_all if verify else integrity.sample_check)(self.path, self.manifest)
-        self._verifier = integrity.ShardVerifier(self.path, self.manifest)
+        self._verifier = integrity.FirstUseVerifier(self.path, self.manifest)
         self.d_model: int = self.manifest["d_model"]
         self._dtype = self.manifest["dtype"]
         self._maps = [shards.open_shard(self.path, entry, self.manifest) for entry in self.manifest["shards"]]
@@ -238,8 +240,8 @@ class ActivationCache:
         return pieces
 
     def _read(self, segments: list[tuple[int, int, int]]) -> Tensor:
-        """The rows of ``segments``, concatenated, in the storage dtype (their shards verified first)."""
-        self._verifier.wait([shard for shard, _, _ in segments])
+        """The rows of ``segments``, concatenated, in the storage dtype (verified first)."""
+        self._verifier.wait(segments)
         return shards.to_tensor(np.concatenate([self._maps[s][a:b] for s, a, b in segments]), self._dtype)
 
     def _chunks(self, chunk_bytes: int) -> list[tuple[int, int, int]]:
@@ -278,11 +280,10 @@ class ActivationCache:
         while True:
             groups = self._epoch_groups(seed, epoch, batch_size, shuffle)
             counts = [sum(b - a for _, a, b in group) // batch_size for group in groups]
-            first = next((i for i in range(len(groups)) if step + sum(counts[:i + 1]) > start_step), len(groups))
-            self._verifier.ahead([shard for group in groups[first:] for shard, _, _ in group])
             for index, (group, count) in enumerate(zip(groups, counts)):
                 if step + count > start_step:
                     rows = self._read(group)
+                    self._verifier.ahead(groups[index + 1] if index + 1 < len(groups) else [])
                     order = torch.from_numpy(_rng(seed, epoch, index).permutation(len(rows)))
                     ids = self.token_ids(self._global_rows(group)) if token_ids else None
                     for j in range(max(0, start_step - step), count):

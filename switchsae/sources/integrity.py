@@ -5,20 +5,23 @@ Three depths, cheapest first:
 - **On open** (:func:`sample_check`): every file exists with its size (:func:`shards.verify_shards`),
   and in each shard whose manifest entry lists block checksums (caches built since they were
   added; older ones have none) ``SAMPLED_BLOCKS`` randomly chosen blocks are hashed.
-- **On first use** (:class:`ShardVerifier`): a whole shard is hashed and scanned for NaN and inf
-  before its rows are used, once per process (a file is known by its path, size, modification
-  time and inode, so a process that opens the same cache again does not hash it again). The
-  verifier works ahead on a background thread through the shards the training stream reads
-  next, so training waits only for the shards its first shuffle buffer draws from (with chunks
-  from anywhere in the cache, most of a small cache's shards); hashing releases the GIL.
+- **On first use** (:class:`FirstUseVerifier`): rows are hashed and scanned for NaN and inf
+  before they are used, once per process: by block (:func:`verify_block`) where the shard's entry
+  lists block checksums, else the whole shard (:func:`verify_shard`). A file is known by its path,
+  size, modification time and inode, so a process that opens the same cache again does not hash it
+  again. The training stream verifies its first shuffle buffer's rows while it waits and each next
+  buffer's on a background thread while the one before trains; hashing releases the GIL.
 - **Full** (:func:`check_all`, ``switchsae cache --check``): every shard and token file hashed,
   every shard scanned.
 
 A shard's rows are read block by block (``BLOCK_BYTES``); each block is hashed and its min and max
-taken (NaN and inf propagate into them), so the scan reads the file once.
+taken (NaN and inf propagate into them), so the scan reads the file once. Verifying every block
+against its own checksum is the same check as the whole file against its one: both lists come from
+the same bytes when the shard was written (:func:`shards.write_shard`).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import queue
@@ -34,7 +37,18 @@ from switchsae.sources import shards
 #: blocks hashed per shard when a cache is opened (where the manifest lists block checksums)
 SAMPLED_BLOCKS = 2
 
-_VERIFIED: set[tuple] = set()  # files of this process that passed, keyed by _file_key
+_VERIFIED: set[tuple] = set()  # files of this process that passed, keyed by _file_key (blocks: with their index)
+_EXITING = threading.Event()  # set at interpreter exit: background verification stops after its current unit
+_WORKERS: set[threading.Thread] = set()  # background verifier threads now running
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Let every background verifier finish its current unit before the interpreter goes down (a daemon
+    thread killed inside a torch op aborts the whole process, exit status 134)."""
+    _EXITING.set()
+    for thread in list(_WORKERS):
+        thread.join()
 
 
 def _file_key(path: Path) -> tuple:
@@ -94,20 +108,45 @@ def verify_windows(folder: Path, entry: dict) -> None:
         verify_file(folder, "Token file", entry["windows"], entry["windows_sha256"])
 
 
+_BLOCK_BUFFERS = threading.local()  # each thread reads blocks into one buffer (a new one per block costs its page faults)
+
+
+def _read_checked_block(folder: Path, entry: dict, block: int) -> memoryview:
+    """Block ``block`` of shard ``entry``, checked against its listed sha256: a view of this thread's
+    block buffer, valid until the thread reads its next block."""
+    size, digests = entry["block_bytes"], entry["block_sha256"]
+    buffer = getattr(_BLOCK_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _BLOCK_BUFFERS.buffer = bytearray(size)
+    with (Path(folder) / entry["file"]).open("rb") as handle:
+        data = memoryview(buffer)[:os.preadv(handle.fileno(), [memoryview(buffer)[:size]], block * size)]
+    if hashlib.sha256(data).hexdigest() != digests[block]:
+        raise _corrupt("Shard", entry["file"], folder, f" (block {block} of {len(digests)})")
+    return data
+
+
+def verify_block(folder: Path, manifest: dict, entry: dict, block: int) -> None:
+    """Hash block ``block`` of shard ``entry`` against its checksum and scan its rows for NaN and inf;
+    a block (or whole shard) that passed before in this process is not read again."""
+    file_key = _file_key(Path(folder) / entry["file"])
+    if file_key in _VERIFIED or (file_key, block) in _VERIFIED:
+        return
+    data = _read_checked_block(folder, entry, block)
+    dtype = shards.DTYPES[manifest["dtype"]][0]
+    _scan_block(data, dtype, block * entry["block_bytes"] // dtype.itemsize, manifest["d_model"], entry["file"],
+                Path(folder))
+    _VERIFIED.add((file_key, block))
+
+
 def sample_check(folder: Path, manifest: dict, rng: random.Random | None = None) -> None:
     """The check on open: sizes of every file, and ``SAMPLED_BLOCKS`` random blocks of each shard
     whose entry lists block checksums."""
     shards.verify_shards(folder, manifest)
     rng = rng or random.Random()
     for entry in manifest["shards"]:
-        digests = entry.get("block_sha256")
-        if not digests:
-            continue
-        with (Path(folder) / entry["file"]).open("rb") as handle:
-            for block in sorted(rng.sample(range(len(digests)), min(SAMPLED_BLOCKS, len(digests)))):
-                data = os.pread(handle.fileno(), entry["block_bytes"], block * entry["block_bytes"])
-                if hashlib.sha256(data).hexdigest() != digests[block]:
-                    raise _corrupt("Shard", entry["file"], folder, f" (block {block} of {len(digests)})")
+        blocks = len(entry.get("block_sha256", ()))
+        for block in sorted(rng.sample(range(blocks), min(SAMPLED_BLOCKS, blocks))):
+            _read_checked_block(folder, entry, block)
 
 
 def check_all(folder: Path, manifest: dict) -> None:
@@ -118,50 +157,78 @@ def check_all(folder: Path, manifest: dict) -> None:
         verify_windows(folder, entry)
 
 
-class ShardVerifier:
-    """Verifies each shard of one cache (:func:`verify_shard`) once: :meth:`ahead` queues shards for
-    a background thread, :meth:`wait` returns once the given shards passed (verifying any not yet
-    queued in the calling thread) and raises the error of one that failed."""
+class FirstUseVerifier:
+    """Verifies the rows of one cache once, in units of a block (:func:`verify_block`) or, for a shard
+    without block checksums, of the whole shard (:func:`verify_shard`). Rows are named by segments
+    ``(shard, start row, stop row)``: :meth:`ahead` queues their units for a background thread,
+    :meth:`wait` returns once their units passed (verifying any not yet queued in the calling
+    thread) and raises the error of one that failed."""
 
     def __init__(self, folder: Path, manifest: dict):
         self.folder, self.manifest = Path(folder), manifest
-        self._futures: dict[int, Future] = {}
+        self._row_bytes = manifest["d_model"] * shards.DTYPES[manifest["dtype"]][0].itemsize
+        self._futures: dict[tuple[int, int | None], Future] = {}
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, int | None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def _run(self, index: int, future: Future) -> None:
+    def units(self, segments: list[tuple[int, int, int]]) -> list[tuple[int, int | None]]:
+        """``(shard, block)`` units holding the rows of ``segments`` in order (block None: the whole shard)."""
+        units: list[tuple[int, int | None]] = []
+        for shard, start, stop in segments:
+            entry = self.manifest["shards"][shard]
+            if "block_sha256" not in entry:
+                units.append((shard, None))
+            elif stop > start:
+                size = entry["block_bytes"]
+                units.extend((shard, block) for block in range(start * self._row_bytes // size,
+                                                                (stop * self._row_bytes - 1) // size + 1))
+        return list(dict.fromkeys(units))
+
+    def _run(self, unit: tuple[int, int | None], future: Future) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        shard, block = unit
+        entry = self.manifest["shards"][shard]
         try:
-            verify_shard(self.folder, self.manifest, self.manifest["shards"][index])
-        except BaseException as err:  # handed to the thread that waits for this shard
+            if block is None:
+                verify_shard(self.folder, self.manifest, entry)
+            else:
+                verify_block(self.folder, self.manifest, entry, block)
+        except BaseException as err:  # handed to the thread that waits for this unit
             future.set_exception(err)
         else:
             future.set_result(None)
 
     def _work(self) -> None:
         while True:
-            index = self._queue.get()
-            self._run(index, self._futures[index])
+            with self._lock:  # ahead queues under the same lock: no unit is left behind by a thread that ends
+                if self._queue.empty() or _EXITING.is_set():
+                    self._thread = None
+                    _WORKERS.discard(threading.current_thread())
+                    return
+                unit = self._queue.get()
+            self._run(unit, self._futures[unit])
 
-    def ahead(self, indices: list[int]) -> None:
-        """Queue shards (in the order they will be used) for verification on the background thread."""
+    def ahead(self, segments: list[tuple[int, int, int]]) -> None:
+        """Queue the units of ``segments`` (in the order they will be read) for a background thread, which
+        ends when the queue is empty."""
         with self._lock:
-            for index in indices:
-                if index not in self._futures:
-                    self._futures[index] = Future()
-                    self._queue.put(index)
-            if self._thread is None and self._futures:
-                self._thread = threading.Thread(target=self._work, name="switchsae-shard-verifier", daemon=True)
+            for unit in self.units(segments):
+                if unit not in self._futures:
+                    self._futures[unit] = Future()
+                    self._queue.put(unit)
+            if self._thread is None and not self._queue.empty() and not _EXITING.is_set():
+                self._thread = threading.Thread(target=self._work, name="switchsae-cache-verifier", daemon=True)
+                _WORKERS.add(self._thread)
                 self._thread.start()
 
-    def wait(self, indices: list[int]) -> None:
-        """Return once every shard in ``indices`` has passed; raise the error of the first that failed."""
-        for index in indices:
+    def wait(self, segments: list[tuple[int, int, int]]) -> None:
+        """Return once every unit of ``segments`` has passed; raise the error of the first that failed."""
+        for unit in self.units(segments):
             with self._lock:
-                mine = index not in self._futures
-                future = self._futures.setdefault(index, Future())
+                mine = unit not in self._futures
+                future = self._futures.setdefault(unit, Future())
             if mine:
-                self._run(index, future)
+                self._run(unit, future)
             future.result()

@@ -1,8 +1,11 @@
-"""Cache integrity: the sampled check on open, each shard hashed and scanned before its first use
-(ahead, on a background thread), the full check; NaN/inf refused; what a cache is (its identity)."""
+"""Cache integrity: the sampled check on open, rows hashed and scanned before their first use (by
+block, or by shard in caches without block checksums; ahead, on a background thread), the full
+check; NaN/inf refused; what a cache is (its identity)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from switchsae.sources import integrity, shards
-from switchsae.sources.activations import TensorSource
+from switchsae.sources.activations import Shuffle, TensorSource
 from switchsae.sources.cache import ActivationCache, check
 from switchsae.sources.shards import write_cache
 
@@ -61,9 +64,29 @@ def test_the_check_on_open_samples_blocks(tmp_path, monkeypatch):
     sampled[0] = 2  # from here on block 0 only: the damage is not seen on open ...
     monkeypatch.setattr(integrity.random, "Random", Picks)  # the open's own sampler, too
     cache = ActivationCache(folder)
-    with pytest.raises(ValueError, match="shard_00001.bin .* fails its sha256 check; it is corrupt"):
-        cache.read(1500, 1510)  # ... but on first use of the shard
+    assert cache.read(1500, 1510).shape == (10, 4)  # ... rows of shard 1's block 7 are intact ...
+    with pytest.raises(ValueError, match="shard_00001.bin .* fails its sha256 check \\(block 5 of 16\\)"):
+        cache.read(1300, 1330)  # ... but block 5 fails on first use (16-byte rows 1320-1383 of the cache)
     assert cache.read(0, 10).shape == (10, 4)  # shard 0 is intact
+
+
+def test_the_stream_verifies_every_block_it_reads_before_using_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "BLOCK_BYTES", 1024)
+    folder = write_cache(tmp_path / "c", torch.randn(8000, 4), 2000)  # 32 blocks of 64 rows per shard
+    verified = set()
+    real = integrity.verify_block
+    monkeypatch.setattr(integrity, "verify_block", lambda f, m, entry, block: verified.add((entry["file"], block))
+                        or real(f, m, entry, block))
+    cache = ActivationCache(folder)
+    shuffle = Shuffle(buffer_bytes=16 * 1024, chunk_bytes=2048)  # groups of 8 chunks of 128 rows
+    next(cache.train_batches(64, seed=3, shuffle=shuffle))
+    first_group = cache._epoch_groups(3, 0, 64, shuffle)[0]
+    wanted = {(f"shard_{shard:05d}.bin", block) for shard, block in cache._verifier.units(first_group)}
+    assert len(wanted) == 16 and wanted <= verified  # two blocks per chunk, all of them checked before use
+    flip_byte(folder / "shard_00003.bin", 9 * 1024 + 5)  # a block the stream has not reached yet (same inode)
+    integrity._VERIFIED.clear()
+    with pytest.raises(ValueError, match="shard_00003.bin .* fails its sha256 check \\(block 9 of 32\\)"):
+        list(islice(ActivationCache(folder).train_batches(64, seed=3, shuffle=shuffle), 200))
 
 
 def test_a_shard_is_verified_before_its_first_rows_are_used(cache):
@@ -76,17 +99,21 @@ def test_a_shard_is_verified_before_its_first_rows_are_used(cache):
         check(cache)
 
 
-def test_the_verifier_works_ahead_and_reports_only_the_damaged_shard(cache):
-    without_block_checksums(cache)
+@pytest.mark.parametrize("blocks", [True, False])
+def test_the_verifier_works_ahead_and_reports_only_the_damaged_unit(cache, blocks):
+    if not blocks:
+        without_block_checksums(cache)
     flip_byte(cache / "shard_00003.bin", 10)
     manifest = shards.read_manifest(cache)
-    verifier = integrity.ShardVerifier(cache, manifest)
-    verifier.ahead([0, 1, 2, 3])
-    verifier.wait([0, 1, 2])
+    verifier = integrity.FirstUseVerifier(cache, manifest)
+    whole = [(shard, 0, 1000) for shard in range(4)]
+    assert verifier.units(whole) == [(shard, 0 if blocks else None) for shard in range(4)]  # 32 kB shards
+    verifier.ahead(whole)
+    verifier.wait(whole[:3])
     with pytest.raises(ValueError, match="shard_00003.bin"):
-        verifier.wait([3])
+        verifier.wait([(3, 500, 501)])
     with pytest.raises(ValueError, match="shard_00003.bin"):  # and every later wait on it
-        verifier.wait([3])
+        verifier.wait([(3, 0, 1)])
 
 
 def test_a_shard_is_hashed_once_per_process(cache, monkeypatch):
@@ -145,3 +172,28 @@ def test_the_identity_of_a_tensor_tells_data_sets_apart():
     changed[4999, 0] += 1  # the last row is always among the sampled ones
     assert TensorSource(changed).identity()["fingerprint"] != TensorSource(acts).identity()["fingerprint"]
     assert TensorSource(acts.double()).identity()["fingerprint"] != TensorSource(acts).identity()["fingerprint"]
+
+
+def test_a_process_exits_cleanly_while_the_verifier_works_ahead(cache, tmp_path):
+    """A daemon thread killed inside a torch op at interpreter exit can abort the process (status 134):
+    at exit the background verifier finishes the unit it is in, then stops (the rest stays queued)."""
+    done_file = tmp_path / "units_done"
+    code = f"""
+import threading, torch
+from switchsae.sources import integrity
+from switchsae.sources.cache import ActivationCache
+started, values = threading.Event(), torch.randn(2_000_000).bfloat16()
+def slow(*args):  # stands in for scanning a large block
+    started.set()
+    for _ in range(1000):
+        torch.aminmax(values)
+    with open({str(done_file)!r}, "a") as out:
+        out.write("1")
+integrity.verify_block = slow
+cache = ActivationCache({str(cache)!r})
+cache._verifier.ahead([(shard, 0, 1000) for shard in range(4)])
+started.wait()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done_file.read_text() == "1"
