@@ -29,7 +29,8 @@ from switchsae.pipeline import lm_metrics
 from switchsae.sources.cache import ActivationCache
 
 M0, K = 4096, 32
-SWITCH8 = dict(arch="switch", width=8 * M0, n_experts=8)
+#: every study ran without the router z-loss, the library's default since section 9 (its variants set it)
+SWITCH8 = dict(arch="switch", width=8 * M0, n_experts=8, z_loss_coeff=0.0)
 TOPK = dict(arch="topk", width=M0)
 
 #: the recipe the studies above decide (alpha, lr law, AuxK), used by the routing study
@@ -111,6 +112,11 @@ STUDIES: dict[str, dict[str, dict]] = {
         "top1 + z-loss 4x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH4_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED},
         "top1 16x256 (fixed width) alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": M0, "n_experts": 16,
                                                                      **ALPHA3_CLIPPED},
+    },
+    "moments7": {  # bf16 Adam moments (1.12x Switch 8's tokens/s) at section 7's training with the z-loss default
+        "topk bf16 moments lr 8x steps 720 clip 1": {**TOPK, "adam_moments": "bf16", **LONG_CLIPPED},
+        "top1 + z-loss 8x4096 bf16 moments alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "z_loss_coeff": 1e-3,
+                                                                            "adam_moments": "bf16", **ALPHA3_CLIPPED},
     },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},

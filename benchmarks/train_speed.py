@@ -13,8 +13,9 @@ memory bandwidth (the roofline), and pre-activation memory per token.
 
 A configuration is ``arch:width:experts[:options]``, options joined by ``+``: ``bf16`` (bfloat16
 selection matmul), ``sparse`` (row-sparse gradients and lazy Adam, ``--sparse-updates``), a Switch
-SAE's routing (``top2``: top-e with e = 2, ``shared``, ``expert_choice``, ``hash``, ``sinkhorn``)
-and ``auxk`` (AuxK with a quarter of the latents counted dead).
+SAE's routing (``top2``: top-e with e = 2, ``shared``, ``expert_choice``, ``hash``, ``sinkhorn``;
+``zloss0``: without the router z-loss, as before it was the default) and ``auxk`` (AuxK with a
+quarter of the latents counted dead).
 
     python benchmarks/train_speed.py --configs switch:16384:16 switch:16384:16:top2 switch:16384:16:shared \
         switch:16384:16:expert_choice switch:16384:16:hash switch:16384:16:sinkhorn --rounds 3
@@ -47,7 +48,7 @@ DEFAULT_CONFIGS = ["topk:16384:1", "topk:16384:1:bf16", "switch:16384:16", "swit
 #: routing options → RoutingConfig settings
 ROUTING_OPTIONS = {"top2": {"router": "top_e", "experts_per_token": 2}, "shared": {"shared_expert": True},
                    "expert_choice": {"router": "expert_choice"}, "hash": {"router": "hash"},
-                   "sinkhorn": {"router": "sinkhorn"}}
+                   "sinkhorn": {"router": "sinkhorn"}, "zloss0": {"z_loss_coeff": 0.0}}
 OPTIONS = ("bf16", "sparse", "auxk", *ROUTING_OPTIONS)
 
 

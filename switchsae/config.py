@@ -49,7 +49,8 @@ class RoutingConfig:
     shared_expert: bool = opt(False, "add one always-on expert of the same width beside the routed ones")
     capacity_factor: float = opt(1.0, "expert_choice: each expert takes capacity_factor * T / N tokens of a batch")
     aux_coeff: float = opt(3.0, "load-balancing weight alpha (top1, top_e)")
-    z_loss_coeff: float = opt(0.0, "router z-loss weight: mean(logsumexp(logits)^2) (learned routers)")
+    z_loss_coeff: float = opt(1e-3, "router z-loss weight: mean(logsumexp(logits)^2), on learned routers (all but "
+                                    "hash); 0 turns it off (the default of runs saved before the routing settings)")
     aux_units: str = opt("data", "what alpha and the z-loss weight are relative to: data (the MSE of activations "
                                  "scaled to mean norm sqrt(d), with or without --normalize) or loss (the MSE in the "
                                  "units the loss is computed in: raw, or normalised under --normalize; before 0.2)")
@@ -162,13 +163,15 @@ class SAEConfig:
     def from_dict(cls, data: dict[str, Any]) -> "SAEConfig":
         """Rebuild from a saved config; unknown or missing required keys are an error, never ignored.
 
-        Files from before routing had its own place name ``aux_coeff`` at the top level and were
-        trained with the auxiliary weights relative to the MSE in the loss's own units (``aux_units``)."""
+        Files from before routing had its own place name ``aux_coeff`` at the top level, were
+        trained with the auxiliary weights relative to the MSE in the loss's own units (``aux_units``)
+        and had no router z-loss; a file with routing settings names every one of them."""
         data = dict(data)
         routing = dict(data.pop("routing", {}))
         if "aux_coeff" in data:
             routing["aux_coeff"] = data.pop("aux_coeff")
         routing.setdefault("aux_units", "loss")
+        routing.setdefault("z_loss_coeff", 0.0)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known) + sorted(f"routing.{key}" for key in set(routing) - set(ROUTING_FIELDS))
         if unknown:

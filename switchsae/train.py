@@ -85,7 +85,8 @@ class DivergenceGuard:
         parts = {name: value for name, value in values.items() if name != "loss"}
         if not math.isfinite(loss):
             bad = [name for name, value in parts.items() if not math.isfinite(value)] or ["loss"]
-            raise TrainingDiverged(f"training diverged at step {step}: {' and '.join(bad)} not finite ({terms}) "
+            named = " and ".join((", ".join(bad[:-1]), bad[-1])) if len(bad) > 1 else bad[0]
+            raise TrainingDiverged(f"training diverged at step {step}: {named} not finite ({terms}) "
                                    f"at lr {self.lr:.3g}")
         if loss > LOSS_GROWTH_LIMIT * self.lowest:
             largest = max(parts, key=parts.__getitem__, default="loss")

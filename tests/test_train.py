@@ -207,8 +207,8 @@ def test_a_setting_older_runs_do_not_name_counts_as_its_default():
     saved_sae, saved_train = SWITCH.to_dict(), FAST.to_dict()
     del saved_sae["routing"], saved_train["lr_width"], saved_train["grad_clip"], saved_train["shuffle_chunk_mb"]
     assert settings_differ(saved_sae, saved_train, SWITCH, FAST) == ["aux_units", "grad_clip", "lr_width",
-                                                                     "shuffle_chunk_mb"]
-    legacy = SWITCH.replace(routing=SWITCH.routing.__class__(aux_units="loss"))
+                                                                     "shuffle_chunk_mb", "z_loss_coeff"]
+    legacy = SWITCH.replace(routing=SWITCH.routing.__class__(aux_units="loss", z_loss_coeff=0.0))
     old = dataclasses.replace(FAST, lr_width="total", grad_clip=0.0, shuffle_chunk_mb=0)
     assert settings_differ(saved_sae, saved_train, legacy, old) == []
     assert settings_differ(saved_sae, saved_train, legacy, FAST) == ["grad_clip", "lr_width", "shuffle_chunk_mb"]
@@ -224,7 +224,7 @@ def test_corrupt_checkpoint_is_named(tmp_path, acts):
 def test_nan_loss_stops_naming_the_terms_and_writes_no_checkpoint_of_diverged_weights(tmp_path, acts):
     """The first update at lr 1e30 makes the loss NaN: the checkpoint after it is never written."""
     exploding = TrainConfig(steps=50, batch_size=64, lr=1e30, checkpoint_every=1)
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 1: mse and balance not finite .* at lr 1e\+30; "
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 1: mse, balance and z_loss not finite .* at lr 1e\+30; "
                                                "no checkpoint was written"):
         train(SWITCH, acts, exploding, run_dir=tmp_path, progress=False)
     assert not (tmp_path / CHECKPOINT_FILE).exists()

@@ -88,10 +88,11 @@ def test_top1_is_bit_for_bit_what_it_was_before_the_routing_contract():
     before routing became a strategy (bit-identical with the compiled kernels on the host that
     saved them; the tolerance covers other hosts' gemm rounding). That code weighted the balance
     loss against the MSE in the loss's own units: ``aux_units = loss``, and took the default lr
-    law on the total width: ``lr_width = total``, and did not clip the gradient: ``grad_clip = 0``."""
+    law on the total width: ``lr_width = total``, did not clip the gradient: ``grad_clip = 0``, and had no
+    router z-loss: ``z_loss_coeff = 0``."""
     ref = load_file(str(Path(__file__).parents[1] / "data" / "switch_top1_reference.safetensors"))
     acts = synthetic_activations(6000, 32, 512, 6, 0.05, 0)
-    cfg = SAEConfig(arch="switch", d_model=32, width=256, k=8, n_experts=8, routing=RoutingConfig(aux_units="loss"))
+    cfg = SAEConfig(arch="switch", d_model=32, width=256, k=8, n_experts=8, routing=RoutingConfig(aux_units="loss", z_loss_coeff=0.0))
     sae = ss.train(cfg, acts, ss.TrainConfig(steps=30, batch_size=256, normalize=True, log_every=10, matmul_dtype="float32",
                                                   lr_width="total", grad_clip=0.0),
                    progress=False)
@@ -220,7 +221,8 @@ def test_routing_settings_round_trip_through_cfg_json_and_old_files_still_load()
     old = {key: value for key, value in SAEConfig(arch="switch", d_model=D, width=M, k=K, n_experts=N).to_dict().items()
            if key not in ("routing", "auxk_coeff", "auxk_k", "dead_tokens")}
     old["aux_coeff"] = 1.5  # where files from before the routing contract keep alpha
-    assert SAEConfig.from_dict(old).routing == RoutingConfig(aux_coeff=1.5, aux_units="loss")
+    assert SAEConfig.from_dict(old).routing == RoutingConfig(aux_coeff=1.5, aux_units="loss", z_loss_coeff=0.0)
+    assert RoutingConfig().z_loss_coeff > 0  # what a new run gets: old files must not inherit it
 
 
 def test_alpha_means_the_same_with_and_without_normalisation(data):
