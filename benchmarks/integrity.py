@@ -47,9 +47,8 @@ def linked_copy(cache: Path, folder: Path, block_checksums: bool) -> Path:
         if block_checksums and "block_sha256" not in entry:
             entry.update(block_bytes=shards.BLOCK_BYTES,
                          block_sha256=shards.block_digests(memoryview((cache / entry["file"]).read_bytes())))
-        if not block_checksums:
-            entry.pop("block_bytes", None), entry.pop("block_sha256", None)
-        entry.pop("windows", None)
+        for key in ("windows",) if block_checksums else ("windows", "block_bytes", "block_sha256"):
+            entry.pop(key, None)
     (folder / shards.MANIFEST).write_text(json.dumps(manifest))
     return folder
 

@@ -26,6 +26,13 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
+def weights_atol(cfg: Any) -> float:
+    """Absolute tolerance of weights trained on ranks against one process's, for TrainConfig ``cfg``: fp32
+    Adam moments agree to rounding; with bf16 moments a gradient a few ulps off can still flip a
+    stochastic rounding, one bf16 ulp (2^-7) of a moment, so up to lr * 2^-7 per step."""
+    return 1e-5 if cfg.adam_moments == "fp32" else cfg.steps * (cfg.lr or 0) * 2**-7
+
+
 @dataclass
 class Ranks:
     """What a check sees in a worker: its rank, the world size, a folder every rank and the test share."""

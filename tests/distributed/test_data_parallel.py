@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spawn_ranks import run_on_ranks
+from spawn_ranks import run_on_ranks, weights_atol
 
 from switchsae.config import RoutingConfig, SAEConfig, TrainConfig
 from switchsae.distributed.data_parallel import average_gradients, shard_batches
@@ -140,9 +140,7 @@ def test_training_on_two_ranks_equals_one_process(ranks, case, tmp_path):
     results, shared = ranks
     sae_cfg, cfg = CASES[case]
     sae = train(sae_cfg, acts(), cfg, run_dir=tmp_path, progress=False)
-    # bf16 moments: a gradient averaged over ranks a few ulps off can flip one stochastic rounding, one
-    # bf16 ulp (2^-7) of a moment, so up to lr * 2^-7 per step
-    atol = 1e-5 if cfg.adam_moments == "fp32" else cfg.steps * cfg.lr * 2**-7
+    atol = weights_atol(cfg)
     for rank, weights in enumerate(results("rank_train")):
         for name, tensor in sae.state_dict().items():
             torch.testing.assert_close(weights[case][name], tensor, rtol=1e-4, atol=atol,
