@@ -165,7 +165,9 @@ class SAEConfig:
 
         Files from before routing had its own place name ``aux_coeff`` at the top level, were
         trained with the auxiliary weights relative to the MSE in the loss's own units (``aux_units``)
-        and had no router z-loss; a file with routing settings names every one of them."""
+        and had no router z-loss; a file with routing settings names every one of them. A non-Switch
+        SAE's file holds the routing defaults of the version that wrote it, which configure nothing:
+        they are dropped, so that a later change of a routing default cannot make it unloadable."""
         data = dict(data)
         routing = dict(data.pop("routing", {}))
         if "aux_coeff" in data:
@@ -176,7 +178,7 @@ class SAEConfig:
         unknown = sorted(set(data) - known) + sorted(f"routing.{key}" for key in set(routing) - set(ROUTING_FIELDS))
         if unknown:
             raise ValueError(f"the SAE config has unknown fields {unknown}; it was written by another version or tool.")
-        return cls(**data, routing=RoutingConfig(**routing))
+        return cls(**data, routing=RoutingConfig(**routing) if data.get("arch") == "switch" else RoutingConfig())
 
 
 #: every SAE setting's default in the flat namespace of :meth:`SAEConfig.flat` (required ones absent)

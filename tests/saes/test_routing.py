@@ -225,6 +225,15 @@ def test_routing_settings_round_trip_through_cfg_json_and_old_files_still_load()
     assert RoutingConfig().z_loss_coeff > 0  # what a new run gets: old files must not inherit it
 
 
+def test_a_non_switch_sae_saved_with_other_routing_defaults_still_loads():
+    """A TopK file written when the z-loss default was 0 names ``z_loss_coeff = 0``, which is not
+    today's default; routing configures nothing there, so the file loads (and keeps refusing a
+    routing setting passed to a new TopK SAE, above)."""
+    saved = SAEConfig(arch="topk", d_model=D, width=M, k=K).to_dict()
+    saved["routing"] = {**saved["routing"], "z_loss_coeff": 0.0, "aux_coeff": 0.1}
+    assert SAEConfig.from_dict(saved) == SAEConfig(arch="topk", d_model=D, width=M, k=K)
+
+
 def test_alpha_means_the_same_with_and_without_normalisation(data):
     """The same SAE on raw activations and on activations normalised by ``c``: with ``aux_units =
     data`` the whole loss scales by ``c²`` (the MSE does, and so the balance term), so training
