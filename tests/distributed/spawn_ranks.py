@@ -12,6 +12,7 @@ Run as a script, this file is the worker: ``spawn_ranks.py MODULE RANK SIZE SHAR
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -21,9 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def assert_same_logs(run_dir: Path, expected_dir: Path, ignore: tuple[str, ...] = ("elapsed_s",)) -> None:
+    """Two runs logged the same steps with the same losses, FVU, L0 and dead fractions (the keys
+    ``ignore`` aside: wall time, and what only one of the two runs logs)."""
+    def log(folder: Path) -> list[dict]:
+        lines = (folder / "log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ignore} for line in lines]
+
+    got, expected = log(run_dir), log(expected_dir)
+    assert len(got) == len(expected)
+    for entry, reference in zip(got, expected):
+        assert entry == pytest.approx(reference, rel=1e-4, abs=1e-6), f"step {reference['step']}"
 
 
 def weights_atol(cfg: Any) -> float:

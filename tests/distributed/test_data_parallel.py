@@ -4,12 +4,9 @@ at another world size. The ``rank_*`` checks run in the workers (spawn_ranks.py)
 compare them with the one-process run here."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from spawn_ranks import run_on_ranks, weights_atol
+from spawn_ranks import assert_same_logs, run_on_ranks, weights_atol
 
 from switchsae.config import RoutingConfig, SAEConfig, TrainConfig
 from switchsae.distributed.data_parallel import average_gradients, shard_batches
@@ -161,16 +158,6 @@ def test_a_checkpoint_resumes_at_another_world_size(ranks, tmp_path):
     assert_same_logs(shared / "2to1", tmp_path)
 
 
-def assert_same_logs(run_dir: Path, expected_dir: Path) -> None:
-    """The two runs logged the same steps with the same losses, FVU, L0 and dead fractions."""
-    def log(folder):
-        lines = (folder / "log.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"} for line in lines]
-
-    got, expected = log(run_dir), log(expected_dir)
-    assert len(got) == len(expected)
-    for entry, reference in zip(got, expected):
-        assert entry == pytest.approx(reference, rel=1e-4, abs=1e-6), f"step {reference['step']}"
 
 
 # -- no processes needed -----------------------------------------------------------------------------
