@@ -98,14 +98,12 @@ def evaluate(sae: SparseAutoencoder, batches: Iterable[Tensor], progress: bool =
     """Metrics of ``sae`` over every batch in ``batches`` (tensors, or ``(x, token ids)`` pairs),
     plus FLOPs per token (SPEC §2); an SAE with NaN or inf weights is refused."""
     check_finite_weights(sae)
-    was_training = sae.training
-    sae.eval()
     sums = MetricSums(sae.cfg.width, sae.cfg.n_experts)
     device = sae.W_dec.device
-    for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress):
-        x, token_ids = batch if isinstance(batch, tuple) else (batch, None)
-        x = x.to(device)
-        sums.add(x, sae(x, token_ids=None if token_ids is None else token_ids.to(device)))
-    sae.train(was_training)
+    with sae.inference():
+        for batch in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+            x, token_ids = batch if isinstance(batch, tuple) else (batch, None)
+            x = x.to(device)
+            sums.add(x, sae(x, token_ids=None if token_ids is None else token_ids.to(device)))
     flops = sae.flops()
     return {**sums.result(), "flops_per_token": flops["forward"], "train_flops_per_token": flops["train"]}

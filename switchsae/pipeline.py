@@ -44,7 +44,8 @@ def held_out_windows(cache, tokenizer, eval_tokens: int) -> torch.Tensor:
 
 def lm_metrics(sae: SparseAutoencoder, cache, eval_tokens: int, model: str | None = None, batch_size: int = 8,
                progress: bool = True) -> dict:
-    """Loss recovered and KL of the SAE spliced into the cache's model at the cache's hook.
+    """Loss recovered and KL of the SAE spliced into the cache's model at the cache's hook, the SAE
+    in eval mode (:meth:`~switchsae.saes.base.SparseAutoencoder.inference`).
 
     ``model`` defaults to the one the SAE was trained on; a cache built from another model or
     hook is refused, naming what differs.
@@ -60,7 +61,8 @@ def lm_metrics(sae: SparseAutoencoder, cache, eval_tokens: int, model: str | Non
     check_compatible(manifest, model_name, hook_name)
     lm, tokenizer = load_model(model_name, DTYPES[manifest["model_dtype"]][0])
     windows = held_out_windows(cache, tokenizer, eval_tokens)
-    return loss_recovered(lm, hook_name, sae.reconstruct, windows, batch_size, manifest["drop_first"], progress)
+    with sae.inference():
+        return loss_recovered(lm, hook_name, sae.reconstruct, windows, batch_size, manifest["drop_first"], progress)
 
 
 def evaluate_run(

@@ -101,11 +101,8 @@ class DivergenceGuard:
     def check_weights(self, sae: SparseAutoencoder, x: Tensor, step: int, token_ids: Tensor | None = None) -> None:
         """:meth:`check` on the loss of batch ``x`` under the current weights, computed in eval mode
         without gradients, so nothing the next step or a resume reads changes."""
-        was_training = sae.training
-        sae.eval()
-        with torch.no_grad():
+        with sae.inference(), torch.no_grad():
             losses = sae.loss(x, sae(x, token_ids=token_ids))
-        sae.train(was_training)
         self.check(step, losses, track=False)
 
 

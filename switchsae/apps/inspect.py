@@ -99,14 +99,12 @@ def collect(sae: SparseAutoencoder, cache: ActivationCache, features: Tensor, cf
     collector = FeatureCollector(features, sae.cfg.width, sae.cfg.expert_width, per_window, top=cfg.top,
                                  intervals=cfg.intervals, per_interval=cfg.per_interval, bins=cfg.bins,
                                  before=cfg.before, after=cfg.after, seed=cfg.seed)
-    was_training = sae.training
-    sae.eval()
-    for start in tqdm(range(0, n_rows, batch), desc="inspect", unit="batch", disable=not progress):
-        stop = min(start + batch, n_rows)
-        ids = cache.token_ids(np.arange(start, stop)) if sae.needs_token_ids else None  # hash routing
-        out = sae(cache.read(start, stop), token_ids=ids)
-        collector.add(start, out.latents, block_probs(out, sae.cfg.n_blocks))
-    sae.train(was_training)
+    with sae.inference():
+        for start in tqdm(range(0, n_rows, batch), desc="inspect", unit="batch", disable=not progress):
+            stop = min(start + batch, n_rows)
+            ids = cache.token_ids(np.arange(start, stop)) if sae.needs_token_ids else None  # hash routing
+            out = sae(cache.read(start, stop), token_ids=ids)
+            collector.add(start, out.latents, block_probs(out, sae.cfg.n_blocks))
     return collector
 
 

@@ -15,6 +15,8 @@ input; the trainer, evaluator and apps only ever call the methods defined here.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
@@ -139,6 +141,18 @@ class SparseAutoencoder(nn.Module):
         only by SAEs that route by it (:meth:`token_ids_needed`)."""
         latents, extras = self._encode(self._check_input(x))
         return SAEOutput(self.decode(latents), latents, extras)
+
+    @contextmanager
+    def inference(self) -> Iterator[SparseAutoencoder]:
+        """Eval mode inside the block, the previous mode after: what every measurement of a trained SAE
+        runs in (expert-choice and Sinkhorn routing then route top-1, BatchTopK keeps its threshold
+        and does not update it), whatever mode the SAE was handed over in."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def reconstruct(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """``x̂`` for activations of any leading shape ``[..., d]`` (for patching into a model)."""

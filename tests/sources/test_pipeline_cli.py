@@ -4,9 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from switchsae.cli import main
+from switchsae.config import RoutingConfig, SAEConfig
+from switchsae.pipeline import lm_metrics
+from switchsae.saes import build_sae
 from switchsae.saes.io import CFG_FILE
+from switchsae.sources.cache import ActivationCache
 
 
 @pytest.fixture
@@ -28,6 +33,26 @@ def test_cache_train_eval_with_loss_recovered(tmp_path, cache_dir, llama_dir):
     for key in ("ce_clean", "ce_sae", "ce_zero", "loss_recovered", "kl_sae", "fvu", "l0"):
         assert key in metrics
     assert metrics["kl_sae"] >= 0 and metrics["n_predictions"] > 0
+
+
+def test_loss_recovered_measures_an_sae_in_training_mode_as_at_inference(cache_dir):
+    """Expert choice leaves tokens unrouted in training (capacity 0.5: half of them) and BatchTopK
+    selects per batch and moves its threshold there; spliced into the model for loss recovered,
+    both must run as at inference, and come back in the mode they were handed over in."""
+    cache = ActivationCache(cache_dir)
+    x = cache.read(0, 512)
+    for cfg in (SAEConfig(arch="switch", d_model=cache.d_model, width=64, k=4, n_experts=2,
+                          routing=RoutingConfig(router="expert_choice", capacity_factor=0.5)),
+                SAEConfig(arch="batchtopk", d_model=cache.d_model, width=64, k=4)):
+        sae = build_sae(cfg)
+        sae.init_from_data(x)
+        sae(x)  # a training-mode forward (BatchTopK: sets its threshold)
+        before = {name: value.clone() for name, value in sae.state_dict().items()}
+        trained_mode = lm_metrics(sae, cache, 256, progress=False)
+        assert sae.training, cfg.arch
+        assert all(torch.equal(value, before[name]) for name, value in sae.state_dict().items()), cfg.arch
+        sae.eval()
+        assert trained_mode == lm_metrics(sae, cache, 256, progress=False), cfg.arch
 
 
 def test_eval_refuses_a_model_other_than_the_cache_s(tmp_path, cache_dir, capsys):
