@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--gutenberg", required=True)
     parser.add_argument("--out", required=True, help="folder for specialisation.json and figures/")
     args = parser.parse_args()
-    sae = load_sae(args.run).eval()
+    sae = load_sae(args.run)
     out = Path(args.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     report = {"run": str(args.run)}

@@ -72,7 +72,10 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
 
 
 def load_sae(folder: str | Path) -> SparseAutoencoder:
-    """Rebuild an SAE from a folder written by :func:`save_sae`; every weight must match exactly."""
+    """Rebuild an SAE from a folder written by :func:`save_sae`; every weight must match exactly.
+
+    It comes back in eval mode, as it is used (expert-choice and Sinkhorn routing route top-1,
+    BatchTopK selects by its threshold); ``.train()`` gives the training-time behaviour."""
     cfg_path, weights_path = sae_files(folder)
     cfg = SAEConfig.from_dict(read_cfg_dict(folder))
     if not weights_path.is_file():
@@ -90,4 +93,4 @@ def load_sae(folder: str | Path) -> SparseAutoencoder:
             raise ValueError(f"{weights_path}: {name} has shape {tuple(tensor.shape)}, "
                              f"{cfg_path.name} implies {tuple(expected[name].shape)}")
     sae.load_state_dict(tensors)
-    return sae
+    return sae.eval()

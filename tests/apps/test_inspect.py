@@ -29,7 +29,7 @@ BATCH = 700  # the pages_dir fixture's batch size
 def dense(switch_run, tiny_cache):
     """The SAE's codes of every cache row as a dense [T, M] matrix, and router probabilities [T, N],
     batched as inspection batches them (whole windows)."""
-    sae, cache = load_sae(switch_run).eval(), ActivationCache(tiny_cache)
+    sae, cache = load_sae(switch_run), ActivationCache(tiny_cache)
     per_window = shards.rows_per_window(cache.manifest)
     batch = BATCH // per_window * per_window
     codes, probs = [], []

@@ -90,7 +90,7 @@ def test_fields_come_from_the_records_and_the_vocab(exported, records, pages_dir
 def test_interval_groups_and_their_shares_match_the_dense_codes(exported, switch_run, tiny_cache, pages_dir):
     """``bin_contains`` is the fraction of all tokens read with ``lo <= z < hi``; each example's
     value lies in its interval; intervals come highest first, after the top group."""
-    sae, cache = load_sae(switch_run).eval(), ActivationCache(tiny_cache)
+    sae, cache = load_sae(switch_run), ActivationCache(tiny_cache)
     rows = pages.read_data(pages_dir, pages.META)["rows"]
     with torch.no_grad():
         z = torch.cat([sae.encode(cache.read(s, min(s + 1000, rows))).to_dense(sae.cfg.width)

@@ -50,7 +50,7 @@ def test_export_then_import_gives_the_same_sae(arch, encoder_bias, tmp_path):
     sae = trained_like(arch, encoder_bias)
     save_sae(sae, tmp_path / "run")
     export_saelens(tmp_path / "run", tmp_path / "saelens")
-    back = load_sae(import_saelens(tmp_path / "saelens", tmp_path / "back")).eval()
+    back = load_sae(import_saelens(tmp_path / "saelens", tmp_path / "back"))
     assert back.cfg.arch == ("jumprelu" if arch == "batchtopk" else arch)
     assert back.cfg.encoder_bias == (encoder_bias and arch == "topk")
     assert back.cfg.act_scale == 1 and back.cfg.hook_name == sae.cfg.hook_name
@@ -114,7 +114,7 @@ def test_a_topk_encoder_bias_imports_as_ours(arch, apply_b_dec_to_input, tmp_pat
     cfg = {"architecture": arch, "d_in": D, "d_sae": M, "k": K, "apply_b_dec_to_input": apply_b_dec_to_input}
     if arch == "batchtopk":
         tensors["topk_threshold"] = torch.tensor(1.5)
-    sae = load_sae(import_saelens(write_saelens(tmp_path / "sl", cfg, tensors), tmp_path / "run")).eval()
+    sae = load_sae(import_saelens(write_saelens(tmp_path / "sl", cfg, tensors), tmp_path / "run"))
     assert sae.cfg.encoder_bias
     x = batch() * SCALE
     pre = (x - tensors["b_dec"] * apply_b_dec_to_input) @ tensors["W_enc"] + tensors["b_enc"]

@@ -65,7 +65,7 @@ def work(tmp_path_factory) -> Path:
 
 def ours(folder: Path, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our codes (dense) and reconstructions of ``x`` for the run in ``folder``."""
-    sae = load_sae(folder).eval()
+    sae = load_sae(folder)
     with torch.no_grad():
         code = sae.encode(x)
         return {"z": code.to_dense(sae.cfg.width), "x_hat": sae.decode(code)}

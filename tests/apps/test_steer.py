@@ -33,7 +33,7 @@ def lm(llama_dir):
 
 @pytest.fixture(scope="module", params=["topk", "switch"])
 def sae(request, topk_run, switch_run):
-    return load_sae({"topk": topk_run, "switch": switch_run}[request.param]).eval()
+    return load_sae({"topk": topk_run, "switch": switch_run}[request.param])
 
 
 def steered_logits(lm, sae, settings: SteerConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +105,7 @@ def test_a_large_scale_changes_the_continuation(lm, sae):
 
 def test_forcing_the_routed_expert_changes_nothing_and_another_expert_changes_the_rest(lm, switch_run):
     model, tokenizer = lm
-    sae = load_sae(switch_run).eval()
+    sae = load_sae(switch_run)
     rows = capture(model, sae.cfg.hook_name, prompt_ids(tokenizer, PROMPT))[0, 1:]
     routed = sae(rows).extras["assignment"].probs.argmax(-1)
     expert = int(routed.mode().values)

@@ -84,7 +84,7 @@ def test_a_zero_bias_gives_the_codes_of_the_sae_without_one(arch):
 
 def test_the_bias_is_saved_and_loaded(tmp_path):
     sae, x = make("topk").eval(), inputs()
-    loaded = load_sae(save_sae(sae, tmp_path / "run")).eval()
+    loaded = load_sae(save_sae(sae, tmp_path / "run"))
     assert loaded.cfg.encoder_bias and torch.equal(loaded.b_enc, sae.b_enc)
     assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
 

@@ -75,7 +75,7 @@ def test_save_load_round_trip_is_bitwise(arch, make_sae, batch, tmp_path):
         for param in sae.parameters():
             param.add_(0.01 * torch.randn_like(param))
     loaded = load_sae(save_sae(sae, tmp_path / "sae"))
-    assert loaded.cfg == sae.cfg
+    assert loaded.cfg == sae.cfg and not loaded.training  # loaded for use: eval mode
     for name, tensor in sae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     for training in (False, True):
