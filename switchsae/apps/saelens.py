@@ -137,11 +137,11 @@ def saelens_tensors(sae: SparseAutoencoder) -> dict[str, Tensor]:
 @torch.no_grad()
 def log_firing_density(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> Tensor:
     """``log10(fired_j / T + 1e-10)`` per latent over the ``T`` tokens of ``batches``, ``[M]``."""
-    sae.eval()
     fired, tokens = torch.zeros(sae.cfg.width, dtype=torch.long), 0
-    for x in batches:
-        fired += sae.encode(x).fired(sae.cfg.width)
-        tokens += x.shape[0]
+    with sae.inference():
+        for x in batches:
+            fired += sae.encode(x).fired(sae.cfg.width)
+            tokens += x.shape[0]
     if tokens == 0:
         raise ValueError("no held-out activations to measure firing densities on")
     return torch.log10(fired.double() / tokens + DENSITY_EPS).float()
