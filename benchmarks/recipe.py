@@ -44,6 +44,8 @@ FINALISTS = {"topk": TOPK, "switch4": SWITCH4_RECIPE, "switch8": SWITCH8_RECIPE}
 LONG_CLIPPED = {"lr": 3.2e-3, "steps": 720, "grad_clip": 1.0}
 #: section 7's Switch training: that, with the library's default load-balance weight
 ALPHA3_CLIPPED = {"aux_coeff": 3.0, **LONG_CLIPPED}
+#: section 10's: that, with the library's default router z-loss too
+Z_ALPHA3_CLIPPED = {"z_loss_coeff": 1e-3, **ALPHA3_CLIPPED}
 
 STUDIES: dict[str, dict[str, dict]] = {
     "alpha": {  # the load-balance weight, relative to the MSE of activations at mean norm sqrt(d)
@@ -108,22 +110,19 @@ STUDIES: dict[str, dict[str, dict]] = {
         "expert choice 8x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "expert_choice", **ALPHA3_CLIPPED},
         "hash 8x4096 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "hash", **ALPHA3_CLIPPED},
         "sinkhorn 8x4096 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "sinkhorn", **ALPHA3_CLIPPED},
-        "top1 + z-loss 8x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED},
-        "top1 + z-loss 4x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH4_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED},
+        "top1 + z-loss 8x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, **Z_ALPHA3_CLIPPED},
+        "top1 + z-loss 4x4096 alpha 3 lr 8x steps 720 clip 1": {**SWITCH4_RECIPE, **Z_ALPHA3_CLIPPED},
         "top1 16x256 (fixed width) alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "width": M0, "n_experts": 16,
                                                                      **ALPHA3_CLIPPED},
     },
     "moments7": {  # bf16 Adam moments (1.12x Switch 8's tokens/s) at section 7's training with the z-loss default
         "topk bf16 moments lr 8x steps 720 clip 1": {**TOPK, "adam_moments": "bf16", **LONG_CLIPPED},
-        "top1 + z-loss 8x4096 bf16 moments alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "z_loss_coeff": 1e-3,
-                                                                            "adam_moments": "bf16", **ALPHA3_CLIPPED},
+        "top1 + z-loss 8x4096 bf16 moments alpha 3 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, **Z_ALPHA3_CLIPPED, "adam_moments": "bf16"},
     },
     "gut1m7": {  # against Switch 8's level out of domain after three passes over 1M Gutenberg tokens (with the z-loss):
         # half the lr (less fitting of the few distinct tokens each expert sees) and a weaker balance weight
-        "top1 + z-loss 8x4096 alpha 3 lr 4x steps 720 clip 1": {**SWITCH8_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED,
-                                                                "lr": 1.6e-3},
-        "top1 + z-loss 8x4096 alpha 1 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "z_loss_coeff": 1e-3, **ALPHA3_CLIPPED,
-                                                                "aux_coeff": 1.0},
+        "top1 + z-loss 8x4096 alpha 3 lr 4x steps 720 clip 1": {**SWITCH8_RECIPE, **Z_ALPHA3_CLIPPED, "lr": 1.6e-3},
+        "top1 + z-loss 8x4096 alpha 1 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, **Z_ALPHA3_CLIPPED, "aux_coeff": 1.0},
         "topk lr 4x steps 720 clip 1": {**TOPK, **LONG_CLIPPED, "lr": 1.6e-3},
     },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
