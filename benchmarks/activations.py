@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from switchsae import host
 from switchsae.sources import shards
 from switchsae.sources.cache import ActivationCache, build_cache
 from switchsae.sources.hooks import HookPoint, capture
@@ -89,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{MODEL}, {HOOK.name}, {args.windows} windows of {args.context} tokens, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads\n")
+          f"batch {args.batch_size}, {host.cpu_name()}, {torch.get_num_threads()} threads\n")
     throughput_table(args.corpus, args.windows, args.context, args.batch_size)
     size_table(args.corpus, args.context, n_tokens=8192)
     read_table()

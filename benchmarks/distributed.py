@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from switchsae import host
+
 MODES = ("ddp", "ddp-sparse", "ep")
 
 
@@ -226,6 +228,7 @@ def main() -> None:
                 rows.append({**describe(spec, size), **model(spec, size)} if args.dry else summary(run(spec, size)))
                 print(json.dumps(rows[-1]), flush=True)
     columns = list(rows[0])
+    print(f"\n{host.cpu_name()}, {args.threads} threads shared by the ranks")
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")

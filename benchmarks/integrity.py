@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from switchsae import host
 from switchsae.checkpoint import TrainState, checkpoint_digest, save_checkpoint
 from switchsae.config import SAEConfig, TrainConfig
 from switchsae.saes import build_sae
@@ -133,7 +134,7 @@ def main() -> None:
             record(f"checkpoint of TopK-{args.width} ({size / 2**20:.0f} MiB): write incl. checksum", write)
             record(f"checkpoint of TopK-{args.width}: checksum alone", digest)
     print(f"\n{manifest['n_tokens']:,} rows x {manifest['d_model']} {manifest['dtype']} in {len(manifest['shards'])} "
-          f"shards, {torch.get_num_threads()} torch threads; median of {args.rounds} rounds\n")
+          f"shards, {host.cpu_name()}, {torch.get_num_threads()} torch threads; median of {args.rounds} rounds\n")
     print("| what | seconds |\n|---|---|")
     for name, values in rows.items():
         print(f"| {name} | {statistics.median(values):.3f} |")

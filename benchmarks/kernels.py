@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from switchsae import host
 from switchsae.kernels import core, dispatch, native, sparse
 from switchsae.memory import reuse_freed_memory
 from switchsae.optim import LazyAdam
@@ -78,7 +79,7 @@ def main() -> None:
     if not native.available():
         raise SystemExit("compiled kernels unavailable here (see the warning above); nothing to compare")
     reuse_freed_memory()  # as training does on CPU
-    print(f"threads={torch.get_num_threads()}  T={args.tokens} d={args.d_model} M={args.width} "
+    print(f"{host.cpu_name()}, threads={torch.get_num_threads()}  T={args.tokens} d={args.d_model} M={args.width} "
           f"N={args.experts} k={args.k}\n")
     print("| kernel | compiled ms | torch ms | speed-up |\n|---|---|---|---|")
     for name, run in cases(args).items():

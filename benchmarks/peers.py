@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from switchsae import host
+
 HERE = Path(__file__).resolve().parent
 WORKERS = HERE / "peer_workers"
 RESULT_PREFIX = "PEER_RESULT "  # the same constant as peer_workers/common.py
@@ -198,7 +200,7 @@ def print_report(settings: dict, results: list[dict]) -> None:
     """The settings line, the table and the comparison of ours with the peers."""
     print(f"\nSettings: d {settings['d_model']}, steps {settings['steps']} (timed {settings['steps'] - settings['warmup']}), "
           f"batch {settings['batch_size']}, width {settings['width']}, k {settings['k']}, "
-          f"Adam lr {settings['lr']:g} betas (0.9, 0.999), {settings['threads']} threads\n")
+          f"Adam lr {settings['lr']:g} betas (0.9, 0.999), {host.cpu_name()}, {settings['threads']} threads\n")
     print(format_table(results))
     print()
     print("\n".join(summary(results)))

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 import switchsae as ss
+from switchsae import host
 from switchsae.analysis.geometry import expert_duplication
 from switchsae.config import TrainConfig
 from switchsae.evaluate import evaluate
@@ -281,7 +281,7 @@ def main() -> None:
     rows = list(csv.DictReader(results.open())) if results.exists() else []
     train_cache = ActivationCache(args.train)
     other = ActivationCache(args.other)
-    print(f"host: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+    print(f"host: {host.cpu_name()}, {torch.get_num_threads()} threads; "
           f"train {args.train}, other domain {args.other}")
     for variant, settings in STUDIES[args.study].items():
         if args.report_only or (args.variants and variant not in args.variants):

@@ -28,7 +28,6 @@ quarter of the latents counted dead).
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import time
 from collections.abc import Callable
@@ -158,7 +157,7 @@ def main() -> None:
     if args.quick:
         args.configs, args.batch, args.steps, args.warmup = ["topk:4096:1", "switch:4096:16:bf16+sparse"], 1024, 2, 1
     peaks = {dtype: matmul_peak(args.d_model, 16384, args.batch, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    print(f"{host.cpu_identity()[0] or platform.machine()}, threads={torch.get_num_threads()}  "
+    print(f"{host.cpu_name()}, threads={torch.get_num_threads()}  "
           f"dense matmul peak (d={args.d_model}, M=16384, T={args.batch}): "
           + ", ".join(f"{str(dtype).removeprefix('torch.')} {peak:.0f} GFLOP/s" for dtype, peak in peaks.items())
           + f"; memory copy {copy_bandwidth():.0f} GB/s")

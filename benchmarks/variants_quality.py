@@ -11,6 +11,9 @@ import argparse
 import json
 import time
 
+import torch
+
+from switchsae import host
 from switchsae.analysis.tables import markdown_table
 from switchsae.config import SAEConfig, TrainConfig
 from switchsae.evaluate import evaluate
@@ -47,6 +50,7 @@ def main() -> None:
         metrics = evaluate(sae, source.eval_batches(4096), progress=False)
         rows.append({"variant": name, **metrics, "tokens/s": tokens_per_s})
         print(json.dumps(rows[-1]), flush=True)
+    print(f"{host.cpu_name()}, {torch.get_num_threads()} threads")
     print(markdown_table(rows, ["variant", "fvu", "mse", "l0", "dead_frac", "tokens/s"]))
 
 

@@ -70,7 +70,8 @@ def _unusable(folder: Path, private: bool) -> str | None:
 
 def cpu_identity() -> tuple[str, str]:
     """``(model name, feature flags)`` of this CPU from ``/proc/cpuinfo``; ``""`` for whatever
-    cannot be read (no such file, or a format without the field)."""
+    cannot be read (no such file, or a format without the field). On x86 the name carries the
+    family and model numbers, since a virtual machine's name ("AMD EPYC") hides the generation."""
     try:
         lines = CPUINFO.read_text(errors="replace").splitlines()
     except OSError:
@@ -80,8 +81,15 @@ def cpu_identity() -> tuple[str, str]:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
     model = fields.get("model name") or fields.get("cpu model") or fields.get("cpu part", "")
+    if model and "cpu family" in fields and "model" in fields:
+        model = f"{model} (family {fields['cpu family']}, model {fields['model']})"
     flags = next((fields[name] for name in FLAG_FIELDS if fields.get(name)), "")
     return model or platform.processor(), flags
+
+
+def cpu_name() -> str:
+    """This CPU's name for benchmark tables: :func:`cpu_identity`'s, else the machine type."""
+    return cpu_identity()[0] or platform.machine()
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -59,6 +59,8 @@ def test_cpu_identity_reads_x86_and_arm_cpuinfo_and_survives_none(monkeypatch, t
     monkeypatch.setattr(host, "CPUINFO", info)
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f\n\nprocessor\t: 1\n")
     assert host.cpu_identity() == ("AMD EPYC", "fpu avx512f")
+    info.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n")
+    assert host.cpu_identity() == ("AMD EPYC (family 26, model 2)", "fpu")
     info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n")
     assert host.cpu_identity() == ("0xd40", "fp asimd sve")
     info.unlink()
