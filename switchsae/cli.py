@@ -132,7 +132,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from switchsae.pipeline import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=Path(args.out), tokens=args.tokens, steps=args.steps), progress=not args.quiet)
+    run_demo(DemoConfig(out=Path(args.out), tokens=args.tokens, steps=args.steps, other_corpus=args.other_corpus),
+             progress=not args.quiet)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder; every stage resumes (default: runs/demo)")
     p.add_argument("--tokens", type=positive_int, default=DemoConfig.tokens, help=f"tokens to cache (default: {DemoConfig.tokens})")
     p.add_argument("--steps", type=positive_int, default=DemoConfig.steps, help=f"training steps per SAE (default: {DemoConfig.steps})")
+    p.add_argument("--other-corpus", help="text of another domain (file/folder, .jsonl, .parquet, hf:NAME): "
+                                          f"{DemoConfig.other_tokens:,} of its tokens cached, both SAEs scored "
+                                          "on them too (default: in domain only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

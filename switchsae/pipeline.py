@@ -68,8 +68,10 @@ def lm_metrics(sae: SparseAutoencoder, cache, eval_tokens: int, model: str | Non
 def evaluate_run(
     run_dir: str | Path, acts: str | Path | ActivationSource, *, loss_recovered: bool = False,
     eval_tokens: int = 32_768, model: str | None = None, batch_size: int = 4096, progress: bool = True,
+    save_as: str = "metrics.json",
 ) -> dict:
-    """Metrics of the SAE in ``run_dir`` on held-out activations (and inside the LM), saved to metrics.json."""
+    """Metrics of the SAE in ``run_dir`` on held-out activations (and inside the LM), saved to
+    ``run_dir/save_as``."""
     sae = load_sae(run_dir)
     source = open_activations(acts) if isinstance(acts, (str, Path)) else acts
     if source.d_model != sae.cfg.d_model:
@@ -80,14 +82,15 @@ def evaluate_run(
         if not hasattr(source, "manifest"):
             raise ValueError("loss recovered needs an activation cache folder (it names the model, hook and corpus)")
         metrics.update(lm_metrics(sae, source, eval_tokens, model, progress=progress))
-    write_json_atomic(Path(run_dir) / "metrics.json", metrics)
+    write_json_atomic(Path(run_dir) / save_as, metrics)
     return metrics
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo: cache SmolLM2 activations, train a Switch SAE and a FLOP-matched TopK, compare, and
-    write the Switch SAE's feature pages."""
+    """The demo: cache SmolLM2 activations, train a Switch SAE and a FLOP-matched TopK, compare (on
+    held-out rows and, given ``other_corpus``, on text of another domain), and write the Switch
+    SAE's feature pages."""
 
     out: Path = Path("runs/demo")
     model: str = "smollm2-135m"
@@ -103,10 +106,14 @@ class DemoConfig:
     lr: float = 3.2e-3         # 8x the lr law at width 4096 (TopK, and each Switch expert): near the best lr of
                                # both at 240-720 steps (docs/results/recipe, section 5)
     eval_tokens: int = 16_384
+    other_corpus: str | None = None  # text of another domain, every row of its cache held out
+    other_tokens: int = 65_536
 
 
 DEMO_COLUMNS = ["run", "arch", "width", "experts", "fvu", "mse", "l0", "dead_frac", "loss_recovered", "kl_sae",
                 "flops_per_token", "train_s", "train_tok_per_s"]
+#: the scores on the other domain's cache, as ``other_<metric>`` columns
+OTHER_METRICS = ["fvu", "dead_frac", "loss_recovered", "kl_sae"]
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict]:
@@ -120,6 +127,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict
     cache_dir = build_cache(cfg.model, cfg.hook, cfg.corpus, cfg.tokens, cfg.out / "cache",
                             model_dtype=cfg.model_dtype, progress=progress)
     cache = ActivationCache(cache_dir)
+    other = None
+    if cfg.other_corpus is not None:  # scored only: every row held out
+        other = ActivationCache(build_cache(cfg.model, cfg.hook, cfg.other_corpus, cfg.other_tokens,
+                                            cfg.out / "cache_other", model_dtype=cfg.model_dtype, progress=progress),
+                                eval_fraction=1.0, max_eval_rows=cfg.other_tokens)
     runs = {
         "topk": SAEConfig(arch="topk", d_model=cache.d_model, width=cfg.width, k=cfg.k),
         "switch": SAEConfig(arch="switch", d_model=cache.d_model, width=cfg.width * cfg.experts, k=cfg.k,
@@ -133,10 +145,17 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict
         resume = (run_dir / CHECKPOINT_FILE).exists()
         train(sae_cfg, cache, train_cfg, run_dir=run_dir, resume=resume, progress=progress)
         metrics = evaluate_run(run_dir, cache, loss_recovered=True, eval_tokens=cfg.eval_tokens, progress=progress)
+        if other is not None:
+            scores = evaluate_run(run_dir, other, loss_recovered=True, eval_tokens=cfg.eval_tokens,
+                                  progress=progress, save_as="metrics_other.json")
+            metrics.update({f"other_{key}": scores[key] for key in OTHER_METRICS})
         elapsed = _train_seconds(run_dir)
         rows.append({"run": name, "arch": sae_cfg.arch, "width": sae_cfg.width, "experts": sae_cfg.n_experts,
                      **metrics, "train_s": elapsed, "train_tok_per_s": cfg.steps * cfg.batch_size / elapsed})
     table = markdown_table(rows, DEMO_COLUMNS)
+    if other is not None:
+        table += (f"\n\nOn {cfg.other_corpus} (another domain, {other.n_tokens - other.n_train:,} rows):\n\n"
+                  + markdown_table(rows, ["run", *(f"other_{key}" for key in OTHER_METRICS)]))
     (cfg.out / "report.md").write_text(f"# switchsae demo\n\n{cfg}\n\n{table}\n")
     print(table)
     print(f"feature pages of the Switch SAE: {write_demo_pages(cfg, cache_dir, progress)}")

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPT
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 WIKI = DATA / "wikipedia_vital4_en.jsonl"
+GUTENBERG = DATA / "gutenberg"
 
 
 def wiki_texts(n: int) -> list[str]:
