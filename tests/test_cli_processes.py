@@ -35,7 +35,7 @@ def test_a_second_trainer_into_a_busy_folder_is_refused_and_ctrl_c_keeps_the_che
     argv = ["train", "--acts", str(acts), "--out", str(out), "--arch", "topk", "--width", "32", "--k", "4",
             "--batch-size", "64", "--matmul-dtype", "float32", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    first = subprocess.Popen([sys.executable, "-m", "switchsae.cli", *argv, "--steps", "10000000",
+    first = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "switchsae.cli", *argv, "--steps", "10000000",
                               "--checkpoint-every", "5"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(out / CHECKPOINT_FILE, first)
@@ -44,7 +44,11 @@ def test_a_second_trainer_into_a_busy_folder_is_refused_and_ctrl_c_keeps_the_che
         assert exit_info.value.code == 2
         assert "is in use by another switchsae process" in capsys.readouterr().err
         first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=60)
+        try:
+            _, err = first.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # faulthandler prints every thread's stack on SIGABRT
+            first.send_signal(signal.SIGABRT)
+            pytest.fail(f"the trainer did not stop within 60 s of SIGINT; its threads:\n{first.communicate(timeout=30)[1]}")
     finally:
         if first.poll() is None:
             first.kill()
