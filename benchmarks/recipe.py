@@ -125,6 +125,15 @@ STUDIES: dict[str, dict[str, dict]] = {
         "top1 + z-loss 8x4096 alpha 1 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, **Z_ALPHA3_CLIPPED, "aux_coeff": 1.0},
         "topk lr 4x steps 720 clip 1": {**TOPK, **LONG_CLIPPED, "lr": 1.6e-3},
     },
+    "gut1m8": {  # the same target: a longer lr decay (less fitting late in the third pass, for every SAE) and
+        # Sinkhorn, the closest Switch 8 there (section 11), with the z-loss or at half the lr
+        "topk lr 8x steps 720 clip 1 decay 0.5": {**TOPK, **LONG_CLIPPED, "lr_decay_frac": 0.5},
+        "top1 + z-loss 8x4096 alpha 3 lr 8x steps 720 clip 1 decay 0.5": {**SWITCH8_RECIPE, **Z_ALPHA3_CLIPPED,
+                                                                           "lr_decay_frac": 0.5},
+        "sinkhorn + z-loss 8x4096 lr 8x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "sinkhorn", **Z_ALPHA3_CLIPPED},
+        "sinkhorn 8x4096 lr 4x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "sinkhorn", **ALPHA3_CLIPPED,
+                                                   "lr": 1.6e-3},
+    },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},
         "shared + top1 4x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 5 * 2048, "n_experts": 4,
