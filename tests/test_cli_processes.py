@@ -28,6 +28,13 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 120) -> 
         time.sleep(0.1)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A program started in the background by a non-interactive shell (``cmd &``, as a CI log
+    redirect may be) inherits SIGINT as ignored, and so would the trainer: it would never see the
+    Ctrl-C this test sends. A trainer in a terminal's foreground has SIGINT at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_second_trainer_into_a_busy_folder_is_refused_and_ctrl_c_keeps_the_checkpoint(tmp_path, capsys):
     acts = tmp_path / "acts.safetensors"
     save_file({"activations": synthetic_activations(2000, 16, 64, 3, seed=0)}, str(acts))
@@ -36,7 +43,8 @@ def test_a_second_trainer_into_a_busy_folder_is_refused_and_ctrl_c_keeps_the_che
             "--batch-size", "64", "--matmul-dtype", "float32", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     first = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "switchsae.cli", *argv, "--steps", "10000000",
-                              "--checkpoint-every", "5"], env=env, stderr=subprocess.PIPE, text=True)
+                              "--checkpoint-every", "5"], env=env, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_sigint_as_in_a_terminal)
     try:
         _wait_for(out / CHECKPOINT_FILE, first)
         with pytest.raises(SystemExit) as exit_info:
