@@ -134,10 +134,6 @@ STUDIES: dict[str, dict[str, dict]] = {
         "sinkhorn 8x4096 lr 4x steps 720 clip 1": {**SWITCH8_RECIPE, "router": "sinkhorn", **ALPHA3_CLIPPED,
                                                    "lr": 1.6e-3},
     },
-    "gut1m9": {  # half the lr, which lifted seed 0 of top-1 and of Sinkhorn there (sections 10, 12), over 3 seeds with
-        # loss recovered on 32,768 tokens, and for Switch 4 (level in loss recovered there at 8x)
-        "top1 + z-loss 4x4096 alpha 3 lr 4x steps 720 clip 1": {**SWITCH4_RECIPE, **Z_ALPHA3_CLIPPED, "lr": 1.6e-3},
-    },
     "transfer": {  # two active dictionaries per token (shared + routed, top-2) and hash routing, at 4x the law
         "shared + top1 8x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 9 * 2048, "shared_expert": True, "lr": 1.6e-3},
         "shared + top1 4x2048 lr 4x": {**SWITCH8, **RECIPE, "width": 5 * 2048, "n_experts": 4,
