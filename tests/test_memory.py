@@ -2,31 +2,36 @@
 from __future__ import annotations
 
 import platform
-import resource
+import subprocess
+import sys
 
 import pytest
-import torch
-
-from switchsae.memory import reuse_freed_memory
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-
-def _fewest_faults(n_floats: int, repeats: int = 6) -> int:
-    """Page faults of allocating and filling ``n_floats`` again after a first time, fewest over
-    ``repeats``: a training step's allocations repeat, and the heap settles after a few rounds
-    (an aligned block may not fit the hole its predecessor left until neighbours coalesce)."""
-    torch.ones(n_floats)
-    counts = []
-    for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(n_floats)
-        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return min(counts)
+#: Allocate and fill a 40 MB tensor (above glibc's largest mmap threshold) once, then six times
+#: more, and print the fewest page faults of those six: a training step's allocations repeat, and
+#: the heap settles after a few rounds (an aligned block may not fit the hole its predecessor left
+#: until neighbours coalesce).
+_FEWEST_FAULTS = """
+import resource, torch
+from switchsae.memory import reuse_freed_memory
+assert reuse_freed_memory()
+torch.ones(10_000_000)
+counts = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(10_000_000)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(counts))
+"""
 
 
 def test_a_freed_large_block_is_reused_without_faulting_its_pages_in_again():
-    assert reuse_freed_memory()
-    faults = _fewest_faults(10_000_000)  # 40 MB: above glibc's largest mmap threshold
+    """Measured in a fresh interpreter: the page-fault count is the whole process's, and the test
+    process's heap and threads are whatever the earlier tests left (seen: two progress-bar monitors
+    and a jemalloc background thread). It read 3,623 there once in CI; a fresh process reads 0, and
+    9,766 without the setting."""
+    faults = int(subprocess.run([sys.executable, "-c", _FEWEST_FAULTS], capture_output=True, text=True,
+                                check=True).stdout)
     assert faults < 1000, f"{faults} page faults: the block was mapped afresh (~9,800 pages)"
-
