@@ -112,8 +112,22 @@ class DemoConfig:
 
 DEMO_COLUMNS = ["run", "arch", "width", "experts", "fvu", "mse", "l0", "dead_frac", "loss_recovered", "kl_sae",
                 "flops_per_token", "train_s", "train_tok_per_s"]
+#: the metrics the demo compares its two SAEs on, and whether a higher value is the better one
+HIGHER_IS_BETTER = {"fvu": False, "dead_frac": False, "loss_recovered": True, "kl_sae": False}
 #: the scores on the other domain's cache, as ``other_<metric>`` columns
-OTHER_METRICS = ["fvu", "dead_frac", "loss_recovered", "kl_sae"]
+OTHER_METRICS = list(HIGHER_IS_BETTER)
+
+
+def comparison(rows: list[dict], prefix: str = "") -> str:
+    """Metric by metric, whether the demo's Switch SAE scored better or worse than its TopK (columns
+    ``prefix + metric`` of the rows, one training seed each), judged at the 4 decimals printed."""
+    switch, topk = (next(row for row in rows if row["run"] == name) for name in ("switch", "topk"))
+    verdicts = []
+    for metric, higher in HIGHER_IS_BETTER.items():
+        ours, theirs = round(switch[prefix + metric], 4), round(topk[prefix + metric], 4)
+        word = "level" if ours == theirs else "better" if (ours > theirs) == higher else "worse"
+        verdicts.append(f"{metric} {ours:.4f} against {theirs:.4f} ({word})")
+    return "Switch against TopK (one seed each): " + ", ".join(verdicts)
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict]:
@@ -152,10 +166,11 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> list[dict
         elapsed = _train_seconds(run_dir)
         rows.append({"run": name, "arch": sae_cfg.arch, "width": sae_cfg.width, "experts": sae_cfg.n_experts,
                      **metrics, "train_s": elapsed, "train_tok_per_s": cfg.steps * cfg.batch_size / elapsed})
-    table = markdown_table(rows, DEMO_COLUMNS)
+    table = markdown_table(rows, DEMO_COLUMNS) + f"\n\n{comparison(rows)}"
     if other is not None:
         table += (f"\n\nOn {cfg.other_corpus} (another domain, {other.n_tokens - other.n_train:,} rows):\n\n"
-                  + markdown_table(rows, ["run", *(f"other_{key}" for key in OTHER_METRICS)]))
+                  + markdown_table(rows, ["run", *(f"other_{key}" for key in OTHER_METRICS)])
+                  + f"\n\n{comparison(rows, 'other_')}")
     (cfg.out / "report.md").write_text(f"# switchsae demo\n\n{cfg}\n\n{table}\n")
     print(table)
     print(f"feature pages of the Switch SAE: {write_demo_pages(cfg, cache_dir, progress)}")

@@ -8,7 +8,7 @@ from tiny_lm import GUTENBERG
 
 from switchsae.apps import pages
 from switchsae.evaluate import evaluate
-from switchsae.pipeline import DemoConfig, run_demo
+from switchsae.pipeline import DemoConfig, comparison, run_demo
 from switchsae.saes.io import load_sae
 from switchsae.sources.cache import ActivationCache
 
@@ -40,4 +40,19 @@ def test_the_demo_scores_both_saes_on_every_row_of_another_domain(tmp_path, llam
         assert row["other_fvu"] == saved["fvu"] == again["fvu"] != row["fvu"]
         assert row["other_loss_recovered"] == saved["loss_recovered"] and row["other_kl_sae"] == saved["kl_sae"] > 0
         assert json.loads((cfg.out / row["run"] / "metrics.json").read_text())["fvu"] == row["fvu"]
-    assert f"On {book} (another domain, 1,016 rows)" in (cfg.out / "report.md").read_text()
+    report = (cfg.out / "report.md").read_text()
+    assert f"On {book} (another domain, 1,016 rows)" in report
+    assert f"{comparison(rows)}\n\nOn {book}" in report and report.endswith(f"{comparison(rows, 'other_')}\n")
+
+
+def test_the_demo_says_metric_by_metric_where_switch_is_better_and_where_worse():
+    rows = [{"run": "topk", "fvu": 0.2, "dead_frac": 0.0, "loss_recovered": 0.95, "kl_sae": 0.3, "other_fvu": 0.25,
+             "other_dead_frac": 0.0, "other_loss_recovered": 0.9, "other_kl_sae": 0.5},
+            {"run": "switch", "fvu": 0.15, "dead_frac": 0.1, "loss_recovered": 0.96, "kl_sae": 0.300001,
+             "other_fvu": 0.3, "other_dead_frac": 0.0, "other_loss_recovered": 0.89, "other_kl_sae": 0.4}]
+    assert comparison(rows) == ("Switch against TopK (one seed each): fvu 0.1500 against 0.2000 (better), "
+                                "dead_frac 0.1000 against 0.0000 (worse), loss_recovered 0.9600 against 0.9500 "
+                                "(better), kl_sae 0.3000 against 0.3000 (level)")
+    assert comparison(rows, "other_") == ("Switch against TopK (one seed each): fvu 0.3000 against 0.2500 (worse), "
+                                          "dead_frac 0.0000 against 0.0000 (level), loss_recovered 0.8900 against "
+                                          "0.9000 (worse), kl_sae 0.4000 against 0.5000 (better)")
