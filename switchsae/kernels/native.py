@@ -285,6 +285,12 @@ def adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, 
     increment_version((param, exp_avg, exp_avg_sq) + (() if low is None else (low,)))
 
 
+#: tokens per gemm of the fused selection, whatever the expert width: MKL's sgemm runs faster on
+#: wider tiles, more than the top-k loses when its [tile, m] buffer outgrows L2 (README, "Measured
+#: behind design choices")
+SELECTION_TILE = 256
+
+
 @functools.cache
 def _sgemm() -> int | None:
     """Address of the Fortran ``SGEMM`` of the MKL linked into torch (x86-64 CPU wheels), or None."""
@@ -303,7 +309,7 @@ def fused_selection_available() -> bool:
 def grouped_select(x: Tensor, W: Tensor, counts: list[int], k: int) -> tuple[Tensor, Tensor]:
     """Top-k of ``x_t W_{e_t}ᵀ`` for fp32 tokens grouped by expert (``counts[e]`` tokens of expert
     ``e``, whose rows of ``W: [M, d]`` are ``[e·m, (e+1)·m)``), matmul and selection fused per
-    tile of tokens. Returns the fp32 products and global indices, ``[T, k]``."""
+    tile of :data:`SELECTION_TILE` tokens. Returns the fp32 products and global indices, ``[T, k]``."""
     n_tokens, d = x.shape
     m = W.shape[0] // len(counts)
     if sum(counts) != n_tokens or m * len(counts) != W.shape[0] or W.shape[1] != d:
@@ -315,8 +321,7 @@ def grouped_select(x: Tensor, W: Tensor, counts: list[int], k: int) -> tuple[Ten
     starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     values = torch.empty(n_tokens, k, dtype=torch.float32)
     indices = torch.empty(n_tokens, k, dtype=torch.int64)
-    tile = max(64, min(256, 2**18 // m))  # tokens per gemm: a [tile, m] buffer of ~1 MiB, and W_e packing amortised
     if _kernels().grouped_select(_sgemm(), x.data_ptr(), W.data_ptr(), starts.data_ptr(), len(counts), d, m, k,
-                                 tile, values.data_ptr(), indices.data_ptr()):
+                                 SELECTION_TILE, values.data_ptr(), indices.data_ptr()):
         raise MemoryError("fused selection: no memory for its per-thread buffers")
     return values, indices

@@ -339,3 +339,17 @@ def test_bf16_moment_adam_gives_the_torch_paths_bits(rows, monkeypatch):
     monkeypatch.setenv("SWITCHSAE_NATIVE", "0")
     for name, got, want in zip(("param", "exp_avg", "exp_avg_sq"), run(), compiled):
         assert torch.equal(got, want), name
+
+
+def test_the_fused_selections_tile_size_changes_no_bit_of_its_result(monkeypatch):
+    """The tile is a speed setting: runs trained with another tile size give the same selection."""
+    gen = torch.Generator().manual_seed(0)
+    x, W = torch.randn(700, 40, generator=gen), torch.randn(3 * 96, 40, generator=gen)
+    counts = [600, 0, 100]
+    results = []
+    for tile in (64, native.SELECTION_TILE):
+        monkeypatch.setattr(native, "SELECTION_TILE", tile)
+        values, indices = native.grouped_select(x, W, counts, 5)
+        order = indices.argsort(-1)
+        results.append((values.gather(1, order), indices.gather(1, order)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
