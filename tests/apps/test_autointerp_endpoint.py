@@ -226,3 +226,21 @@ def test_pages_of_another_sae_are_refused(tiny_cache, pages_dir, tmp_path, capsy
     err = _one_line_error(capsys, _autointerp(other, tiny_cache, tmp_path / "out", "--features", "2", "--inspect",
                                               str(pages_dir), "--endpoint", scripted("ok").url))
     assert "are of another SAE or cache" in err
+
+
+@needs_llama_cpp
+def test_the_server_loads_models_into_plain_cpu_buffers_and_otherwise_with_llamas_defaults():
+    """The AMX repack buffers crash llama.cpp's decode on some Intel hosts; only that setting changes."""
+    import ctypes
+
+    import llama_cpp.llama_cpp as llama_c
+
+    from switchsae.apps.autointerp.llama_serve import plain_buffer_model_params
+
+    ours, theirs = plain_buffer_model_params(), llama_c.llama_model_default_params()
+    assert theirs.use_extra_bufts and not ours.use_extra_bufts
+    scalars = [name for name, kind in llama_c.llama_model_params._fields_  # pointers are compared by address
+               if issubclass(kind, ctypes._SimpleCData) and not kind.__name__.endswith("_p")]
+    assert "n_gpu_layers" in scalars and "vocab_only" in scalars
+    differing = [name for name in scalars if name != "use_extra_bufts" and getattr(ours, name) != getattr(theirs, name)]
+    assert differing == []

